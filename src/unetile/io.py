@@ -1,0 +1,229 @@
+"""Reading and writing images and models: the one place that touches files.
+
+Every failure here raises :class:`InputError` with a one-line message that
+names the file, says what is wrong and what to do; the CLI prints it and exits
+non-zero. Writes go to a temporary name in the same folder and are renamed
+into place, so an interrupted run never leaves a half-written file under the
+final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+
+
+class InputError(ValueError):
+    """Bad input from a user: the message is one line and names the file."""
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``a/07.ome.tif`` -> ``07.ome``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """TIFF and PNG files of a folder, sorted by name; InputError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; give a folder of .tif/.tiff/.png images")
+    paths = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise InputError(f"{folder}: no .tif/.tiff/.png images in this folder")
+    return paths
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files given as they are, folders replaced by their images."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        paths.extend(list_images(item) if item.is_dir() else [item])
+    return paths
+
+
+def match_by_stem(
+    images: list[Path], labels: list[Path], image_kind: str = "image", label_kind: str = "label"
+) -> list[tuple[Path, Path]]:
+    """Pair files of two lists by stem; InputError for a label without an image."""
+    by_stem = {}
+    for path in images:
+        stem = image_stem(path)
+        if stem in by_stem:
+            raise InputError(
+                f"{path}: two {image_kind}s share the stem {stem!r} ({by_stem[stem].name})"
+            )
+        by_stem[stem] = path
+    pairs = []
+    for label in labels:
+        stem = image_stem(label)
+        if stem not in by_stem:
+            raise InputError(
+                f"{label}: {label_kind} has no {image_kind} with the stem {stem!r} "
+                f"in {images[0].parent if images else 'the image folder'}"
+            )
+        pairs.append((by_stem.pop(stem), label))
+    if by_stem:
+        orphan = next(iter(by_stem.values()))
+        raise InputError(f"{orphan}: {image_kind} has no {label_kind} with the same stem")
+    return pairs
+
+
+def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
+    """Read a TIFF or PNG image as a numpy array, as stored (no conversion).
+
+    With ``memmap=True`` an uncompressed TIFF is memory-mapped instead of read,
+    so that images larger than memory can be predicted tile by tile.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            if memmap:
+                with contextlib.suppress(ValueError):
+                    return tifffile.memmap(path, mode="r")
+            return tifffile.imread(path)
+        if suffix == ".png":
+            from skimage import io as skio
+
+            return np.asarray(skio.imread(path))
+    except InputError:
+        raise
+    except Exception as error:  # any decoder failure is the file's fault here
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{path}: cannot be read as an image ({reason})") from None
+    raise InputError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
+
+
+def _temporary_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place on success only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_path(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a TIFF (any dtype) or PNG (uint8/uint16) atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as temporary:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(temporary, array, compression="zlib")
+        elif suffix == ".png":
+            from skimage import io as skio
+
+            if array.dtype not in (np.uint8, np.uint16):
+                raise InputError(f"{path}: PNG holds uint8 or uint16, got {array.dtype}; use .tif")
+            skio.imsave(temporary, array, check_contrast=False, extension=".png")
+        else:
+            raise InputError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON atomically, indented for people."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+
+
+def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODEL_WEIGHTS) -> None:
+    """Save weights as safetensors and the run's config as JSON, both atomically.
+
+    ``config`` must hold ``model`` (the UNetConfig as a dict); everything else
+    (normalisation, classes, tile geometry) is what ``predict`` needs later.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    with atomic_path(run_dir / name) as temporary:
+        save_file(state, str(temporary))
+    write_json(run_dir / MODEL_CONFIG, {"unetile_version": __version__, **config})
+
+
+def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
+    """Load ``(model, config)`` from a run folder without executing any code (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import UNet
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a run folder; give the --out folder of 'unetile train'")
+    config = read_json(run_dir / MODEL_CONFIG)
+    if "model" not in config:
+        raise InputError(f"{run_dir / MODEL_CONFIG}: has no 'model' entry; is it a unetile run?")
+    try:
+        model = UNet.from_config(config["model"])
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{run_dir / MODEL_CONFIG}: bad 'model' entry ({error})") from None
+    weights_path = run_dir / name
+    if not weights_path.is_file():
+        raise InputError(f"{weights_path}: no such file; training may not have saved a model yet")
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as error:
+        reason = str(error).splitlines()[0]
+        raise InputError(f"{weights_path}: weights do not fit config.json ({reason})") from None
+    model.eval()
+    return model, config
