@@ -9,10 +9,10 @@ TORCH ?= torch==2.13.0
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
+# A torch already in the venv (a CUDA build a user chose) is kept.
 install: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: install
