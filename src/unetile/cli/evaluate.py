@@ -1,0 +1,248 @@
+"""``unetile evaluate``: score predictions against ground truth with the challenge metrics."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+
+# Suffixes that 'unetile predict' appends to an input's stem.
+PREDICTION_SUFFIXES = ("_labels", "_probabilities", "_instances")
+
+INTERPRETATION = """\
+how the files are read:
+  GT        a two-valued map (the larger value is cell, e.g. 255 in the ISBI 2012
+            labels; --cell-value says otherwise) or instance labels (an integer
+            image with more than two values; 0 = background, each value one cell).
+  PRED      without --probabilities: the same kinds as GT (a binary map such as
+            'unetile predict' NAME_labels, or instance labels); a floating-point
+            file is refused.
+            with --probabilities: the probability of the cell class, scaled by
+            its type: uint8 0-255 -> /255, uint16 0-65535 -> /65535, float as it
+            is (must lie in [0, 1]). A (classes, H, W) file such as
+            NAME_probabilities is read at channel --cell-class. Each metric is
+            reported at its best threshold of 0.0, 0.1, ..., 0.9 (cell where
+            probability > threshold), per image; the mean row takes the best
+            threshold of the mean over images, as the ISBI 2012 script does.
+
+PRED and GT are files or folders; files are paired by stem (07.png with 07.tif),
+ignoring a trailing _labels, _probabilities or _instances of a prediction.
+
+metrics (lower is better for *_error): pixel_error, rand_error (1 - foreground-
+restricted V_rand), info_error (1 - V_info), warping_error (with splits, mergers;
+2D only), iou (cell class; also iou_background), dice, seg (cell tracking
+challenge), f1 / precision / recall (object matching, mean over IoU 0.5..0.95,
+and at each threshold as f1@0.5 ...).
+"""
+
+
+def add_parser(subparsers) -> None:
+    from ..metrics import DEFAULT_METRICS, METRICS
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score predictions against ground truth (ISBI 2012 and cell tracking metrics)",
+        description=(
+            "Compare predicted segmentations with ground truth by the metrics of the ISBI 2012 "
+            "EM challenge (pixel, Rand, warping error) and of the cell tracking challenge (IoU, "
+            "SEG); print a table per image and the mean, optionally write JSON and CSV."
+        ),
+        epilog=INTERPRETATION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prediction", type=Path, metavar="PRED", help="prediction file or folder")
+    parser.add_argument("ground_truth", type=Path, metavar="GT", help="ground-truth file or folder")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=METRICS,
+        default=list(DEFAULT_METRICS),
+        metavar="NAME",
+        help=f"metrics to compute (default: {' '.join(DEFAULT_METRICS)}; choices: "
+        f"{' '.join(METRICS)})",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--csv", type=Path, metavar="FILE", help="write the table as CSV")
+    parser.add_argument(
+        "--cell-value",
+        type=float,
+        metavar="V",
+        help="value of the cell class in two-valued maps (default: the larger value)",
+    )
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="PRED holds probabilities of the cell class (see below); best threshold per metric",
+    )
+    parser.add_argument(
+        "--cell-class",
+        type=int,
+        default=1,
+        metavar="K",
+        help="channel of the cell class in a (classes, H, W) probability file (default 1)",
+    )
+    parser.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(4, 8),
+        default=4,
+        help="pixel connectivity of cells in 2D (default 4, as in ISBI 2012; 3D: 6 or 26)",
+    )
+    parser.set_defaults(run=run)
+
+
+def _prediction_key(path: Path, truth_stems: set[str]) -> str:
+    stem = io.image_stem(path)
+    if stem in truth_stems:
+        return stem
+    for suffix in PREDICTION_SUFFIXES:
+        if stem.endswith(suffix) and stem[: -len(suffix)] in truth_stems:
+            return stem[: -len(suffix)]
+    return stem
+
+
+def pair_files(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
+    """Pair prediction and ground-truth files by stem; InputError naming an unpaired file."""
+    if len(predictions) == 1 and len(truths) == 1:
+        return [(predictions[0], truths[0])]
+    by_stem: dict[str, Path] = {}
+    for truth in truths:
+        stem = io.image_stem(truth)
+        if stem in by_stem:
+            raise io.InputError(f"{truth}: two ground-truth files share the stem {stem!r}")
+        by_stem[stem] = truth
+    pairs = []
+    used: dict[str, Path] = {}
+    for prediction in predictions:
+        key = _prediction_key(prediction, set(by_stem))
+        if key not in by_stem:
+            raise io.InputError(
+                f"{prediction}: prediction has no ground truth with the stem {key!r} "
+                f"in {truths[0].parent}"
+            )
+        if key in used:
+            raise io.InputError(
+                f"{prediction}: a second prediction for {by_stem[key].name} ({used[key].name})"
+            )
+        used[key] = prediction
+        pairs.append((prediction, by_stem[key]))
+    missing = [truth for stem, truth in by_stem.items() if stem not in used]
+    if missing:
+        raise io.InputError(f"{missing[0]}: ground truth has no prediction with the same stem")
+    return pairs
+
+
+def read_prediction(path: Path, probabilities: bool, cell_class: int, shape) -> np.ndarray:
+    """Read a prediction file as the metrics expect it; InputError naming the file."""
+    array = np.asarray(io.read_image(path))
+    if not probabilities:
+        if np.issubdtype(array.dtype, np.floating):
+            raise io.InputError(
+                f"{path}: holds floating-point values; pass --probabilities to score it as "
+                "probabilities of the cell class, or give a binary or label image"
+            )
+        return array
+    if array.ndim == len(shape) + 1 and tuple(array.shape[1:]) == tuple(shape):
+        if not 0 <= cell_class < array.shape[0]:
+            raise io.InputError(
+                f"{path}: --cell-class {cell_class} is not among its {array.shape[0]} channels"
+            )
+        array = array[cell_class]
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float64, copy=False)
+    raise io.InputError(
+        f"{path}: --probabilities needs uint8, uint16 or float pixels, got {array.dtype}"
+    )
+
+
+def _format(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return f"{int(value)}"
+    return f"{value:.6f}" if abs(value) < 1 else f"{value:.4g}"
+
+
+def _table(rows: list[tuple[str, dict]], keys: list[str]) -> str:
+    name_width = max(len(name) for name, _ in rows)
+    widths = [max(len(key), 8) for key in keys]
+    lines = [
+        "  ".join(
+            [" " * name_width] + [key.rjust(width) for key, width in zip(keys, widths, strict=True)]
+        )
+    ]
+    for name, values in rows:
+        cells = [_format(values[key]).rjust(width) for key, width in zip(keys, widths, strict=True)]
+        lines.append("  ".join([name.ljust(name_width), *cells]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..metrics import best_scores, score, score_per_threshold
+
+    predictions = io.expand_inputs([args.prediction])
+    truths = io.expand_inputs([args.ground_truth])
+    pairs = pair_files(predictions, truths)
+    connectivity = 1 if args.connectivity == 4 else 2
+    options = dict(metrics=args.metrics, cell_value=args.cell_value, connectivity=connectivity)
+    results = []
+    sweeps = []
+    for prediction_path, truth_path in pairs:
+        truth = np.asarray(io.read_image(truth_path))
+        prediction = read_prediction(
+            prediction_path, args.probabilities, args.cell_class, truth.shape
+        )
+        try:
+            if args.probabilities:
+                sweep = score_per_threshold(prediction, truth, **options)
+                sweeps.append(sweep)
+                values = best_scores(sweep)
+            else:
+                values = score(prediction, truth, **options)
+        except ValueError as error:
+            raise io.InputError(f"{prediction_path} vs {truth_path}: {error}") from None
+        results.append((prediction_path, truth_path, values))
+    if args.probabilities:
+        # The challenge picks one threshold for the whole set: the best of the mean.
+        thresholds = list(sweeps[0])
+        mean_sweep = {
+            threshold: {
+                key: float(np.mean([sweep[threshold][key] for sweep in sweeps]))
+                for key in sweeps[0][threshold]
+            }
+            for threshold in thresholds
+        }
+        mean = best_scores(mean_sweep)
+    else:
+        keys = list(results[0][2])
+        mean = {key: float(np.mean([values[key] for *_, values in results])) for key in keys}
+    keys = list(mean)
+    rows = [(io.image_stem(truth), values) for _, truth, values in results] + [("mean", mean)]
+    print(_table(rows, keys))
+    if args.json:
+        io.write_json(
+            args.json,
+            {
+                "metrics": list(args.metrics),
+                "probabilities": bool(args.probabilities),
+                "images": [
+                    {"prediction": str(prediction), "ground_truth": str(truth), **values}
+                    for prediction, truth, values in results
+                ],
+                "mean": mean,
+            },
+        )
+    if args.csv:
+        with io.atomic_path(args.csv) as temporary, open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["prediction", "ground_truth", *keys])
+            for prediction, truth, values in results:
+                writer.writerow([prediction, truth, *(values[key] for key in keys)])
+            writer.writerow(["mean", "", *(mean[key] for key in keys)])
+    return 0
