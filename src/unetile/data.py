@@ -1,0 +1,595 @@
+"""Training data: labelled images, their weight maps, and random training tiles.
+
+A training set is a list of :class:`LabeledImage`: the image (channels first),
+the class of every pixel, the cells as instance ids, and the paper's weight map
+computed once from them. :class:`TileSampler` draws the training tiles.
+
+Conventions (the README restates them):
+
+- Image layout. A 2D image is ``(H, W)`` (one channel) or has one extra axis of
+  channels. PNG stores channels last (``(H, W, 3)`` for RGB); a TIFF is read
+  channels first ``(C, H, W)``, except that a TIFF whose last axis has 3 or 4
+  entries and whose first axis has more is taken as RGB(A) channels last. A 3D
+  stack (``dims=3``) is ``(Z, H, W)`` or ``(C, Z, H, W)``.
+- Label modes. ``"membrane"``: a binary map, ``cell_value`` marks the cells
+  (255 on ISBI 2012), every other pixel is membrane; classes are 0 = membrane,
+  1 = cell; the cells are the 4-connected components of the cell region.
+  ``"instances"``: 0 = background, every other id is one cell; classes are
+  0 = background, 1 = cell. ``"classes"``: the pixel value is the class id
+  (0 = background); the cells of the weight map's border term are the
+  connected regions of equal non-zero class.
+- Normalisation. Every channel is shifted and scaled by the mean and standard
+  deviation of that channel over all training pixels; the two lists are stored
+  in the run's ``config.json`` (``"normalization"``) and applied to every image
+  at training and at prediction time.
+- Tiles. Output tiles are centred on a pixel drawn uniformly over the whole
+  training set (every pixel, border pixels included, is a centre equally
+  often). The image is mirror-padded once for the network's context and the
+  augmentation's slack; label pixels outside the image are :data:`IGNORE` and
+  weigh 0, so the loss only sees real annotations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+
+LABEL_MODES = ("membrane", "instances", "classes")
+IGNORE = -1
+"""Label of pixels without annotation (outside the image); the loss skips them."""
+
+MIRROR_MODE = "reflect"
+"""numpy.pad mode of the mirror padding, the same as prediction's (``unetile.tiling``)."""
+
+
+# --------------------------------------------------------------------------
+# Arrays: layout, labels, normalisation (pure functions).
+# --------------------------------------------------------------------------
+
+
+def channels_first(image: np.ndarray, dims: int = 2, channels_last: bool = False) -> np.ndarray:
+    """Return ``image`` as ``(C, *S)`` with ``len(S) == dims``.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``dims`` spatial axes, optionally one channel axis.
+    dims : {2, 3}
+        Spatial axes.
+    channels_last : bool
+        Whether an extra axis is last (PNG) rather than first (TIFF). A TIFF-like
+        array whose last axis has 3 or 4 entries and whose first has more is
+        taken as channels last too (RGB TIFF).
+
+    Raises
+    ------
+    ValueError
+        When the array has neither ``dims`` nor ``dims + 1`` axes.
+    """
+    if image.ndim == dims:
+        return image[np.newaxis]
+    if image.ndim != dims + 1:
+        raise ValueError(
+            f"image has shape {image.shape}; expected {dims} spatial axes "
+            f"and optionally one channel axis"
+        )
+    rgb_last = image.shape[-1] in (3, 4) and image.shape[0] > image.shape[-1]
+    if channels_last or rgb_last:
+        return np.moveaxis(image, -1, 0)
+    return image
+
+
+def labels_to_classes(
+    label: np.ndarray, mode: str, num_classes: int = 2, cell_value: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class of every pixel and the cells as instance ids, from a label image.
+
+    Parameters
+    ----------
+    label : ndarray of int
+        The label image, spatial axes only.
+    mode : {"membrane", "instances", "classes"}
+        How to read it (module docstring).
+    num_classes : int
+        Classes of the network; ``"classes"`` values must lie in ``[0, num_classes)``.
+    cell_value : int
+        Value of the cells in a ``"membrane"`` map.
+
+    Returns
+    -------
+    classes : ndarray of int64
+        Class id per pixel.
+    instances : ndarray of int32
+        0 = background, one id per cell (for the weight map's border term).
+
+    Raises
+    ------
+    ValueError
+        Naming the first value outside the declared classes.
+    """
+    from skimage.measure import label as connected_components
+
+    if mode not in LABEL_MODES:
+        raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)):
+            raise ValueError("label holds NaN or infinite values")
+        if np.any(label != np.round(label)):
+            raise ValueError("label holds non-integer values; labels are integer ids")
+    if label.dtype.kind not in "uifb":
+        raise ValueError(f"label has dtype {label.dtype}; expected integers")
+    values = np.unique(label)
+    if mode == "membrane":
+        others = values[values != cell_value]
+        if len(others) > 1:
+            raise ValueError(
+                f"label values {others[:4].tolist()} outside a binary membrane map "
+                f"(cell value {cell_value}, one membrane value); check --cell-value"
+            )
+        from .weights import instances_from_membrane_map
+
+        cells = label == cell_value
+        instances = instances_from_membrane_map(cells.astype(np.uint8), cell_value=1)
+        return cells.astype(np.int64), np.asarray(instances, dtype=np.int32)
+    if values.size and values[0] < 0:
+        raise ValueError(f"label value {values[0]} is negative; ids start at 0")
+    if mode == "instances":
+        if num_classes != 2:
+            raise ValueError(f"instance labels give 2 classes, got num_classes={num_classes}")
+        return (label > 0).astype(np.int64), label.astype(np.int32)
+    if values.size and values[-1] >= num_classes:
+        raise ValueError(
+            f"label value {values[-1]} outside the classes 0..{num_classes - 1}; "
+            f"raise --num-classes or check --label-mode"
+        )
+    classes = label.astype(np.int64)
+    instances = connected_components(classes, background=0, connectivity=1)
+    return classes, instances.astype(np.int32)
+
+
+def normalization_statistics(images: Sequence[np.ndarray]) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation over all pixels of ``images``.
+
+    Parameters
+    ----------
+    images : sequence of ndarray, each ``(C, *S)``
+        All with the same number of channels.
+
+    Returns
+    -------
+    dict
+        ``{"mean": [C floats], "std": [C floats]}`` (a constant channel gets std 1).
+    """
+    channels = images[0].shape[0]
+    total = np.zeros(channels)
+    total_squares = np.zeros(channels)
+    count = 0
+    for image in images:
+        flat = image.reshape(channels, -1).astype(np.float64)
+        total += flat.sum(axis=1)
+        total_squares += (flat**2).sum(axis=1)
+        count += flat.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_squares / count - mean**2, 0.0))
+    std[std == 0] = 1.0
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def normalize(image: np.ndarray, normalization: dict | None) -> np.ndarray:
+    """``(image - mean) / std`` per channel as float32; ``image`` is ``(C, *S)``."""
+    image = np.asarray(image, dtype=np.float32)
+    if normalization is None:
+        return image
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(shape)
+    std = np.asarray(normalization["std"], dtype=np.float32).reshape(shape)
+    return (image - mean) / std
+
+
+# --------------------------------------------------------------------------
+# Labelled images read from two folders.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class LabeledImage:
+    """One training image with its annotation and weight map.
+
+    Attributes
+    ----------
+    name : str
+        File stem shared by image and label.
+    image : ndarray of float32, ``(C, *S)``
+        As read (not normalised).
+    classes : ndarray of int64, ``S``
+        Class id per pixel.
+    instances : ndarray of int32, ``S``
+        0 = background, one id per cell.
+    weights : ndarray of float32, ``S``
+        The paper's weight map (class balance + border term).
+    """
+
+    name: str
+    image: np.ndarray
+    classes: np.ndarray
+    instances: np.ndarray
+    weights: np.ndarray
+
+
+def weight_map_key(instances: np.ndarray, classes: np.ndarray, **parameters) -> str:
+    """Hash of a weight map's inputs; the on-disk cache is keyed by it."""
+    digest = hashlib.sha256()
+    for array in (instances, classes):
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(repr(sorted(parameters.items())).encode())
+    return digest.hexdigest()[:32]
+
+
+def compute_weight_map(
+    instances: np.ndarray,
+    classes: np.ndarray,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str = "balanced",
+    cache_dir: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """The paper's weight map, read from / written to ``cache_dir`` when given.
+
+    The cache file is ``cache_dir/weights-<hash>.npy``, the hash taken over the
+    instances, the classes and the parameters, so a re-run or a resumed run
+    never recomputes a map and a changed label never reuses a stale one.
+    """
+    from .weights import weight_map
+
+    path = None
+    if cache_dir is not None:
+        key = weight_map_key(instances, classes, w0=w0, sigma=sigma, class_weights=class_weights)
+        path = Path(cache_dir) / f"weights-{key}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path, allow_pickle=False)
+                if cached.shape == instances.shape:
+                    return cached.astype(np.float32, copy=False)
+            except (OSError, ValueError):
+                pass  # a damaged cache file is recomputed and overwritten
+    weights = np.asarray(
+        weight_map(instances, w0=w0, sigma=sigma, class_weights=class_weights, labels=classes),
+        dtype=np.float32,
+    )
+    if path is not None:
+        with io.atomic_path(path) as temporary:
+            with open(temporary, "wb") as handle:
+                np.save(handle, weights, allow_pickle=False)
+    return weights
+
+
+def count_classes(label_folder_values: Sequence[np.ndarray]) -> int:
+    """Classes implied by ``"classes"`` label images: the largest value + 1 (at least 2)."""
+    largest = max(int(values.max()) if values.size else 0 for values in label_folder_values)
+    return max(2, largest + 1)
+
+
+def load_labeled_images(
+    image_folder: str | os.PathLike,
+    label_folder: str | os.PathLike,
+    *,
+    dims: int = 2,
+    label_mode: str = "membrane",
+    num_classes: int | None = None,
+    cell_value: int = 255,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str = "balanced",
+    cache_dir: str | os.PathLike | None = None,
+    with_weights: bool = True,
+) -> tuple[list[LabeledImage], int]:
+    """Read and check every image/label pair of two folders matched by file stem.
+
+    Every check runs before any training and fails with a one-line
+    :class:`unetile.io.InputError` naming the file: an empty folder, a label
+    without an image (or the reverse), an unreadable file, NaN pixels, shapes
+    that differ, channel counts that differ, a label value outside the
+    declared classes.
+
+    Parameters
+    ----------
+    image_folder, label_folder : path
+        Folders of .tif/.tiff/.png files; pairs share the file stem.
+    dims : {2, 3}
+        Spatial axes of the images.
+    label_mode : {"membrane", "instances", "classes"}
+        How labels are read (module docstring).
+    num_classes : int or None
+        Classes of the network; None: 2 for membrane/instances, the largest
+        class id + 1 for ``"classes"``.
+    cell_value : int
+        Cell value of a membrane map.
+    w0, sigma : float
+        Weight map border term: amplitude and width (pixels).
+    class_weights : {"balanced", "none"}
+        Class balancing term of the weight map.
+    cache_dir : path or None
+        Folder of cached weight maps (``.npy``).
+    with_weights : bool
+        Compute weight maps (False for validation images).
+
+    Returns
+    -------
+    images : list of LabeledImage
+    num_classes : int
+    """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    pairs = io.match_by_stem(io.list_images(image_folder), io.list_images(label_folder))
+    raw = []
+    for image_path, label_path in pairs:
+        image = io.read_image(image_path)
+        label = io.read_image(label_path)
+        try:
+            image = channels_first(image, dims, channels_last=image_path.suffix.lower() == ".png")
+        except ValueError as error:
+            raise io.InputError(f"{image_path}: {error}") from None
+        if image.dtype.kind not in "uifb":
+            raise io.InputError(f"{image_path}: pixel type {image.dtype} is not numeric")
+        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+            raise io.InputError(f"{image_path}: holds NaN or infinite pixels; fix or drop it")
+        if label.shape != image.shape[1:]:
+            raise io.InputError(
+                f"{label_path}: shape {label.shape} differs from image "
+                f"{image_path.name} {image.shape[1:]} (spatial axes)"
+            )
+        if raw and image.shape[0] != raw[0][2].shape[0]:
+            raise io.InputError(
+                f"{image_path}: {image.shape[0]} channels, but {raw[0][0].name} has "
+                f"{raw[0][2].shape[0]}; every image needs the same channels"
+            )
+        raw.append((image_path, label_path, image, label))
+    if num_classes is None:
+        if label_mode == "classes":
+            num_classes = count_classes([np.unique(label) for *_, label in raw])
+        else:
+            num_classes = 2
+    result = []
+    for image_path, label_path, image, label in raw:
+        try:
+            classes, instances = labels_to_classes(label, label_mode, num_classes, cell_value)
+        except ValueError as error:
+            raise io.InputError(f"{label_path}: {error}") from None
+        weights = (
+            compute_weight_map(instances, classes, w0, sigma, class_weights, cache_dir)
+            if with_weights
+            else np.ones(classes.shape, np.float32)
+        )
+        result.append(
+            LabeledImage(
+                name=io.image_stem(image_path),
+                image=image.astype(np.float32),
+                classes=classes,
+                instances=instances,
+                weights=weights,
+            )
+        )
+    return result, num_classes
+
+
+# --------------------------------------------------------------------------
+# Tile geometry and sampling.
+# --------------------------------------------------------------------------
+
+
+def default_tile_shape(
+    image_shapes: Sequence[Sequence[int]],
+    depth: int = 5,
+    padding: str = "valid",
+    max_input: int = 572,
+) -> tuple[int, ...]:
+    """Largest valid input tile, at most ``max_input`` per axis, that the images allow.
+
+    Along each axis the output tile may not exceed the smallest image extent,
+    so that a tile never holds more mirrored than real pixels. The paper's
+    network on 512x512 ISBI images gets 572 (output 388).
+
+    Parameters
+    ----------
+    image_shapes : sequence of spatial shapes
+    depth, padding : network geometry (:func:`unetile.model.output_size`)
+    max_input : int
+        Largest input size per axis (pixels).
+    """
+    from .model import _trace_size
+
+    smallest = np.min(np.asarray([tuple(s) for s in image_shapes]), axis=0)
+    shape = []
+    for extent in smallest:
+        valid = [
+            size
+            for size in range(max_input, 0, -1)
+            if (out := _trace_size(size, depth, padding)) is not None and out <= extent
+        ]
+        if not valid:
+            raise ValueError(
+                f"images of extent {extent} px are too small for any tile of a depth-{depth} "
+                f"{padding!r} U-Net up to {max_input} px; use a smaller depth"
+            )
+        shape.append(valid[0])
+    return tuple(shape)
+
+
+def augmentation_slack(params, input_shape: Sequence[int]) -> int:
+    """Extra pixels per side to read around an input tile before augmenting it.
+
+    The tile is augmented as a larger window and cropped back, so rotation,
+    shift and elastic displacement pull in real (mirrored) image content, never
+    empty corners. A rotation by up to 45 degrees needs ``(sqrt(2) - 1) / 2``
+    of the tile per side; elastic displacements need about 3 standard
+    deviations; shifts their full range.
+    """
+    from .augment import AugmentParams
+
+    if params is None or params == AugmentParams.none():
+        return 0
+    extent = max(input_shape)
+    slack = 0.0
+    if params.rotation:
+        # Any angle: the worst case is 45 degrees, the tile's diagonal.
+        slack += extent * (math.sqrt(2.0) - 1.0) / 2.0
+    if params.elastic:
+        slack += 3.0 * params.elastic_sigma
+    slack += params.shift
+    return int(math.ceil(slack)) + 1
+
+
+class TileSampler:
+    """Random training tiles over a list of labelled images.
+
+    Each step draws, for every tile of the batch, an image with probability
+    proportional to its pixel count and a centre pixel uniformly within it, so
+    that every pixel of the training set is a tile centre equally often. The
+    input window is cut from the image mirror-padded once at construction;
+    labels and weights outside the image are :data:`IGNORE` and 0.
+
+    Parameters
+    ----------
+    images : list of LabeledImage
+    input_shape, output_shape : tuple of int
+        Network tile geometry (pixels); for a valid network their difference
+        is twice the context margin.
+    normalization : dict or None
+        Applied once to the stored images (:func:`normalize`).
+    augment_params : AugmentParams or None
+        None or ``AugmentParams.none()`` skips augmentation.
+    rng : numpy.random.Generator
+        The only randomness of the sampler; its state is the sampler state.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[LabeledImage],
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        normalization: dict | None,
+        augment_params,
+        rng: np.random.Generator,
+    ):
+        if not images:
+            raise ValueError("images is empty; give at least one labelled image")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.output_shape = tuple(int(s) for s in output_shape)
+        if len(self.input_shape) != len(self.output_shape):
+            raise ValueError("input_shape and output_shape need the same number of axes")
+        differences = {i - o for i, o in zip(self.input_shape, self.output_shape, strict=True)}
+        if len(differences) != 1 or min(differences) < 0 or min(differences) % 2:
+            raise ValueError(
+                f"input {self.input_shape} and output {self.output_shape} tiles must differ "
+                f"by the same even context on every axis"
+            )
+        self.margin = differences.pop() // 2
+        from .augment import AugmentParams
+
+        self.augment_params = augment_params
+        self.augment = augment_params is not None and augment_params != AugmentParams.none()
+        self.slack = augmentation_slack(augment_params, self.input_shape) if self.augment else 0
+        self.rng = rng
+        self.window_shape = tuple(s + 2 * self.slack for s in self.input_shape)
+        # Padding before/after: the window around a centre on the first/last pixel must fit.
+        self.pad_before = tuple(o // 2 + self.margin + self.slack for o in self.output_shape)
+        self.pad_after = tuple(
+            w - p - 1 for w, p in zip(self.window_shape, self.pad_before, strict=True)
+        )
+        self.spatial_shapes = [item.classes.shape for item in images]
+        self.padded_images = []
+        self.padded_classes = []
+        self.padded_weights = []
+        for item in images:
+            pad = list(zip(self.pad_before, self.pad_after, strict=True))
+            image = normalize(item.image, normalization)
+            self.padded_images.append(np.pad(image, [(0, 0), *pad], mode=MIRROR_MODE))
+            self.padded_classes.append(
+                np.pad(item.classes, pad, mode="constant", constant_values=IGNORE)
+            )
+            self.padded_weights.append(np.pad(item.weights, pad, mode="constant"))
+        sizes = np.array([math.prod(shape) for shape in self.spatial_shapes], dtype=np.float64)
+        self.image_probabilities = sizes / sizes.sum()
+
+    def window_slices(self, centre: Sequence[int]) -> tuple[slice, ...]:
+        """Slices of the padded arrays holding the window around an image pixel."""
+        # Padded index of image pixel x is x + pad_before; window start = centre - pad_before.
+        return tuple(slice(c, c + w) for c, w in zip(centre, self.window_shape, strict=True))
+
+    def draw_positions(self, batch_size: int) -> list[tuple[int, tuple[int, ...]]]:
+        """``batch_size`` pairs (image index, centre pixel) drawn from the rng."""
+        indices = self.rng.choice(
+            len(self.spatial_shapes), size=batch_size, p=self.image_probabilities
+        )
+        positions = []
+        for index in indices:
+            shape = self.spatial_shapes[index]
+            centre = tuple(int(self.rng.integers(0, extent)) for extent in shape)
+            positions.append((int(index), centre))
+        return positions
+
+    def sample(self, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch of ``batch_size`` random training tiles (see :meth:`tiles_at`)."""
+        return self.tiles_at(self.draw_positions(batch_size))
+
+    def tiles_at(
+        self, positions: Sequence[tuple[int, Sequence[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training tiles whose output is centred on the given pixels, augmented.
+
+        Parameters
+        ----------
+        positions : sequence of (image index, centre pixel)
+
+        Returns
+        -------
+        images : float32 tensor ``(N, C, *input_shape)``
+        labels : int64 tensor ``(N, *output_shape)``, :data:`IGNORE` outside the image
+        weights : float32 tensor ``(N, *output_shape)``, 0 outside the image
+        """
+        images, labels, weights = [], [], []
+        for index, centre in positions:
+            window = self.window_slices(centre)
+            images.append(self.padded_images[index][(slice(None), *window)])
+            labels.append(self.padded_classes[index][window])
+            weights.append(self.padded_weights[index][window])
+        image_batch = torch.from_numpy(np.stack(images))
+        label_batch = torch.from_numpy(np.stack(labels))
+        weight_batch = torch.from_numpy(np.stack(weights))
+        if self.augment:
+            from .augment import augment_batch
+
+            image_batch, label_batch, weight_batch = augment_batch(
+                image_batch,
+                label_batch,
+                weight_batch,
+                self.rng,
+                self.augment_params,
+                output_shape=self.input_shape,
+            )
+        crop = (slice(None),) + tuple(
+            slice(self.margin, self.margin + o) for o in self.output_shape
+        )
+        return (
+            image_batch.contiguous(),
+            label_batch[crop].contiguous(),
+            weight_batch[crop].contiguous(),
+        )
+
+    def state(self) -> dict:
+        """JSON-able sampler state (the rng's bit generator state)."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        """Restore a state from :meth:`state`."""
+        self.rng.bit_generator.state = state

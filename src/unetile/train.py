@@ -1,0 +1,911 @@
+"""Training: the paper's recipe as a plain loop, with checkpoints and exact resume.
+
+The defaults are the paper's (section 3): stochastic gradient descent with
+momentum 0.99, one large tile per step (the largest valid input tile up to
+572 px that the images allow: 572 -> 388 on 512x512 images), weighted
+cross-entropy with the weight map of ``w0 = 10``, ``sigma = 5`` px, He
+initialisation, drop-out 0.5 and elastic deformations. Every knob is a field of
+:class:`TrainConfig`; named presets (:data:`PRESETS`) fill other defaults.
+
+A run folder holds (the README restates it):
+
+- ``model.safetensors`` + ``config.json``: the model users want, what
+  ``unetile predict`` loads: the best model by ``keep_best`` on the validation
+  images, or the last one when there are none. ``config.json`` holds the
+  network (``model``), the intensity normalisation, the classes, the tile
+  geometry and the training options (``training``).
+- ``last.safetensors``: the weights after the last step.
+- ``checkpoint.safetensors``: everything to continue (weights, optimiser
+  state, step, random states), one file written atomically; the non-tensor
+  state is JSON in the file's metadata. No pickle anywhere.
+- ``log.csv`` (step, loss, lr, seconds, data fraction, validation metrics),
+  ``curves.png``, ``summary.json``, and ``cache/`` (weight maps as ``.npy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .augment import AugmentParams
+from .data import (
+    IGNORE,
+    LABEL_MODES,
+    LabeledImage,
+    TileSampler,
+    default_tile_shape,
+    load_labeled_images,
+    normalization_statistics,
+)
+from .model import UNet, UNetConfig, output_size
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "poly")
+LOSSES = ("ce", "dice_ce")
+PRECISIONS = ("none", "bf16", "fp16")
+CHECKPOINT = "checkpoint.safetensors"
+LAST_WEIGHTS = "last.safetensors"
+LOG = "log.csv"
+CURVES = "curves.png"
+SUMMARY = "summary.json"
+CACHE = "cache"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run; serialises to ``config.json`` ``"training"``.
+
+    Data
+        images, labels : folders of training images and labels (pairs by file stem).
+        val_images, val_labels : folders of held-out images for validation (optional).
+        out : the run folder.
+        label_mode : "membrane" (binary map, ``cell_value`` = cell), "instances"
+            (0 = background, one id per cell) or "classes" (pixel = class id).
+        cell_value : the cell value of a membrane map (255 on ISBI 2012).
+        num_classes : classes of the network; None: 2, or the largest class id + 1.
+        foreground : class whose probability is scored in validation (1 = cell).
+        dims : 2 for images, 3 for stacks.
+    Weight map (paper: w0 = 10, sigma = 5 px)
+        w0, sigma, class_weights ("balanced" or "none"), cache_weights (on disk).
+    Network
+        depth, base_channels, padding ("valid" = paper, "same"), norm (None,
+        "batch", "instance"), dropout.
+    Tiles
+        tile_shape : input tile (pixels per axis); None = the largest valid tile
+            up to ``max_tile`` whose output fits in the smallest image.
+        max_tile : upper bound of the automatic tile (None: 572 in 2D, 132 in 3D).
+        batch_size : tiles per step (paper: 1).
+        augment : :class:`unetile.augment.AugmentParams`.
+    Optimisation
+        optimizer ("sgd", "adam", "adamw"), learning_rate, momentum (SGD; paper
+        0.99), weight_decay, schedule ("constant", "cosine" to 0, "poly" power
+        0.9), warmup_steps (linear), loss ("ce" = paper, "dice_ce"), dice_weight,
+        clip_grad_norm (None = off), steps, seed.
+    Engine
+        device ("auto", "cpu", "cuda", "cuda:1", ...), precision ("none", "bf16",
+        "fp16" = autocast; fp16 adds a gradient scaler), threads (torch CPU
+        threads, None = torch's default), channels_last, deterministic.
+    Monitoring
+        validate_every, checkpoint_every, log_every (steps), keep_best (metric
+        that picks ``model.safetensors``), metrics (validation metrics),
+        val_tta (7-fold test-time augmentation in validation).
+    preset
+        Name of the preset whose values filled the defaults (:data:`PRESETS`).
+    """
+
+    images: str | None = None
+    labels: str | None = None
+    val_images: str | None = None
+    val_labels: str | None = None
+    out: str | None = None
+    label_mode: str = "membrane"
+    cell_value: int = 255
+    num_classes: int | None = None
+    foreground: int = 1
+    dims: int = 2
+    w0: float = 10.0
+    sigma: float = 5.0
+    class_weights: str = "balanced"
+    cache_weights: bool = True
+    depth: int = 5
+    base_channels: int = 64
+    padding: str = "valid"
+    norm: str | None = None
+    dropout: float = 0.5
+    tile_shape: tuple[int, ...] | None = None
+    max_tile: int | None = None
+    batch_size: int = 1
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    loss: str = "ce"
+    dice_weight: float = 1.0
+    clip_grad_norm: float | None = None
+    steps: int = 10000
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "none"
+    threads: int | None = None
+    channels_last: bool = False
+    deterministic: bool = False
+    validate_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 10
+    keep_best: str = "rand_error"
+    metrics: tuple[str, ...] = ("pixel_error", "rand_error", "iou")
+    val_tta: bool = False
+    preset: str = "paper"
+
+    def __post_init__(self):
+        choices = {
+            "label_mode": LABEL_MODES,
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "loss": LOSSES,
+            "precision": PRECISIONS,
+            "class_weights": ("balanced", "none"),
+            "preset": tuple(PRESETS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("steps", "batch_size", "validate_every", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.tile_shape is not None and len(self.tile_shape) not in (1, self.dims):
+            raise ValueError(
+                f"tile_shape {self.tile_shape} needs 1 or {self.dims} sizes for dims={self.dims}"
+            )
+        from .metrics import METRICS
+
+        unknown = [name for name in self.metrics if name not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"metrics must be names from {METRICS}, got {self.metrics}")
+        if self.keep_best not in self.metrics:
+            raise ValueError(
+                f"keep_best {self.keep_best!r} must be one of the metrics {self.metrics}"
+            )
+        if (self.val_images is None) != (self.val_labels is None):
+            raise ValueError("val_images and val_labels go together; give both or neither")
+        # Fail early on a bad architecture rather than after reading the data.
+        self.model_config(in_channels=1, num_classes=max(2, self.num_classes or 2))
+
+    def model_config(self, in_channels: int, num_classes: int) -> UNetConfig:
+        """The network of this run for the given data."""
+        return UNetConfig(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            depth=self.depth,
+            base_channels=self.base_channels,
+            padding=self.padding,
+            dropout=self.dropout,
+            norm=self.norm,
+            dims=self.dims,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, options: dict) -> TrainConfig:
+        """Build from ``to_dict`` output, TOML or CLI options; ValueError on unknown keys."""
+        return make_config(**options)
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's recipe: every TrainConfig default as declared above.
+    "paper": {},
+    # A faster start on a CPU: half the width, smaller tiles, Adam, channels-last
+    # memory layout (faster convolutions with oneDNN).
+    "cpu-fast": {
+        "base_channels": 32,
+        "max_tile": 444,
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "momentum": 0.9,
+        "schedule": "cosine",
+        "channels_last": True,
+        "steps": 3000,
+        "validate_every": 250,
+        "checkpoint_every": 250,
+    },
+}
+"""Named configurations: each fills TrainConfig defaults; explicit options override them."""
+
+
+def _coerce(name: str, value):
+    """Convert JSON/TOML/CLI values to the field's Python type (lists to tuples...)."""
+    if name == "augment":
+        if isinstance(value, AugmentParams):
+            return value
+        if isinstance(value, str):
+            if value == "none":
+                return AugmentParams.none()
+            if value == "paper":
+                return AugmentParams()
+            raise ValueError(f"augment must be 'paper', 'none' or a table, got {value!r}")
+        if not isinstance(value, dict):
+            raise ValueError(f"augment must be a table of AugmentParams fields, got {value!r}")
+        known = {f.name for f in fields(AugmentParams)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown augment option {unknown[0]!r}; known: {sorted(known)}")
+        defaults = asdict(AugmentParams())
+        converted = {}
+        for key, item in value.items():
+            converted[key] = tuple(item) if isinstance(defaults.get(key), tuple) else item
+        return AugmentParams(**converted)
+    if name in ("tile_shape", "metrics") and value is not None:
+        if isinstance(value, int):
+            return (value,)
+        if isinstance(value, str):
+            value = [part for part in value.replace("x", ",").split(",") if part]
+            if name == "tile_shape":
+                value = [int(part) for part in value]
+        return tuple(value)
+    if name in ("norm",) and value in ("none", ""):
+        return None
+    if name in ("images", "labels", "val_images", "val_labels", "out") and value is not None:
+        return str(value)
+    return value
+
+
+def make_config(preset: str | None = None, **options) -> TrainConfig:
+    """A TrainConfig from a preset plus explicit options (the options win).
+
+    Parameters
+    ----------
+    preset : str or None
+        Key of :data:`PRESETS`; None takes ``options["preset"]`` or "paper".
+    **options
+        TrainConfig fields. An unknown name raises ValueError naming it.
+
+    Examples
+    --------
+    >>> make_config("cpu-fast", steps=10).base_channels
+    32
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown training option {unknown[0]!r}")
+    preset = preset or options.pop("preset", None) or "paper"
+    options.pop("preset", None)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    merged = {**PRESETS[preset], **options, "preset": preset}
+    return TrainConfig(**{name: _coerce(name, value) for name, value in merged.items()})
+
+
+# --------------------------------------------------------------------------
+# Pieces of the loop.
+# --------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then the schedule."""
+    base = config.learning_rate
+    if step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "poly":
+        return base * (1.0 - progress) ** 0.9
+    return base
+
+
+def lower_is_better(metric: str) -> bool:
+    """Errors are minimised; every other metric (IoU, Dice, SEG, F1...) maximised."""
+    return metric.endswith("_error")
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> UNet:
+    """The run's U-Net with He initialisation drawn from a generator seeded by ``config.seed``."""
+    model = UNet.from_config(config.model_config(in_channels, num_classes))
+    model.reset_parameters(torch.Generator().manual_seed(config.seed))
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper), Adam or AdamW."""
+    parameters = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def compute_loss(
+    config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The configured loss over annotated output pixels (float32 whatever the autocast)."""
+    from .loss import combined_loss, weighted_cross_entropy
+
+    logits = logits.float()
+    if config.loss == "dice_ce":
+        return combined_loss(logits, labels, weights, IGNORE, dice_weight=config.dice_weight)
+    return weighted_cross_entropy(logits, labels, weights, IGNORE)
+
+
+def tile_geometry(config: TrainConfig, image_shapes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Input and output tile shapes (pixels) of the run, checked against the network."""
+    if config.tile_shape is None:
+        max_tile = config.max_tile or (572 if config.dims == 2 else 132)
+        input_shape = default_tile_shape(image_shapes, config.depth, config.padding, max_tile)
+    else:
+        input_shape = tuple(config.tile_shape) * (config.dims if len(config.tile_shape) == 1 else 1)
+    output_shape = tuple(output_size(s, config.depth, config.padding) for s in input_shape)
+    return tuple(input_shape), output_shape
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer ``state_dict`` into tensors (for safetensors) and JSON.
+
+    Tensor entries become ``"optimizer.<param index>.<name>"``; numbers and the
+    param groups stay in the JSON part.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], description: dict) -> dict:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optimizer."):
+            continue
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in description["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": description["param_groups"]}
+
+
+def save_checkpoint(path: str | os.PathLike, model, optimizer, state: dict) -> None:
+    """Write weights, optimiser state, torch RNG and ``state`` (JSON) in one atomic file."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optimizer_tensors, optimizer_json = flatten_optimizer_state(optimizer.state_dict())
+    tensors.update(optimizer_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = rng
+    metadata = {"state": json.dumps({**state, "optimizer": optimizer_json})}
+    with io.atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer`` and torch RNG.
+
+    Returns the JSON state (step, sampler state, best value, ...).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise io.InputError(f"{path}: no checkpoint to resume; train without --resume first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = json.loads(handle.metadata()["state"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # damaged file: say which, never a traceback
+        raise io.InputError(f"{path}: cannot be read as a checkpoint ({error})") from None
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise io.InputError(
+            f"{path}: weights do not fit this configuration ({str(error).splitlines()[0]})"
+        ) from None
+    optimizer_state = unflatten_optimizer_state(tensors, state.pop("optimizer"))
+    # load_state_dict moves the moments to the parameters' device.
+    optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    return state
+
+
+@dataclass
+class TrainingData:
+    """Everything read from the data folders before the first step."""
+
+    train: list[LabeledImage]
+    validation: list[LabeledImage]
+    num_classes: int
+    in_channels: int
+    normalization: dict
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None) -> TrainingData:
+    """Read and check all data, compute weight maps and normalisation, fix the tile.
+
+    Every data error surfaces here, before the model is built.
+    """
+    if config.images is None or config.labels is None:
+        raise io.InputError("no training data: give the images and labels folders")
+    common = dict(
+        dims=config.dims,
+        label_mode=config.label_mode,
+        cell_value=config.cell_value,
+        w0=config.w0,
+        sigma=config.sigma,
+        class_weights=config.class_weights,
+    )
+    train_images, num_classes = load_labeled_images(
+        config.images, config.labels, num_classes=config.num_classes, cache_dir=cache_dir, **common
+    )
+    validation: list[LabeledImage] = []
+    if config.val_images is not None:
+        validation, _ = load_labeled_images(
+            config.val_images,
+            config.val_labels,
+            num_classes=num_classes,
+            with_weights=False,
+            **common,
+        )
+        channels = train_images[0].image.shape[0]
+        for item in validation:
+            if item.image.shape[0] != channels:
+                raise io.InputError(
+                    f"{config.val_images}/{item.name}: {item.image.shape[0]} channels, "
+                    f"training images have {channels}"
+                )
+    if not 0 <= config.foreground < num_classes:
+        raise ValueError(f"foreground {config.foreground} is not a class of 0..{num_classes - 1}")
+    try:
+        input_shape, output_shape = tile_geometry(
+            config, [item.classes.shape for item in train_images]
+        )
+    except ValueError as error:
+        raise io.InputError(f"{config.images}: {error}") from None
+    return TrainingData(
+        train=train_images,
+        validation=validation,
+        num_classes=num_classes,
+        in_channels=train_images[0].image.shape[0],
+        normalization=normalization_statistics([item.image for item in train_images]),
+        input_shape=input_shape,
+        output_shape=output_shape,
+    )
+
+
+def run_config(config: TrainConfig, data: TrainingData) -> dict:
+    """The ``config.json`` of a run: everything ``predict`` needs, plus the options."""
+    return {
+        "model": config.model_config(data.in_channels, data.num_classes).to_dict(),
+        "normalization": data.normalization,
+        "classes": {
+            "num_classes": data.num_classes,
+            "foreground": config.foreground,
+            "label_mode": config.label_mode,
+            "cell_value": config.cell_value,
+        },
+        "tile": {"input_shape": list(data.input_shape), "output_shape": list(data.output_shape)},
+        "training": config.to_dict(),
+    }
+
+
+def validate(
+    model: UNet,
+    images: list[LabeledImage],
+    config: TrainConfig,
+    normalization: dict,
+    output_shape: tuple[int, ...],
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean of each validation metric over whole held-out images.
+
+    The probabilities come from overlap-tile prediction with the training
+    tile's output shape; the foreground probability is thresholded at 0.5
+    (the network's own decision), not at the best of several thresholds.
+    """
+    from .metrics import score
+    from .predict import predict
+
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    try:
+        for item in images:
+            probabilities = predict(
+                model,
+                item.image,
+                tile_shape=output_shape,
+                batch_size=1,
+                tta=config.val_tta,
+                device=device,
+                normalization=normalization,
+                progress=False,
+            )
+            if config.label_mode == "instances":
+                truth = item.instances
+            else:
+                truth = (item.classes == config.foreground).astype(np.uint8)
+            values = score(
+                probabilities[config.foreground],
+                truth,
+                metrics=list(config.metrics),
+                thresholds=(0.5,),
+            )
+            for name in config.metrics:
+                totals[name] = totals.get(name, 0.0) + float(values[name])
+    finally:
+        model.train(was_training)
+    return {name: value / len(images) for name, value in totals.items()}
+
+
+class CsvLog:
+    """``log.csv`` written row by row (append + flush); a resumed run drops later rows."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
+        self.path = path
+        self.columns = columns
+        self.rows: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.rows = [row for row in reader if int(row["step"]) <= resume_step]
+        with io.atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self.handle = open(path, "a", newline="")  # closed in close()
+        self.writer = csv.DictWriter(self.handle, columns, extrasaction="ignore")
+
+    def write(self, row: dict) -> None:
+        row = {
+            key: (f"{value:.6g}" if isinstance(value, float) else value)
+            for key, value in row.items()
+        }
+        self.writer.writerow(row)
+        self.handle.flush()
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def plot_curves(rows: list[dict], metrics: tuple[str, ...], path: Path) -> None:
+    """Loss and validation metrics against steps, as a PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    def series(name):
+        points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    steps, losses = series("loss")
+    loss_axis.plot(steps, losses)
+    loss_axis.set(xlabel="step", ylabel="training loss", title="loss")
+    if losses and min(losses) > 0:
+        loss_axis.set_yscale("log")
+    for metric in metrics:
+        steps, values = series(f"val_{metric}")
+        if steps:
+            metric_axis.plot(steps, values, marker="o", label=metric)
+    metric_axis.set(xlabel="step", title="validation")
+    if metric_axis.lines:
+        metric_axis.legend()
+    figure.tight_layout()
+    with io.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=80)
+    plt.close(figure)
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt():
+    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "none":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'none' on a CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data: TrainingData | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train a U-Net as configured; return the run summary.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        All options; ``config.out`` is the run folder.
+    resume : bool
+        Continue the run in ``config.out`` from its checkpoint. With the same
+        options it ends with the same weights as a run never interrupted.
+    progress : bool
+        Show a progress bar (tqdm) with loss and steps per second.
+    data : TrainingData or None
+        Data already read by :func:`prepare_data` (tests, the demo); None reads
+        ``config.images`` / ``config.labels``.
+    stop_after : int or None
+        Stop (with a checkpoint, as on Ctrl-C) once this step is reached,
+        without changing the schedule (tests of resume).
+
+    Returns
+    -------
+    dict
+        ``run_dir``, ``step``, ``steps``, ``loss`` (mean of the last log
+        interval), ``best_metric``, ``best_value``, ``best_step``,
+        ``validation`` (last metrics), ``seconds`` (time in training steps;
+        validation, checkpoints and plots excluded), ``steps_per_second``,
+        ``data_fraction`` (share of step time outside forward/backward/update:
+        sampling, augmentation, transfers), ``interrupted``, ``input_shape``,
+        ``output_shape``, ``num_parameters``.
+    """
+    if config.out is None:
+        raise io.InputError("no run folder: give --out")
+    run_dir = Path(config.out)
+    checkpoint_path = run_dir / CHECKPOINT
+    if not resume and checkpoint_path.exists():
+        raise io.InputError(
+            f"{run_dir}: already holds a training run; add --resume to continue it "
+            f"or give another --out"
+        )
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
+    saved_config = run_config(config, data)
+
+    torch.manual_seed(config.seed)  # drop-out draws from torch's global generator
+    model = build_model(config, data.in_channels, data.num_classes).to(device)
+    memory_format = torch.preserve_format
+    if config.channels_last:
+        memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
+        model = model.to(memory_format=memory_format)
+    model.train()
+    optimizer = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    sampler = TileSampler(
+        data.train,
+        data.input_shape,
+        data.output_shape,
+        data.normalization,
+        config.augment,
+        np.random.default_rng(config.seed),
+    )
+
+    step = 0
+    best_value = None
+    best_step = None
+    data_seconds = 0.0
+    step_seconds = 0.0
+    if resume:
+        state = load_checkpoint(checkpoint_path, model, optimizer)
+        step = state["step"]
+        sampler.set_state(state["sampler"])
+        best_value, best_step = state["best_value"], state["best_step"]
+        data_seconds, step_seconds = state["data_seconds"], state["step_seconds"]
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    metric_columns = [f"val_{name}" for name in config.metrics]
+    columns = ["step", "loss", "lr", "seconds", "data_fraction", *metric_columns]
+    log = CsvLog(run_dir / LOG, columns, step if resume else None)
+    io.write_json(run_dir / io.MODEL_CONFIG, saved_config)
+
+    def checkpoint():
+        save_checkpoint(
+            checkpoint_path,
+            model,
+            optimizer,
+            {
+                "step": step,
+                "sampler": sampler.state(),
+                "best_value": best_value,
+                "best_step": best_step,
+                "data_seconds": data_seconds,
+                "step_seconds": step_seconds,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            },
+        )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
+    )
+    last_metrics: dict[str, float] = {}
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    last_loss = float("nan")
+    interrupted = False
+    try:
+        with _stop_on_interrupt() as stop:
+            while step < config.steps:
+                tick = time.perf_counter()
+                images, labels, weights = sampler.sample(config.batch_size)
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                weights = weights.to(device, non_blocking=True)
+                fetched = time.perf_counter()
+                lr = learning_rate_at(config, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with _autocast(device, config.precision):
+                    logits = model(images)
+                loss = compute_loss(config, logits, labels, weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                loss_sum += loss.detach()
+                loss_count += 1
+                done = time.perf_counter()
+                data_seconds += fetched - tick
+                step_seconds += done - tick
+                bar.update(1)
+
+                validating = bool(data.validation) and (
+                    step % config.validate_every == 0 or step == config.steps
+                )
+                if step % config.log_every == 0 or validating or step == config.steps:
+                    last_loss = float(loss_sum) / loss_count
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(
+                            f"training loss became {last_loss} at step {step}; "
+                            f"lower the learning rate (now {config.learning_rate})"
+                        )
+                    loss_sum.zero_()
+                    loss_count = 0
+                    row = {
+                        "step": step,
+                        "loss": last_loss,
+                        "lr": lr,
+                        "seconds": step_seconds,
+                        "data_fraction": data_seconds / max(step_seconds, 1e-12),
+                    }
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                    if validating:
+                        last_metrics = validate(
+                            model,
+                            data.validation,
+                            config,
+                            data.normalization,
+                            data.output_shape,
+                            device,
+                        )
+                        row.update({f"val_{k}": v for k, v in last_metrics.items()})
+                        value = last_metrics[config.keep_best]
+                        better = best_value is None or (
+                            value < best_value
+                            if lower_is_better(config.keep_best)
+                            else value > best_value
+                        )
+                        if better:
+                            best_value, best_step = value, step
+                            io.save_model(run_dir, model, saved_config)
+                    log.write(row)
+                    if validating:
+                        plot_curves(log.rows, config.metrics, run_dir / CURVES)
+                if step % config.checkpoint_every == 0 and step < config.steps:
+                    checkpoint()
+                if stop.is_set() or (stop_after is not None and step >= stop_after):
+                    interrupted = step < config.steps
+                    break
+    finally:
+        bar.close()
+        log.close()
+    checkpoint()
+    io.save_model(run_dir, model, saved_config, name=LAST_WEIGHTS)
+    if best_step is None:
+        io.save_model(run_dir, model, saved_config)
+    plot_curves(log.rows, config.metrics, run_dir / CURVES)
+    summary = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "steps": config.steps,
+        "loss": last_loss,
+        "best_metric": config.keep_best if best_step is not None else None,
+        "best_value": best_value,
+        "best_step": best_step,
+        "validation": last_metrics,
+        "seconds": step_seconds,
+        "steps_per_second": step / max(step_seconds, 1e-12),
+        "data_fraction": data_seconds / max(step_seconds, 1e-12),
+        "interrupted": interrupted,
+        "input_shape": list(data.input_shape),
+        "output_shape": list(data.output_shape),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    io.write_json(run_dir / SUMMARY, summary)
+    return summary
