@@ -66,7 +66,7 @@ def class_balance(labels: np.ndarray, num_classes: int) -> np.ndarray:
             f"labels: class id {labels.max()} >= num_classes={num_classes}; "
             "pass a larger num_classes"
         )
-    counts = np.bincount(labels.ravel(), minlength=num_classes).astype(np.float64)
+    counts = np.bincount(labels.ravel().astype(np.intp), minlength=num_classes).astype(np.float64)
     weights = np.zeros(num_classes, dtype=np.float64)
     present = counts > 0
     weights[present] = labels.size / (present.sum() * counts[present])
@@ -290,6 +290,7 @@ def _class_weight_map(
                 f"labels: shape {classes.shape} differs from instances {instances.shape}"
             )
         _check_class_ids(classes, "labels")
+        classes = classes.astype(np.intp, copy=False)
     if class_weights is None:
         return np.ones(instances.shape, dtype=np.float64)
     if isinstance(class_weights, str):
