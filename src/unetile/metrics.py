@@ -99,7 +99,8 @@ def cell_map(image: np.ndarray, name: str = "image", cell_value: float | None = 
     name : str
         Name of the argument, for error messages.
     cell_value : number, optional
-        Value that marks cells in a two-valued map (e.g. 0 where cells are black).
+        Value that marks cells in a two-valued map (e.g. 0 where cells are
+        black); a boolean map is always True = cell.
 
     Returns
     -------
@@ -110,11 +111,16 @@ def cell_map(image: np.ndarray, name: str = "image", cell_value: float | None = 
     if image.size == 0:
         raise ValueError(f"{name} is empty (shape {image.shape}); give a non-empty image")
     if image.dtype == bool:
-        return image if cell_value is None or bool(cell_value) else ~image
+        return image  # True is cell whatever cell_value says: a bool map has no other reading
     if cell_value is not None:
         cells = image == cell_value
         others = image[~cells]
         if others.size and np.any(others != others.flat[0]):
+            if not np.any(cells):
+                raise ValueError(
+                    f"{name} holds no pixel of the cell value {cell_value} (its values span "
+                    f"{others.min()}..{others.max()}); check the cell value"
+                )
             raise ValueError(
                 f"{name} is not binary: besides the cell value {cell_value} it holds several "
                 f"values ({others.min()}..{others.max()}); give a two-valued map"
