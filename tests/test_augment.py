@@ -128,6 +128,23 @@ def test_positions_outside_are_mirrored_about_the_border_pixels():
     assert np.array_equal(warped[:, 2:], array[:, :3])
 
 
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 7), shift=st.integers(-30, 30))
+def test_far_positions_are_mirrored_periodically(size, shift):
+    array = np.arange(3 * size, dtype=np.int64).reshape(3, size)
+    displacement = np.zeros((2, 3, size))
+    displacement[1] = shift
+    warped = warp(array, displacement, order=0)
+    for column in range(size):
+        position = column + shift
+        if size > 1:  # mirror about pixel centres 0 and size - 1: period 2 (size - 1)
+            position %= 2 * (size - 1)
+            position = min(position, 2 * (size - 1) - position)
+        else:
+            position = 0
+        assert np.array_equal(warped[:, column], array[:, position])
+
+
 def test_warp_half_pixel_linear_is_the_mean_of_neighbours():
     array = np.array([[0.0, 2.0, 6.0], [1.0, 3.0, 5.0]])
     displacement = np.zeros((2, 2, 3))

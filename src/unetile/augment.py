@@ -269,22 +269,37 @@ def _reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
     """Mirror integer positions into [0, size - 1] about the border pixel centres."""
     if size == 1:
         return torch.zeros_like(index)
-    period = 2 * (size - 1)
-    index = torch.remainder(index, period)
-    return torch.where(index > size - 1, period - index, index)
+    last = size - 1
+    low, high = int(index.min()), int(index.max())
+    if low >= 0 and high <= last:
+        return index  # the common case: nothing to mirror, no extra passes
+    if low < -last or high > 2 * last:
+        index = torch.remainder(index, 2 * last)  # periodic mirror, period 2 (size - 1)
+    # One mirror at each end; cheaper than remainder and where on every pixel.
+    return last - (last - index.abs()).abs()
+
+
+def _nearest_index(coordinates: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """Flat index (N, P) into arrays of spatial shape S of the pixels nearest to coordinates."""
+    flat_index = None
+    for axis, size in enumerate(spatial):
+        index = _reflect_index(torch.round(coordinates[..., axis]).to(torch.int64), size)
+        flat_index = index if flat_index is None else flat_index * size + index
+    return flat_index.reshape(coordinates.shape[0], -1)
+
+
+def _gather(array: torch.Tensor, flat_index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Values of ``array`` (N, C, *S) at ``flat_index`` (N, P), reshaped to (N, C, *shape)."""
+    batch, channels = array.shape[:2]
+    expanded = flat_index.unsqueeze(1).expand(batch, channels, -1)
+    sampled = array.reshape(batch, channels, -1).gather(2, expanded)
+    return sampled.reshape(batch, channels, *shape)
 
 
 def _gather_nearest(array: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour sample of ``array`` (N, C, *S) at ``coordinates`` (N, *O, ndim)."""
-    spatial = array.shape[2:]
-    flat_index = torch.zeros(coordinates.shape[:-1], dtype=torch.int64, device=array.device)
-    for axis, size in enumerate(spatial):
-        index = _reflect_index(torch.round(coordinates[..., axis]).to(torch.int64), size)
-        flat_index = flat_index * size + index
-    batch, channels = array.shape[:2]
-    flat_index = flat_index.reshape(batch, 1, -1).expand(batch, channels, -1)
-    sampled = array.reshape(batch, channels, -1).gather(2, flat_index)
-    return sampled.reshape(batch, channels, *coordinates.shape[1:-1])
+    flat_index = _nearest_index(coordinates, array.shape[2:])
+    return _gather(array, flat_index, coordinates.shape[1:-1])
 
 
 def _sample_smooth(array: torch.Tensor, coordinates: torch.Tensor, order: int) -> torch.Tensor:
@@ -538,10 +553,11 @@ def apply_transforms(
         images = _sample(images, coordinates, order=3 if ndim == 2 else 1)
         if labels is not None or weights is not None:
             # One gather index for labels and weights keeps every pair together.
+            flat_index = _nearest_index(coordinates, spatial)
             if labels is not None:
-                labels = _gather_nearest(labels.unsqueeze(1), coordinates).squeeze(1)
+                labels = _gather(labels.unsqueeze(1), flat_index, output).squeeze(1)
             if weights is not None:
-                weights = _gather_nearest(weights.unsqueeze(1), coordinates).squeeze(1)
+                weights = _gather(weights.unsqueeze(1), flat_index, output).squeeze(1)
     if any(t.gamma != 1.0 or t.contrast != 1.0 or t.brightness != 0.0 for t in transforms):
         images = _vary_gray_values(images, transforms)
     return images, labels, weights
