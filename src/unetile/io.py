@@ -227,3 +227,85 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
         raise InputError(f"{weights_path}: weights do not fit config.json ({reason})") from None
     model.eval()
     return model, config
+
+
+# --------------------------------------------------------------------------
+# Out of core: zarr stores and tiled BigTIFFs, read and written by regions.
+# --------------------------------------------------------------------------
+
+TIFF_TILE = (256, 256)
+
+
+def open_zarr(path: str | os.PathLike):
+    """Open a zarr array read-only (nothing is loaded); InputError if it is not one."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such zarr store")
+    try:
+        array = zarr.open_array(store=str(path), mode="r")
+    except Exception as error:  # zarr raises several types for a folder that is not an array
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{path}: not a zarr array ({reason})") from None
+    return array
+
+
+def move_directory(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Rename a finished folder (e.g. a zarr store) into place, replacing an old one.
+
+    The new folder is renamed beside the old one first, so the final name
+    holds either the old or the complete new content, never a partial one.
+    """
+    import shutil
+
+    source, destination = Path(source), Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+        os.replace(destination, retired / destination.name)
+        os.replace(source, destination)
+        shutil.rmtree(retired)
+    else:
+        os.replace(source, destination)
+
+
+def write_tiled_tiff(path: str | os.PathLike, array, tile: tuple[int, int] = TIFF_TILE) -> None:
+    """Write an array-like (numpy, zarr) as a tiled BigTIFF, one band of tile rows at a time.
+
+    The last two axes are the image plane; leading axes become pages. Only
+    ``tile[0]`` rows of one page are in memory at once, so the array may be
+    larger than memory. Integer data is zlib-compressed; float data is not
+    (it hardly compresses and would cost time). Written atomically.
+    """
+    import tifffile
+
+    shape = tuple(array.shape)
+    if len(shape) < 2:
+        raise ValueError(f"array must have at least 2 axes to write a TIFF, got shape {shape}")
+    dtype = np.dtype(array.dtype)
+    height, width = shape[-2:]
+    pages = list(np.ndindex(*shape[:-2]))
+
+    def tiles():
+        for page in pages:
+            for top in range(0, height, tile[0]):
+                band = np.asarray(array[(*page, slice(top, min(top + tile[0], height)))])
+                for left in range(0, width, tile[1]):
+                    block = np.zeros(tile, dtype=dtype)
+                    piece = band[:, left : left + tile[1]]
+                    block[: piece.shape[0], : piece.shape[1]] = piece
+                    yield block
+
+    compression = "zlib" if dtype.kind in "iub" else None
+    with atomic_path(path) as temporary:
+        tifffile.imwrite(
+            temporary,
+            tiles(),
+            shape=shape,
+            dtype=dtype,
+            tile=tile,
+            bigtiff=True,
+            compression=compression,
+            photometric="minisblack",
+        )

@@ -1,0 +1,719 @@
+"""Overlap-tile prediction (paper section 2): any image size, memory set by the tile.
+
+A ``padding="valid"`` U-Net computes each output pixel from its own context
+window only, so predicting tile by tile and stitching gives exactly the
+whole-image result (up to float rounding) as long as the tile origins keep the
+max-pooling grid aligned (:mod:`unetile.tiling`). Tiles are read lazily from
+numpy arrays, memory-mapped TIFFs or zarr arrays, mirrored past the image
+border, normalised, batched, and written straight into the output.
+
+``padding="same"`` models see zero padding at every tile border, so their
+output depends on the tiling; their overlapping tiles (``overlap``) are
+blended with a Gaussian importance map, as nnU-Net does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .model import UNet, is_valid_input_size, size_multiple
+from .tiling import grid_axes, input_window, mirror_indices, owned_region, tile_step
+
+GIB = 2**30
+CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
+CUDA_BUDGET_FRACTION = 0.7  # of the free device memory, the rest for cuDNN workspaces
+SAME_OVERLAP = 0.5  # nnU-Net's tile step for blended ("same") models
+GAUSSIAN_SIGMA = 1.0 / 8.0  # of the tile length, as in nnU-Net
+
+
+# --------------------------------------------------------------------------
+# Tile sizes
+# --------------------------------------------------------------------------
+
+
+def _margin(model: UNet) -> int:
+    return model.context_margin
+
+
+def is_valid_tile(model: UNet, tile: int) -> bool:
+    """Whether an output tile of ``tile`` pixels (one axis) fits the network exactly."""
+    config = model.config
+    return tile >= 1 and is_valid_input_size(
+        tile + 2 * _margin(model), config.depth, config.padding
+    )
+
+
+def _smallest_tile(model: UNet) -> int:
+    return next(
+        t for t in range(1, 4 * size_multiple(model.config.depth) + 1) if is_valid_tile(model, t)
+    )
+
+
+def _tile_at_least(model: UNet, size: int) -> int:
+    """Smallest valid output tile (pixels) of at least ``size`` pixels."""
+    smallest = _smallest_tile(model)
+    multiple = size_multiple(model.config.depth)
+    return smallest + max(0, math.ceil((size - smallest) / multiple)) * multiple
+
+
+def _tile_at_most(model: UNet, size: float) -> int:
+    """Largest valid output tile (pixels) of at most ``size`` pixels, or the smallest one."""
+    smallest = _smallest_tile(model)
+    multiple = size_multiple(model.config.depth)
+    return smallest + max(0, math.floor((size - smallest) / multiple)) * multiple
+
+
+def activation_bytes_per_pixel(model: UNet) -> int:
+    """Estimated peak inference memory per input-tile pixel (bytes), one tile.
+
+    Measured on CPU with ``inference_mode``: the skip connections and the
+    working tensors of the first level dominate, about ``4 * base_channels``
+    float32 values per pixel, plus a fixed part for the input, the output and
+    the concatenations.
+    """
+    config = model.config
+    return 4 * (4 * config.base_channels + 64 + 2 * (config.in_channels + config.num_classes))
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Memory (bytes) for activations: ``CUDA_BUDGET_FRACTION`` of the free GPU
+    memory, or on CPU ``CPU_BUDGET`` capped at a quarter of the available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(CUDA_BUDGET_FRACTION * free)
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(min(CPU_BUDGET, available / 4))
+    return int(CPU_BUDGET)
+
+
+def auto_tile_shape(
+    model: UNet,
+    image_shape: Sequence[int],
+    device: str | torch.device | None = None,
+    memory_budget: float | None = None,
+    batch_size: int = 1,
+) -> tuple[int, ...]:
+    """Largest valid output tile (pixels per spatial axis) whose activations fit the budget.
+
+    Parameters
+    ----------
+    model : UNet
+    image_shape : sequence of int
+        Spatial shape of the image (pixels).
+    device : str or torch.device, optional
+        Sets the default budget; CUDA if available when omitted.
+    memory_budget : float, optional
+        Bytes for the activations of one batch; default :func:`default_memory_budget`.
+    batch_size : int
+        Tiles per forward pass; the budget is shared among them.
+
+    Returns
+    -------
+    tuple of int
+        Output tile shape, never larger than the smallest valid tile that
+        covers the image along each axis.
+    """
+    device = _resolve_device(device)
+    if len(image_shape) != model.config.dims:
+        raise ValueError(
+            f"image_shape {tuple(image_shape)} must have {model.config.dims} spatial axes"
+        )
+    budget = default_memory_budget(device) if memory_budget is None else float(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+    margin = _margin(model)
+    pixels_left = budget / (activation_bytes_per_pixel(model) * max(1, batch_size))
+    tile = [0] * len(image_shape)
+    # Axes that the image caps go first, so the others can take the memory they leave.
+    order = sorted(range(len(image_shape)), key=lambda axis: image_shape[axis])
+    for position, axis in enumerate(order):
+        side = pixels_left ** (1.0 / (len(order) - position)) - 2 * margin
+        chosen = min(_tile_at_most(model, side), _tile_at_least(model, image_shape[axis]))
+        tile[axis] = chosen
+        pixels_left /= chosen + 2 * margin
+    return tuple(tile)
+
+
+def check_tile_shape(model: UNet, tile_shape, dims: int) -> tuple[int, ...]:
+    """Output tile shape as a tuple of ``dims`` ints; ValueError naming valid sizes nearby."""
+    if isinstance(tile_shape, int | np.integer):
+        tile_shape = (int(tile_shape),) * dims
+    tile_shape = tuple(int(t) for t in tile_shape)
+    if len(tile_shape) != dims:
+        raise ValueError(f"tile_shape {tile_shape} must have {dims} entries, one per spatial axis")
+    for tile in tile_shape:
+        if not is_valid_tile(model, tile):
+            below = _tile_at_most(model, tile)
+            above = _tile_at_least(model, tile)
+            raise ValueError(
+                f"tile_shape {tile} px is not a valid output tile for this "
+                f"{model.config.padding!r} U-Net of depth {model.config.depth}; "
+                f"use {below} or {above}"
+            )
+    return tile_shape
+
+
+# --------------------------------------------------------------------------
+# Reading tiles
+# --------------------------------------------------------------------------
+
+
+def _spatial_shape(model: UNet, image) -> tuple[tuple[int, ...], bool]:
+    """Spatial shape and whether the image has a leading channel axis; ValueError otherwise."""
+    config = model.config
+    shape = tuple(image.shape)
+    axes = "DHW"[-config.dims :] if config.dims == 3 else "HW"
+    if len(shape) == config.dims and config.in_channels == 1:
+        return shape, False
+    if len(shape) == config.dims + 1 and shape[0] == config.in_channels:
+        return shape[1:], True
+    raise ValueError(
+        f"image of shape {shape} does not fit a model with {config.in_channels} input "
+        f"channel(s); give ({', '.join(axes)})"
+        + (" or " if config.in_channels == 1 else " as ")
+        + f"({config.in_channels}, {', '.join(axes)}), channels first"
+    )
+
+
+def _normalization(normalization, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if normalization is None:
+        return None
+    if isinstance(normalization, dict):
+        normalization = (normalization["mean"], normalization["std"])
+    mean, std = (np.atleast_1d(np.asarray(v, dtype=np.float32)) for v in normalization)
+    if mean.shape not in ((1,), (channels,)) or std.shape not in ((1,), (channels,)):
+        raise ValueError(
+            f"normalization must give 1 or {channels} mean and std values, "
+            f"got {mean.size} and {std.size}"
+        )
+    if np.any(std <= 0):
+        raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
+    return np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy()
+
+
+def read_tile(
+    image,
+    window: Sequence[tuple[int, int]],
+    has_channels: bool,
+    normalization: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Input tile ``(C, *window)`` as float32, mirrored past the border, normalised.
+
+    Only the image region under the window is read, so ``image`` may be a
+    memory-mapped or zarr array larger than memory.
+    """
+    spatial = image.shape[1:] if has_channels else image.shape
+    indices = [mirror_indices(a, b, size) for (a, b), size in zip(window, spatial, strict=True)]
+    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    block = np.asarray(image[((slice(None),) if has_channels else ()) + region])
+    if not has_channels:
+        block = block[None]
+    local = [i - r.start for i, r in zip(indices, region, strict=True)]
+    if not all(np.array_equal(i, np.arange(len(i))) for i in local):
+        block = block[(slice(None), *np.ix_(*local))]
+    tile = block.astype(np.float32)
+    if normalization is not None:
+        mean, std = normalization
+        expand = (slice(None),) + (None,) * len(spatial)
+        tile -= mean[expand]
+        tile /= std[expand]
+    return tile
+
+
+# --------------------------------------------------------------------------
+# Running the network
+# --------------------------------------------------------------------------
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+@contextlib.contextmanager
+def _inference(model: UNet, device: torch.device, channels_last: bool):
+    """Model in eval mode on ``device``; its training flag and layout are restored after."""
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+
+
+def dihedral_transforms(tta: bool) -> list[tuple[int, bool]]:
+    """(quarter turns, mirrored) pairs of the plane's 8 symmetries, or the identity only."""
+    if not tta:
+        return [(0, False)]
+    return [(turns, mirrored) for mirrored in (False, True) for turns in range(4)]
+
+
+def _forward(
+    model: UNet, batch: np.ndarray, device: torch.device, tta: bool, channels_last: bool
+) -> np.ndarray:
+    """Class probabilities (softmax) of a batch of input tiles, averaged over the TTA views."""
+    inputs = torch.from_numpy(batch).to(device)
+    total = None
+    transforms = dihedral_transforms(tta)
+    for turns, mirrored in transforms:
+        view = torch.rot90(inputs, turns, dims=(-2, -1)) if turns else inputs
+        if mirrored:
+            view = view.flip(-1)
+        if channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
+        probabilities = torch.softmax(model(view), dim=1)
+        # De-augment the output of this view before averaging.
+        if mirrored:
+            probabilities = probabilities.flip(-1)
+        if turns:
+            probabilities = torch.rot90(probabilities, -turns, dims=(-2, -1))
+        total = probabilities if total is None else total + probabilities
+    if len(transforms) > 1:
+        total /= len(transforms)
+    return total.float().cpu().numpy()
+
+
+def gaussian_importance(
+    tile_shape: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA
+) -> np.ndarray:
+    """Gaussian weight map over a tile (max 1, no zeros), for blending ``same`` models.
+
+    The tile centre, far from the zero padding of a same-padded network,
+    weighs most; ``sigma = sigma_scale * tile length`` per axis.
+    """
+    weights = np.ones((), dtype=np.float64)
+    for length in tile_shape:
+        coordinate = np.arange(length) - (length - 1) / 2
+        axis = np.exp(-0.5 * (coordinate / (sigma_scale * length)) ** 2)
+        weights = np.multiply.outer(weights, axis)
+    weights /= weights.max()
+    weights = np.maximum(weights, weights[weights > 0].min())
+    return weights.astype(np.float32)
+
+
+def iter_predictions(
+    model: UNet,
+    image,
+    *,
+    tile_shape: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    memory_budget: float | None = None,
+    normalization=None,
+    progress: bool = True,
+    overlap: float = SAME_OVERLAP,
+) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Yield ``(region, probabilities)`` blocks that together cover the image once.
+
+    For a ``valid`` model each block is the part of one output tile that no
+    earlier tile wrote (:func:`unetile.tiling.owned_region`), in tile order, so
+    a consumer can stream them to disk. For a ``same`` model the blended
+    probabilities of the whole image are yielded as one block. Arguments as
+    for :func:`predict`.
+    """
+    config = model.config
+    spatial, has_channels = _spatial_shape(model, image)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _resolve_device(device)
+    if tile_shape is None:
+        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
+    tile_shape = check_tile_shape(model, tile_shape, config.dims)
+    norm = _normalization(normalization, config.in_channels)
+    margin = _margin(model)
+    alignment = size_multiple(config.depth)
+    valid = config.padding == "valid"
+    steps = [tile_step(t, alignment, 0.0 if valid else overlap) for t in tile_shape]
+    per_axis = grid_axes(spatial, tile_shape, steps, alignment)
+    origins = [
+        tuple(per_axis[axis][i] for axis, i in enumerate(index))
+        for index in np.ndindex(*map(len, per_axis))
+    ]
+    batches = [origins[i : i + batch_size] for i in range(0, len(origins), batch_size)]
+    channels_last = device.type == "cpu" and config.dims == 2
+
+    def load(batch_origins):
+        return np.stack(
+            [
+                read_tile(image, input_window(o, tile_shape, margin), has_channels, norm)
+                for o in batch_origins
+            ]
+        )
+
+    if not valid:
+        weight = gaussian_importance(tile_shape)
+        numerator = np.zeros((config.num_classes, *spatial), dtype=np.float32)
+        denominator = np.zeros(spatial, dtype=np.float32)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(origins), unit="tile", disable=not progress, desc="predict")
+    # One reader thread fetches the next batch of tiles while the network runs.
+    reader = ThreadPoolExecutor(max_workers=1)
+    try:
+        with _inference(model, device, channels_last):
+            pending = reader.submit(load, batches[0])
+            for number, batch_origins in enumerate(batches):
+                inputs = pending.result()
+                if number + 1 < len(batches):
+                    pending = reader.submit(load, batches[number + 1])
+                outputs = _forward(model, inputs, device, tta, channels_last)
+                for origin, output in zip(batch_origins, outputs, strict=True):
+                    if valid:
+                        region = owned_region(origin, per_axis, spatial)
+                    else:
+                        region = tuple(
+                            slice(o, min(o + t, s))
+                            for o, t, s in zip(origin, tile_shape, spatial, strict=True)
+                        )
+                    local = tuple(
+                        slice(r.start - o, r.stop - o) for r, o in zip(region, origin, strict=True)
+                    )
+                    if valid:
+                        yield region, output[(slice(None), *local)]
+                    else:
+                        numerator[(slice(None), *region)] += (
+                            output[(slice(None), *local)] * weight[local]
+                        )
+                        denominator[region] += weight[local]
+                    bar.update(1)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    if not valid:
+        numerator /= denominator
+        yield tuple(slice(0, s) for s in spatial), numerator
+
+
+def predict(
+    model: UNet,
+    image,
+    *,
+    tile_shape: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    memory_budget: float | None = None,
+    normalization=None,
+    progress: bool = True,
+    out=None,
+    overlap: float = SAME_OVERLAP,
+):
+    """Per-class probability map of an image of any size, predicted tile by tile.
+
+    Parameters
+    ----------
+    model : UNet
+        Put in eval mode for the call; its training flag is restored after.
+    image : array-like
+        ``(H, W)`` or ``(C, H, W)`` (``(D, H, W)`` or ``(C, D, H, W)`` for a
+        3D model), any dtype; a numpy array, a memory-mapped TIFF
+        (``io.read_image(path, memmap=True)``) or a zarr array. Only the
+        tiles being predicted are read.
+    tile_shape : int or sequence of int, optional
+        Output tile (pixels per spatial axis); the network reads
+        ``2 * context_margin`` pixels more. Default :func:`auto_tile_shape`.
+    batch_size : int
+        Tiles per forward pass.
+    tta : bool
+        Average the probabilities over the 8 flips and rotations of the plane
+        (the paper averaged 7 rotated versions), each de-augmented per tile.
+    device : str or torch.device, optional
+        "cpu" or "cuda"; CUDA if available when omitted.
+    memory_budget : float, optional
+        Bytes for activations when the tile size is automatic.
+    normalization : (mean, std) or dict with "mean" and "std", optional
+        Per-channel values; each tile becomes ``(tile - mean) / std`` as it is read.
+    progress : bool
+        Show a progress bar over the tiles.
+    out : array-like, optional
+        ``(K, *spatial)`` float32 destination (numpy or zarr) written tile by tile.
+    overlap : float
+        Tile overlap fraction for ``same`` models (blended); ignored for
+        ``valid`` models, which are exact without overlap.
+
+    Returns
+    -------
+    array-like
+        ``out``, or a new ``(K, *spatial)`` float32 numpy array of probabilities.
+    """
+    spatial, _ = _spatial_shape(model, image)
+    shape = (model.config.num_classes, *spatial)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; it must be {shape}")
+    for region, block in iter_predictions(
+        model,
+        image,
+        tile_shape=tile_shape,
+        batch_size=batch_size,
+        tta=tta,
+        device=device,
+        memory_budget=memory_budget,
+        normalization=normalization,
+        progress=progress,
+        overlap=overlap,
+    ):
+        out[(slice(None), *region)] = block
+    return out
+
+
+# --------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------
+
+
+def _class_dtype(num_classes: int):
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Class map (argmax over the first axis) of ``(K, *spatial)`` probabilities."""
+    probabilities = np.asarray(probabilities)
+    return probabilities.argmax(axis=0).astype(_class_dtype(probabilities.shape[0]))
+
+
+def _label_foreground(foreground: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    # Face connectivity: cells that only touch diagonally stay apart, so the
+    # one-pixel gaps the weight map teaches the network separate cells.
+    labels, count = ndimage.label(
+        foreground, structure=ndimage.generate_binary_structure(foreground.ndim, 1)
+    )
+    return labels.astype(np.uint32), int(count)
+
+
+def instances_from_probabilities(
+    probabilities: np.ndarray, foreground_class: int = 1
+) -> np.ndarray:
+    """Instance labels (uint32, 0 = background): connected components of the foreground class.
+
+    Touching cells are separated by the background gaps the network predicts
+    between them (the paper's weight map trains exactly those); components
+    are face-connected (4-connected in 2D).
+    """
+    probabilities = np.asarray(probabilities)
+    if not 0 <= foreground_class < probabilities.shape[0]:
+        raise ValueError(
+            f"foreground_class {foreground_class} is not one of the "
+            f"{probabilities.shape[0]} classes"
+        )
+    labels, _ = _label_foreground(probabilities.argmax(axis=0) == foreground_class)
+    return labels
+
+
+def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: int) -> np.ndarray:
+    """Lookup table joining labels of tile pieces that touch across tile borders.
+
+    Parameters
+    ----------
+    provisional : array-like
+        Labels numbered per tile (1..count, 0 = background), numpy or zarr.
+    boundaries : sequence of sequence of int
+        Per axis, the coordinates (pixels) where a tile's region starts; the
+        pixels at ``b - 1`` and ``b`` are compared.
+    count : int
+        Number of provisional labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``lut`` of length ``count + 1``, uint32: ``lut[provisional]`` has one
+        consecutive id per connected cell and 0 for background.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for axis, coordinates in enumerate(boundaries):
+        for boundary in coordinates:
+            if not 0 < boundary < provisional.shape[axis]:
+                continue
+            index = [slice(None)] * provisional.ndim
+            index[axis] = slice(boundary - 1, boundary + 1)
+            slab = np.asarray(provisional[tuple(index)])
+            before, after = np.take(slab, 0, axis=axis), np.take(slab, 1, axis=axis)
+            touching = (before > 0) & (after > 0)
+            pairs.append(np.stack([before[touching], after[touching]], axis=1).astype(np.int64))
+    edges = np.unique(np.concatenate(pairs), axis=0)
+    graph = coo_matrix(
+        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+        shape=(count + 1, count + 1),
+    )
+    _, component = connected_components(graph, directed=False)
+    # Background (label 0) is its own component; renumber so that it is 0.
+    background = component[0]
+    lut = np.where(component < background, component + 1, component)
+    lut[0] = 0
+    return lut.astype(np.uint32)
+
+
+# --------------------------------------------------------------------------
+# Out of core: prediction straight to files
+# --------------------------------------------------------------------------
+
+
+def _chunk_regions(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    for index in np.ndindex(*(math.ceil(s / c) for s, c in zip(shape, chunks, strict=True))):
+        yield tuple(
+            slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape, strict=True)
+        )
+
+
+def predict_to_files(
+    model: UNet,
+    image,
+    *,
+    labels: str | os.PathLike | None = None,
+    probabilities: str | os.PathLike | None = None,
+    instances: str | os.PathLike | None = None,
+    foreground_class: int = 1,
+    tile_shape: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    memory_budget: float | None = None,
+    normalization=None,
+    progress: bool = True,
+    overlap: float = SAME_OVERLAP,
+) -> dict[str, Path]:
+    """Predict an image of any size into files, holding only a few tiles in memory.
+
+    Each output path ending in ``.zarr`` becomes a zarr store, ``.tif`` or
+    ``.tiff`` a tiled (256 x 256) BigTIFF. Tiles are written as they are
+    predicted into zarr stores in a scratch folder beside the outputs; the
+    TIFFs are streamed from those, and every output appears under its final
+    name only when complete.
+
+    Parameters
+    ----------
+    labels, probabilities, instances : path, optional
+        Where to write the class map (argmax, uint8), the ``(K, *spatial)``
+        float32 probabilities and the instance labels (uint32, connected
+        components of ``foreground_class``, one id per cell across tiles).
+    foreground_class : int
+        Class index of the cells, for ``instances``.
+    Others
+        As for :func:`predict`.
+
+    Returns
+    -------
+    dict
+        The written paths, keyed by "labels", "probabilities", "instances".
+    """
+    import zarr
+
+    requested = {
+        kind: Path(path)
+        for kind, path in (
+            ("labels", labels),
+            ("probabilities", probabilities),
+            ("instances", instances),
+        )
+        if path is not None
+    }
+    if not requested:
+        raise ValueError("give at least one of labels, probabilities, instances")
+    for kind, path in requested.items():
+        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
+    num_classes = model.config.num_classes
+    if instances is not None and not 0 <= foreground_class < num_classes:
+        raise ValueError(
+            f"foreground_class {foreground_class} is not one of the {num_classes} classes"
+        )
+    spatial, _ = _spatial_shape(model, image)
+    device = _resolve_device(device)
+    if tile_shape is None:
+        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
+    tile_shape = check_tile_shape(model, tile_shape, model.config.dims)
+    chunks = tuple(
+        min(s, tile_step(t, size_multiple(model.config.depth)))
+        for s, t in zip(spatial, tile_shape, strict=True)
+    )
+    first = next(iter(requested.values()))
+    first.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".unetile-", dir=first.parent) as scratch:
+        scratch = Path(scratch)
+
+        def store(name, shape, dtype, chunk_shape):
+            return zarr.open_array(
+                store=str(scratch / f"{name}.zarr"),
+                mode="w",
+                shape=shape,
+                chunks=chunk_shape,
+                dtype=dtype,
+                fill_value=0,
+            )
+
+        arrays = {}
+        if "probabilities" in requested:
+            arrays["probabilities"] = store(
+                "probabilities", (num_classes, *spatial), np.float32, (num_classes, *chunks)
+            )
+        if "labels" in requested:
+            arrays["labels"] = store("labels", spatial, _class_dtype(num_classes), chunks)
+        if "instances" in requested:
+            provisional = store("provisional", spatial, np.uint64, chunks)
+        count = 0
+        boundaries: list[set[int]] = [set() for _ in spatial]
+        for region, block in iter_predictions(
+            model,
+            image,
+            tile_shape=tile_shape,
+            batch_size=batch_size,
+            tta=tta,
+            device=device,
+            memory_budget=memory_budget,
+            normalization=normalization,
+            progress=progress,
+            overlap=overlap,
+        ):
+            if "probabilities" in arrays:
+                arrays["probabilities"][(slice(None), *region)] = block
+            classes = block.argmax(axis=0)
+            if "labels" in arrays:
+                arrays["labels"][region] = classes.astype(_class_dtype(num_classes))
+            if "instances" in requested:
+                pieces, found = _label_foreground(classes == foreground_class)
+                pieces = pieces.astype(np.uint64)
+                pieces[pieces > 0] += count
+                count += found
+                provisional[region] = pieces
+                for axis, r in enumerate(region):
+                    boundaries[axis].add(r.start)
+        if "instances" in requested:
+            lut = merge_tile_labels(provisional, [sorted(b) for b in boundaries], count)
+            arrays["instances"] = store("instances", spatial, np.uint32, chunks)
+            for region in _chunk_regions(spatial, chunks):
+                arrays["instances"][region] = lut[np.asarray(provisional[region])]
+        for kind, path in requested.items():
+            if path.suffix.lower() == ".zarr":
+                io.move_directory(scratch / f"{kind}.zarr", path)
+            else:
+                io.write_tiled_tiff(path, arrays[kind])
+    return requested

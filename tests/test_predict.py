@@ -1,0 +1,329 @@
+"""Overlap-tile prediction: exact stitching, TTA, blending, out-of-core files, labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from unetile.model import UNet, input_size_for_output, size_multiple
+from unetile.predict import (
+    activation_bytes_per_pixel,
+    auto_tile_shape,
+    gaussian_importance,
+    instances_from_probabilities,
+    labels_from_probabilities,
+    merge_tile_labels,
+    predict,
+    predict_to_files,
+)
+
+
+def small_model(depth=2, base=2, seed=0, padding="valid", in_channels=1, dims=2, classes=2):
+    torch.manual_seed(seed)
+    model = UNet(
+        in_channels=in_channels,
+        num_classes=classes,
+        depth=depth,
+        base_channels=base,
+        padding=padding,
+        dropout=0.0,
+        dims=dims,
+    )
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def whole_image_reference(model, image, tta=False):
+    """One forward pass of the whole image, mirror-padded by numpy to a valid size."""
+    config = model.config
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == config.dims:
+        image = image[None]
+    spatial = image.shape[1:]
+    margin = model.context_margin
+    pads = [(0, 0)] + [
+        (margin, input_size_for_output(s, config.depth) - s - margin) for s in spatial
+    ]
+    padded = torch.from_numpy(np.pad(image, pads, mode="reflect"))[None]
+    views = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
+    total = 0
+    with torch.no_grad():
+        for turns, mirrored in views:
+            view = torch.rot90(padded, turns, dims=(-2, -1))
+            view = view.flip(-1) if mirrored else view
+            out = torch.softmax(model(view), dim=1)
+            out = out.flip(-1) if mirrored else out
+            total = total + torch.rot90(out, -turns, dims=(-2, -1))
+    crop = (0, slice(None), *(slice(0, s) for s in spatial))
+    return (total / len(views))[crop].numpy()
+
+
+def valid_tile(depth, steps):
+    model = small_model(depth=depth)
+    smallest = next(
+        t for t in range(1, 64) if input_size_for_output(t, depth) - 2 * model.context_margin == t
+    )
+    return smallest + steps * size_multiple(depth)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    depth=st.integers(2, 3),
+    base=st.integers(2, 4),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    tile_steps=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    batch_size=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+@example(depth=3, base=2, height=5, width=7, tile_steps=(0, 0), batch_size=1, seed=0)
+@example(depth=3, base=4, height=37, width=50, tile_steps=(1, 0), batch_size=2, seed=1)
+def test_tiled_equals_whole_image_for_any_tile_image_and_batch(
+    depth, base, height, width, tile_steps, batch_size, seed
+):
+    model = small_model(depth, base, seed)
+    tile = tuple(valid_tile(depth, s) for s in tile_steps)
+    image = np.random.default_rng(seed).random((height, width), dtype=np.float32)
+    tiled = predict(model, image, tile_shape=tile, batch_size=batch_size, progress=False)
+    assert tiled.shape == (2, height, width) and tiled.dtype == np.float32
+    assert np.abs(tiled - whole_image_reference(model, image)).max() < 1e-5
+
+
+def test_a_5x7_image_needs_mirroring_past_its_own_width():
+    # Depth 3: each 3x3 conv reads 1 px per side at its scale: 4 convs x 1 + 4 x 2 + 2 x 4
+    # = 20 px of context per side, four times the image height.
+    model = small_model(depth=3, base=3, seed=4)
+    assert model.context_margin == 20
+    image = np.arange(35, dtype=np.float32).reshape(5, 7) / 35
+    tiled = predict(model, image, tile_shape=4, progress=False)
+    assert np.abs(tiled - whole_image_reference(model, image)).max() < 1e-5
+
+
+def test_test_time_augmentation_is_exact_against_the_whole_image_too():
+    model = small_model(depth=3, base=3, seed=2)
+    image = np.random.default_rng(2).random((29, 45), dtype=np.float32)
+    tiled = predict(model, image, tile_shape=(12, 20), batch_size=2, tta=True, progress=False)
+    reference = whole_image_reference(model, image, tta=True)
+    assert np.abs(tiled - reference).max() < 1e-5
+    # The eight views really differ: TTA changes the result.
+    assert np.abs(reference - whole_image_reference(model, image)).max() > 1e-3
+
+
+def test_multichannel_uint8_input_is_normalised_per_tile_like_the_whole_image():
+    model = small_model(depth=2, base=3, in_channels=2, classes=3, seed=5)
+    image = np.random.default_rng(5).integers(0, 256, (2, 23, 31), dtype=np.uint8)
+    mean, std = [100.0, 20.0], [50.0, 10.0]
+    tiled = predict(
+        model, image, tile_shape=8, normalization={"mean": mean, "std": std}, progress=False
+    )
+    normalised = (image.astype(np.float32) - np.array(mean)[:, None, None]) / np.array(std)[
+        :, None, None
+    ]
+    assert tiled.shape == (3, 23, 31)
+    assert np.abs(tiled - whole_image_reference(model, normalised)).max() < 1e-5
+
+
+def test_3d_tiles_stitch_exactly():
+    model = small_model(depth=2, base=2, dims=3, seed=6)
+    image = np.random.default_rng(6).random((9, 10, 11), dtype=np.float32)
+    tiled = predict(model, image, tile_shape=(4, 8, 4), batch_size=2, progress=False)
+    assert np.abs(tiled - whole_image_reference(model, image)).max() < 1e-5
+
+
+def test_zarr_and_memory_mapped_tiff_inputs_and_zarr_output(tmp_path):
+    model = small_model(depth=2, base=2, seed=7)
+    image = np.random.default_rng(7).integers(0, 65535, (30, 41), dtype=np.uint16)
+    expected = predict(model, image, tile_shape=8, progress=False)
+    source = zarr.open_array(
+        store=str(tmp_path / "in.zarr"),
+        mode="w",
+        shape=image.shape,
+        chunks=(16, 16),
+        dtype=image.dtype,
+    )
+    source[:] = image
+    out = zarr.open_array(
+        store=str(tmp_path / "out.zarr"),
+        mode="w",
+        shape=(2, 30, 41),
+        chunks=(2, 16, 16),
+        dtype=np.float32,
+    )
+    predict(model, source, tile_shape=8, progress=False, out=out)
+    assert np.array_equal(out[:], expected)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    mapped = tifffile.memmap(tmp_path / "in.tif", mode="r")
+    assert isinstance(mapped, np.memmap)
+    assert np.array_equal(predict(model, mapped, tile_shape=8, progress=False), expected)
+
+
+def test_same_model_blends_overlapping_tiles_with_gaussian_weights():
+    model = small_model(depth=2, base=3, padding="same", seed=8)
+    image = np.random.default_rng(8).random((32, 16), dtype=np.float32)
+    blended = predict(model, image, tile_shape=16, overlap=0.5, progress=False)
+    # Rows tiles start at 0, 8, 16; one column tile.
+    with torch.no_grad():
+        tiles = [
+            torch.softmax(model(torch.from_numpy(image[o : o + 16])[None, None]), 1)[0].numpy()
+            for o in (0, 8)
+        ]
+    weight = gaussian_importance((16, 16))
+    # Row 3 lies in the first tile only; row 12 in the tiles at 0 and 8.
+    assert np.allclose(blended[:, 3], tiles[0][:, 3], atol=1e-6)
+    mixed = (weight[12] * tiles[0][:, 12] + weight[4] * tiles[1][:, 4]) / (weight[12] + weight[4])
+    assert np.allclose(blended[:, 12], mixed, atol=1e-6)
+    assert np.allclose(blended.sum(0), 1.0, atol=1e-5)
+
+
+def test_gaussian_importance_peaks_at_the_centre_and_has_no_zeros():
+    weight = gaussian_importance((16, 16))
+    assert weight.max() == pytest.approx(1.0) and weight.min() > 0
+    # sigma = 16 / 8 = 2 px; the maximum sits at the central pixels, 0.5 px off the centre
+    # (7.5) along each axis. Pixel (10, 7) is 2.5 px and 0.5 px off: the weight is
+    # exp(-2.5**2 / 8) * exp(-0.5**2 / 8) / exp(-0.5**2 / 8)**2 = exp(-0.75).
+    assert weight[10, 7] == pytest.approx(np.exp(-0.75), rel=1e-5)
+    assert np.array_equal(weight, weight[::-1]) and np.array_equal(weight, weight.T)
+
+
+def test_auto_tile_fits_the_budget_and_the_image():
+    paper = UNet()  # 64 base channels, depth 5: 92 px context
+    per_pixel = activation_bytes_per_pixel(paper)
+    # A budget of exactly one 572 x 572 input tile gives the paper's 388 x 388 output tile.
+    assert auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2) == (388, 388)
+    # One byte less: the first axis drops to 372 (+184 = 556 px input); the second takes
+    # what is left, 572**2 / 556 = 588.5 px of input -> 404 px output (588 is valid).
+    assert auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2 - 1) == (372, 404)
+    # Never larger than needed: a 100 x 1000 image gets 100 px rows and longer columns.
+    tile = auto_tile_shape(paper, (100, 5000), "cpu", per_pixel * 572**2)
+    assert tile[0] == 100 and tile[1] > 388
+    assert (tile[0] + 184) * (tile[1] + 184) * per_pixel <= per_pixel * 572**2
+    # Two tiles per batch share the budget.
+    halved = auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2, batch_size=2)
+    assert (halved[0] + 184) ** 2 * 2 <= 572**2
+
+
+def test_labels_and_instances_by_hand():
+    foreground = np.array(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 1, 1],
+            [0, 0, 1, 0, 0],  # touches the first cell diagonally only: separate
+            [0, 0, 1, 0, 0],
+        ],
+        dtype=np.float32,
+    )
+    probabilities = np.stack([1 - foreground, foreground]) * 0.8 + 0.1
+    assert np.array_equal(labels_from_probabilities(probabilities), foreground.astype(np.uint8))
+    instances = instances_from_probabilities(probabilities)
+    assert instances.dtype == np.uint32 and instances.max() == 3
+    assert len(np.unique(instances[:2, :2])) == 1 and instances[0, 0] != instances[2, 2]
+    assert np.array_equal(instances > 0, foreground > 0)
+
+
+def test_merge_joins_a_cell_split_by_a_tile_border():
+    # Tiles start at column 0 and 3; a cell crosses the border, another does not.
+    provisional = np.array(
+        [
+            [1, 1, 0, 3, 3],
+            [0, 1, 0, 3, 0],
+            [2, 0, 0, 0, 4],
+        ],
+        dtype=np.uint64,
+    )
+    provisional[0, 2] = 1  # piece 1 reaches column 2, piece 3 starts at column 3
+    lut = merge_tile_labels(provisional, [[0], [0, 3]], count=4)
+    assert lut[0] == 0
+    assert lut[1] == lut[3]
+    assert len({lut[1], lut[2], lut[4]}) == 3
+    assert sorted(set(lut[1:].tolist())) == [1, 2, 3]
+
+
+def relabel_equal(first, second):
+    """Whether two label images are equal up to a one-to-one renaming of the ids."""
+    pairs = np.unique(np.stack([first.ravel(), second.ravel()]), axis=1)
+    return (
+        np.array_equal(first > 0, second > 0)
+        and len(np.unique(pairs[0])) == pairs.shape[1]
+        and len(np.unique(pairs[1])) == pairs.shape[1]
+    )
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_files_match_in_memory_results_and_cells_get_one_id_across_tiles(tmp_path, suffix):
+    model = small_model(depth=2, base=4, seed=9)
+    rng = np.random.default_rng(9)
+    image = rng.random((70, 90), dtype=np.float32)
+    tile = 14  # 5 x 7 tiles: many cells cross tile borders
+    probabilities = predict(model, image, tile_shape=tile, progress=False)
+    written = predict_to_files(
+        model,
+        image,
+        labels=tmp_path / f"l{suffix}",
+        probabilities=tmp_path / f"p{suffix}",
+        instances=tmp_path / f"i{suffix}",
+        tile_shape=tile,
+        progress=False,
+    )
+
+    def read(path):
+        return (
+            tifffile.imread(path)
+            if suffix == ".tif"
+            else zarr.open_array(store=str(path), mode="r")[:]
+        )
+
+    assert np.array_equal(read(written["probabilities"]), probabilities)
+    assert np.array_equal(read(written["labels"]), labels_from_probabilities(probabilities))
+    expected = instances_from_probabilities(probabilities)
+    instances = read(written["instances"])
+    assert instances.dtype == np.uint32
+    assert relabel_equal(instances, expected)
+    assert instances.max() == expected.max()
+    # The test is only meaningful if cells do cross the tile border at x = 14.
+    left, right = expected[:, tile - 1], expected[:, tile]
+    crossing = set(left[left > 0]) & set(right[right > 0])
+    assert crossing
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"i{suffix}", f"l{suffix}", f"p{suffix}"]
+    )
+
+
+def test_interrupted_prediction_leaves_no_output_and_no_scratch(tmp_path):
+    model = small_model(depth=2, base=2, seed=10)
+    calls = []
+
+    def interrupt(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        predict_to_files(
+            model,
+            np.zeros((40, 40), np.float32),
+            labels=tmp_path / "l.tif",
+            tile_shape=8,
+            progress=False,
+        )
+    handle.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_flag_is_restored_and_bad_arguments_are_named():
+    model = small_model(depth=2, base=2).train()
+    predict(model, np.zeros((10, 10), np.float32), tile_shape=8, progress=False)
+    assert model.training
+    with pytest.raises(
+        ValueError, match=r"tile_shape 9 px is not a valid output tile.*use 8 or 10"
+    ):
+        predict(model, np.zeros((10, 10)), tile_shape=9, progress=False)
+    with pytest.raises(ValueError, match=r"shape \(3, 10, 10\).*1 input channel"):
+        predict(model, np.zeros((3, 10, 10)), progress=False)
+    with pytest.raises(ValueError, match="out has shape"):
+        predict(model, np.zeros((10, 10)), out=np.zeros((2, 10, 9), np.float32), progress=False)
