@@ -1,0 +1,330 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unetile import io
+from unetile.augment import AugmentParams
+from unetile.data import (
+    IGNORE,
+    LabeledImage,
+    TileSampler,
+    channels_first,
+    compute_weight_map,
+    default_tile_shape,
+    labels_to_classes,
+    load_labeled_images,
+    normalization_statistics,
+    normalize,
+)
+from unetile.model import output_size
+
+
+def squares_membrane(size: int = 32, cell: int = 8, gap: int = 2) -> np.ndarray:
+    """A grid of square cells (255) separated by membranes (0) of ``gap`` px."""
+    label = np.zeros((size, size), np.uint8)
+    for top in range(gap, size, cell + gap):
+        for left in range(gap, size, cell + gap):
+            label[top : top + cell, left : left + cell] = 255
+    return label
+
+
+def write_pairs(folder, count=2, shape=(32, 32)):
+    images, labels = folder / "images", folder / "labels"
+    for index in range(count):
+        io.write_image(images / f"{index:02d}.tif", np.full(shape, index, np.uint8))
+        io.write_image(labels / f"{index:02d}.tif", squares_membrane(shape[0]))
+    return images, labels
+
+
+# --------------------------------------------------------------------------
+# Bad data fails at start-up with a one-line error naming the file.
+# --------------------------------------------------------------------------
+
+
+def test_empty_folder_is_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(io.InputError, match=r"empty: no \.tif/\.tiff/\.png images"):
+        load_labeled_images(images, empty)
+
+
+def test_label_without_image_names_the_label(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    io.write_image(labels / "07.tif", squares_membrane())
+    with pytest.raises(io.InputError, match=r"labels/07\.tif: label has no image"):
+        load_labeled_images(images, labels)
+
+
+def test_image_without_label_names_the_image(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    io.write_image(images / "09.tif", np.zeros((32, 32), np.uint8))
+    with pytest.raises(io.InputError, match=r"images/09\.tif: image has no label"):
+        load_labeled_images(images, labels)
+
+
+def test_shapes_that_differ_name_both_files(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    io.write_image(labels / "01.tif", squares_membrane(30)[:, :30])
+    with pytest.raises(io.InputError) as error:
+        load_labeled_images(images, labels)
+    message = str(error.value)
+    assert "labels/01.tif: shape (30, 30) differs from image 01.tif (32, 32)" in message
+    assert "\n" not in message
+
+
+def test_membrane_label_with_a_third_value_is_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    label = squares_membrane()
+    label[0, 0] = 128
+    io.write_image(labels / "00.tif", label)
+    with pytest.raises(io.InputError, match=r"labels/00\.tif: label values \[0, 128\] outside"):
+        load_labeled_images(images, labels, label_mode="membrane", cell_value=255)
+
+
+def test_class_label_outside_the_declared_classes_is_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    io.write_image(labels / "00.tif", (squares_membrane() > 0).astype(np.uint8) * 2)
+    io.write_image(labels / "01.tif", np.full((32, 32), 3, np.uint8))
+    with pytest.raises(
+        io.InputError, match=r"labels/01\.tif: label value 3 outside the classes 0\.\.2"
+    ):
+        load_labeled_images(images, labels, label_mode="classes", num_classes=3)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    (images / "01.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(io.InputError, match=r"images/01\.tif: cannot be read as an image"):
+        load_labeled_images(images, labels)
+
+
+def test_nan_pixels_are_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    image = np.zeros((32, 32), np.float32)
+    image[3, 4] = np.nan
+    io.write_image(images / "01.tif", image)
+    with pytest.raises(io.InputError, match=r"images/01\.tif: holds NaN or infinite pixels"):
+        load_labeled_images(images, labels)
+
+
+def test_channel_counts_that_differ_are_named(tmp_path):
+    images, labels = write_pairs(tmp_path)
+    io.write_image(images / "01.tif", np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(io.InputError, match=r"images/01\.tif: 2 channels, but 00\.tif has 1"):
+        load_labeled_images(images, labels)
+
+
+def test_good_pairs_load_with_classes_instances_and_weights(tmp_path):
+    images, labels = write_pairs(tmp_path, count=2)
+    loaded, num_classes = load_labeled_images(images, labels, label_mode="membrane")
+    assert num_classes == 2
+    assert [item.name for item in loaded] == ["00", "01"]
+    first = loaded[0]
+    assert first.image.shape == (1, 32, 32) and first.image.dtype == np.float32
+    assert first.image[0, 0, 0] == 0 and loaded[1].image[0, 0, 0] == 1
+    # 32 px with 8 px cells and 2 px gaps: cells start at 2, 12, 22 -> 3 x 3 cells.
+    assert first.instances.max() == 9
+    assert first.classes.sum() == 9 * 64
+    # Gaps between two cells get the border term; cell pixels do not.
+    assert first.weights[5, 11] > first.weights[5, 5] + 1.0
+
+
+# --------------------------------------------------------------------------
+# Layout, labels, normalisation.
+# --------------------------------------------------------------------------
+
+
+def test_channel_layouts():
+    assert channels_first(np.zeros((5, 6)), 2).shape == (1, 5, 6)
+    assert channels_first(np.zeros((2, 5, 6)), 2).shape == (2, 5, 6)  # TIFF: channels first
+    assert channels_first(np.zeros((5, 6, 2)), 2, channels_last=True).shape == (2, 5, 6)  # PNG
+    assert channels_first(np.zeros((50, 60, 3)), 2).shape == (3, 50, 60)  # RGB TIFF
+    assert channels_first(np.zeros((4, 5, 6)), 3).shape == (1, 4, 5, 6)
+    with pytest.raises(ValueError, match="expected 2 spatial axes"):
+        channels_first(np.zeros((2, 3, 4, 5)), 2)
+
+
+def test_rgb_png_is_read_channels_first(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 7
+    io.write_image(tmp_path / "images" / "a.png", rgb)
+    io.write_image(tmp_path / "labels" / "a.png", np.full((8, 8), 255, np.uint8))
+    loaded, _ = load_labeled_images(tmp_path / "images", tmp_path / "labels", with_weights=False)
+    assert loaded[0].image.shape == (3, 8, 8)
+    assert loaded[0].image[:, 0, 0].tolist() == [0, 7, 0]
+
+
+def test_label_modes_by_hand():
+    membrane = np.array([[255, 255, 0, 255], [255, 255, 0, 255], [0, 0, 0, 0]], np.uint8)
+    classes, instances = labels_to_classes(membrane, "membrane", cell_value=255)
+    assert classes.tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]]
+    assert instances.max() == 2 and instances[0, 0] != instances[0, 3]
+    # Inverted convention: the cells are black.
+    classes, _ = labels_to_classes(255 - membrane, "membrane", cell_value=0)
+    assert classes.tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]]
+
+    ids = np.array([[0, 3, 3], [0, 5, 5]])
+    classes, instances = labels_to_classes(ids, "instances")
+    assert classes.tolist() == [[0, 1, 1], [0, 1, 1]]
+    assert instances.tolist() == ids.tolist()
+
+    # Two regions of class 1 apart and one of class 2 touching: three cells.
+    class_map = np.array([[1, 0, 1, 2], [1, 0, 1, 2]])
+    classes, instances = labels_to_classes(class_map, "classes", num_classes=3)
+    assert classes.tolist() == class_map.tolist()
+    assert len(np.unique(instances[instances > 0])) == 3
+    assert instances[0, 2] != instances[0, 3]
+
+
+def test_normalization_statistics_by_hand():
+    first = np.array([[[0.0, 2.0]], [[10.0, 10.0]]])  # (2 channels, 1, 2)
+    second = np.array([[[4.0, 6.0]], [[10.0, 10.0]]])
+    stats = normalization_statistics([first, second])
+    assert stats["mean"] == [3.0, 10.0]
+    assert stats["std"][0] == pytest.approx(np.sqrt(5.0))
+    assert stats["std"][1] == 1.0  # constant channel: no division by zero
+    normalized = normalize(first, stats)
+    assert normalized.dtype == np.float32
+    assert normalized[0, 0].tolist() == pytest.approx([-3 / np.sqrt(5.0), -1 / np.sqrt(5.0)])
+    assert normalized[1].tolist() == [[0.0, 0.0]]
+
+
+def test_weight_maps_are_cached_on_disk_by_content(tmp_path, monkeypatch):
+    _, instances = labels_to_classes(squares_membrane(), "membrane")
+    classes = (instances > 0).astype(np.int64)
+    first = compute_weight_map(instances, classes, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("weights-*.npy"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached weight map was recomputed")
+
+    monkeypatch.setattr("unetile.weights.weight_map", fail)
+    assert np.array_equal(compute_weight_map(instances, classes, cache_dir=tmp_path), first)
+    with pytest.raises(AssertionError, match="recomputed"):  # other sigma: another key
+        compute_weight_map(instances, classes, sigma=3.0, cache_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------
+# Tile geometry.
+# --------------------------------------------------------------------------
+
+
+def test_default_tile_is_the_papers_572_on_isbi_images():
+    assert default_tile_shape([(512, 512)] * 3) == (572, 572)
+    # Output may not exceed the smallest image: 300 px allows output 292 (input 476).
+    assert default_tile_shape([(512, 512), (300, 400)]) == (476, 572)
+    assert output_size(476) == 292
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    extent=st.integers(8, 200),
+    depth=st.integers(2, 4),
+    max_input=st.integers(60, 300),
+)
+def test_default_tile_is_the_largest_valid_tile_that_fits(extent, depth, max_input):
+    from unetile.model import is_valid_input_size
+
+    try:
+        (size,) = default_tile_shape([(extent,)], depth, "valid", max_input)
+    except ValueError:
+        assert not any(
+            is_valid_input_size(s, depth) and output_size(s, depth) <= extent
+            for s in range(1, max_input + 1)
+        )
+        return
+    assert size <= max_input and output_size(size, depth) <= extent
+    assert not any(
+        is_valid_input_size(s, depth) and output_size(s, depth) <= extent
+        for s in range(size + 1, max_input + 1)
+    )
+
+
+def coded_image(shape):
+    """Image whose pixel value is its own class label times 10 plus nothing else."""
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, 2, size=shape).astype(np.int64)
+    return LabeledImage(
+        name="coded",
+        image=(10.0 * classes)[np.newaxis].astype(np.float32),
+        classes=classes,
+        instances=classes.astype(np.int32),
+        weights=np.ones(shape, np.float32) * 2.0,
+    )
+
+
+def test_tiles_have_the_network_shapes_and_aligned_labels():
+    item = coded_image((40, 30))
+    sampler = TileSampler([item], (44, 44), (4, 4), None, None, np.random.default_rng(0))
+    assert sampler.margin == 20
+    for _ in range(5):
+        images, labels, weights = sampler.sample(3)
+        assert images.shape == (3, 1, 44, 44) and images.dtype == torch.float32
+        assert labels.shape == (3, 4, 4) and labels.dtype == torch.int64
+        assert weights.shape == (3, 4, 4)
+        inside = labels != IGNORE
+        centre = images[:, 0, 20:24, 20:24]
+        assert torch.equal(centre[inside], 10.0 * labels[inside])
+        assert torch.all(weights[inside] == 2.0) and torch.all(weights[~inside] == 0.0)
+
+
+def test_tile_at_the_corner_is_mirrored_and_ignores_the_outside():
+    item = coded_image((12, 10))
+    sampler = TileSampler([item], (14, 14), (6, 6), None, None, np.random.default_rng(0))
+    images, labels, _ = sampler.tiles_at([(0, (0, 0))])
+    # Output tile centred on pixel (0, 0): rows/cols -3..2; three of them outside.
+    assert (labels[0, :3] == IGNORE).all() and (labels[0, :, :3] == IGNORE).all()
+    assert torch.equal(labels[0, 3:, 3:], torch.from_numpy(item.classes[:3, :3]))
+    # Input tile reads rows -7..6, mirrored without repeating the edge pixel.
+    expected = np.pad(item.image[0], 7, mode="reflect")[:14, :14]
+    assert np.array_equal(images[0, 0].numpy(), expected)
+
+
+def test_every_pixel_is_a_centre_equally_often():
+    small, large = coded_image((3, 4)), coded_image((6, 4))
+    sampler = TileSampler([small, large], (4, 4), (4, 4), None, None, np.random.default_rng(3))
+    counts = [np.zeros((3, 4)), np.zeros((6, 4))]
+    for index, centre in sampler.draw_positions(36_000):
+        counts[index][centre] += 1
+    # 36 pixels in all: each should be the centre 1000 times (binomial sd ~ 31).
+    everything = np.concatenate([c.ravel() for c in counts])
+    assert everything.min() > 850 and everything.max() < 1150
+
+
+def test_augmented_tiles_keep_labels_aligned_with_the_image():
+    item = LabeledImage(
+        name="blocks",
+        image=np.kron(np.eye(6), np.ones((10, 10)))[np.newaxis].astype(np.float32) * 10.0,
+        classes=np.kron(np.eye(6), np.ones((10, 10))).astype(np.int64),
+        instances=np.kron(np.eye(6), np.ones((10, 10))).astype(np.int32),
+        weights=np.ones((60, 60), np.float32),
+    )
+    params = AugmentParams(gray=False)
+    sampler = TileSampler([item], (28, 28), (20, 20), None, params, np.random.default_rng(0))
+    assert sampler.slack > 3 * params.elastic_sigma
+    agreement = []
+    for _ in range(10):
+        images, labels, _ = sampler.sample(1)
+        inside = labels[0] != IGNORE
+        centre = images[0, 0, 4:24, 4:24]
+        predicted = (centre > 5.0).long()
+        agreement.append((predicted[inside] == labels[0][inside]).float().mean().item())
+    # Bicubic interpolation blurs block edges by about a pixel; the rest must agree.
+    assert np.mean(agreement) > 0.93
+
+
+def test_sampler_state_restores_the_same_tiles():
+    item = coded_image((30, 30))
+    sampler = TileSampler(
+        [item], (28, 28), (20, 20), None, AugmentParams(), np.random.default_rng(5)
+    )
+    sampler.sample(2)
+    state = sampler.state()
+    first = sampler.sample(2)
+    sampler.set_state(state)
+    second = sampler.sample(2)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
