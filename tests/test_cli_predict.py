@@ -1,0 +1,116 @@
+"""``unetile predict`` end to end: outputs per input, bad files reported, run continues."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+import torch
+import zarr
+
+from unetile import io
+from unetile.cli import main
+from unetile.model import UNet
+from unetile.predict import instances_from_probabilities, labels_from_probabilities, predict
+
+
+def save_run(run_dir, padding="valid"):
+    torch.manual_seed(0)
+    model = UNet(base_channels=2, depth=2, dropout=0.0, padding=padding)
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    config = {
+        "model": model.config.to_dict(),
+        "normalization": {"mean": [0.5], "std": [0.25]},
+        "classes": {"foreground": 1},
+    }
+    io.save_model(run_dir, model, config)
+    return model.eval()
+
+
+def test_folder_with_a_good_and_a_corrupt_file(tmp_path, capsys):
+    model = save_run(tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    image = np.random.default_rng(0).random((37, 45), dtype=np.float32)
+    tifffile.imwrite(images / "07.tif", image)
+    (images / "08.tif").write_bytes(b"not a tiff at all")
+    out = tmp_path / "out"
+
+    status = main(
+        [
+            "predict",
+            str(tmp_path / "run"),
+            str(images),
+            "--out",
+            str(out),
+            "--tile",
+            "10",
+            "--batch-size",
+            "2",
+            "--save-probabilities",
+            "--instances",
+            "--no-progress",
+        ]
+    )
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "08.tif" in error and "07.tif" not in error.split("failed")[0]
+    assert "1 of 2 input(s) failed" in error
+    assert sorted(p.name for p in out.iterdir()) == [
+        "07_instances.tif",
+        "07_labels.tif",
+        "07_probabilities.tif",
+    ]
+    # The normalisation of config.json is applied: same result as the API with it.
+    expected = predict(
+        model, image, tile_shape=10, batch_size=2, normalization=([0.5], [0.25]), progress=False
+    )
+    assert np.allclose(tifffile.imread(out / "07_probabilities.tif"), expected, atol=1e-6)
+    assert np.array_equal(
+        tifffile.imread(out / "07_labels.tif"), labels_from_probabilities(expected)
+    )
+    instances = tifffile.imread(out / "07_instances.tif")
+    assert instances.max() == instances_from_probabilities(expected).max()
+
+
+def test_zarr_format_and_a_same_padded_model(tmp_path):
+    model = save_run(tmp_path / "run", padding="same")
+    image = np.random.default_rng(1).random((20, 30)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    status = main(
+        [
+            "predict",
+            str(tmp_path / "run"),
+            str(tmp_path / "a.tif"),
+            "--out",
+            str(tmp_path / "o"),
+            "--format",
+            "zarr",
+            "--tile",
+            "16",
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    labels = zarr.open_array(store=str(tmp_path / "o" / "a_labels.zarr"), mode="r")[:]
+    expected = predict(model, image, tile_shape=16, normalization=([0.5], [0.25]), progress=False)
+    assert np.array_equal(labels, labels_from_probabilities(expected))
+
+
+def test_invalid_tile_is_one_line_error(tmp_path, capsys):
+    save_run(tmp_path / "run")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint8))
+    status = main(
+        [
+            "predict",
+            str(tmp_path / "run"),
+            str(tmp_path / "a.tif"),
+            "--out",
+            str(tmp_path / "o"),
+            "--tile",
+            "9",
+        ]
+    )
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--tile" in error and "use 8 or 10" in error
