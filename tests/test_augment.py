@@ -182,6 +182,19 @@ def test_field_is_bicubic_interpolation_of_the_control_points():
     assert np.abs(np.diff(field, axis=2)).max() < 3.0
 
 
+def test_augment_batch_elastic_is_warp_by_elastic_displacement():
+    images = torch.rand(
+        (1, 1, 40, 50), dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    labels = (images[:, 0] > 0.5).long()
+    out = augment_batch(images, labels, None, np.random.default_rng(21), ELASTIC_ONLY)
+    field = elastic_displacement((40, 50), np.random.default_rng(21), sigma=10.0, grid=3)
+    assert np.abs(field).max() > 5.0
+    assert np.allclose(out[0][0, 0].numpy(), warp(images[0, 0].numpy(), field, order=3), atol=1e-9)
+    same = out[1][0].numpy() == warp(labels[0].numpy(), field, order=0)
+    assert same.mean() > 0.999
+
+
 def test_3d_field_has_a_3x3x3_grid_of_control_points():
     rng = np.random.default_rng(11)
     values = np.concatenate(

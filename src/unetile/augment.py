@@ -444,6 +444,15 @@ def _source_coordinates(
 ) -> torch.Tensor:
     """Input positions (pixels), shape (*output_shape, ndim), read by each output pixel."""
     ndim = len(output_shape)
+    for name, value in (("flips", transform.flips), ("shift", transform.shift)):
+        if len(value) not in (0, ndim):
+            raise ValueError(f"Transform.{name} must be empty or have {ndim} entries, got {value}")
+    control = transform.control_displacement
+    if control is not None and (control.ndim != ndim + 1 or control.shape[0] != ndim):
+        raise ValueError(
+            f"Transform.control_displacement must have shape ({ndim}, grid, ...) with {ndim} "
+            f"grid axes, got {control.shape}"
+        )
     matrix = np.eye(ndim)
     if transform.flips:
         matrix = matrix @ np.diag([-1.0 if flag else 1.0 for flag in transform.flips])
