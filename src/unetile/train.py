@@ -265,9 +265,10 @@ def _coerce(name: str, value):
         if isinstance(value, int):
             return (value,)
         if isinstance(value, str):
-            value = [part for part in value.replace("x", ",").split(",") if part]
-            if name == "tile_shape":
-                value = [int(part) for part in value]
+            if name == "tile_shape":  # "572", "572,572" or "16x132x132"
+                value = [int(part) for part in value.replace("x", ",").split(",") if part]
+            else:
+                value = [part.strip() for part in value.split(",") if part.strip()]
         return tuple(value)
     if name in ("norm",) and value in ("none", ""):
         return None

@@ -1,0 +1,239 @@
+import csv
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from unetile import io
+from unetile.augment import AugmentParams
+from unetile.data import LabeledImage, labels_to_classes, normalization_statistics
+from unetile.train import (
+    PRESETS,
+    TrainConfig,
+    TrainingData,
+    _stop_on_interrupt,
+    build_model,
+    build_optimizer,
+    flatten_optimizer_state,
+    learning_rate_at,
+    lower_is_better,
+    make_config,
+    train,
+    unflatten_optimizer_state,
+)
+
+
+def stripes_data(size=48, count=2, seed=0, validation=0) -> TrainingData:
+    """A trivial task: bright square cells, dark 2-px membranes, a little noise."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for index in range(count + validation):
+        membrane = np.zeros((size, size), np.uint8)
+        offset = index % 3
+        for top in range(offset, size, 10):
+            for left in range(offset, size, 10):
+                membrane[top : top + 8, left : left + 8] = 255
+        classes, instances = labels_to_classes(membrane, "membrane")
+        image = (membrane / 255.0 + 0.1 * rng.normal(size=membrane.shape)).astype(np.float32)
+        items.append(
+            LabeledImage(
+                name=f"{index:02d}",
+                image=image[np.newaxis],
+                classes=classes,
+                instances=instances,
+                weights=np.ones(classes.shape, np.float32),
+            )
+        )
+    train_items = items[:count]
+    return TrainingData(
+        train=train_items,
+        validation=items[count:],
+        num_classes=2,
+        in_channels=1,
+        normalization=normalization_statistics([item.image for item in train_items]),
+        input_shape=(60, 60),
+        output_shape=(44, 44),
+    )
+
+
+def tiny_config(out, **options) -> TrainConfig:
+    settings = dict(
+        out=str(out),
+        depth=2,
+        base_channels=4,
+        dropout=0.5,
+        tile_shape=(60,),
+        steps=6,
+        log_every=1,
+        checkpoint_every=100,
+        validate_every=100,
+        learning_rate=0.05,
+        momentum=0.9,
+        augment=AugmentParams(gray=False),
+        threads=1,
+    )
+    settings.update(options)
+    return make_config(**settings)
+
+
+def test_paper_defaults_and_presets():
+    config = TrainConfig()
+    assert (config.optimizer, config.momentum, config.batch_size) == ("sgd", 0.99, 1)
+    assert (config.w0, config.sigma, config.dropout, config.depth) == (10.0, 5.0, 0.5, 5)
+    assert config.base_channels == 64 and config.augment == AugmentParams()
+    fast = make_config("cpu-fast", steps=10)
+    assert fast.preset == "cpu-fast" and fast.base_channels == 32 and fast.steps == 10
+    assert fast.optimizer == PRESETS["cpu-fast"]["optimizer"]
+    # Explicit options beat the preset.
+    assert make_config("cpu-fast", base_channels=16).base_channels == 16
+    with pytest.raises(ValueError, match="unknown training option 'learning_rat'"):
+        make_config(learning_rat=0.1)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        make_config("gpu-turbo")
+    with pytest.raises(ValueError, match="keep_best 'iou' must be one of the metrics"):
+        make_config(metrics="pixel_error", keep_best="iou")
+
+
+def test_config_round_trips_through_json():
+    config = make_config(
+        "cpu-fast", tile_shape="16,132,132", dims=3, augment={"elastic_sigma": 4.0}, norm="none"
+    )
+    assert config.tile_shape == (16, 132, 132) and config.norm is None
+    assert config.augment.elastic_sigma == 4.0
+    import json
+
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_learning_rate_schedules_by_hand():
+    constant = make_config(learning_rate=0.1, steps=100)
+    assert learning_rate_at(constant, 0) == learning_rate_at(constant, 99) == 0.1
+    cosine = make_config(learning_rate=0.1, steps=110, schedule="cosine", warmup_steps=10)
+    assert learning_rate_at(cosine, 0) == pytest.approx(0.01)  # warm-up: (0 + 1) / 10
+    assert learning_rate_at(cosine, 10) == pytest.approx(0.1)
+    assert learning_rate_at(cosine, 60) == pytest.approx(0.05)  # half-way: cos(pi/2) = 0
+    poly = make_config(learning_rate=0.1, steps=100, schedule="poly")
+    assert learning_rate_at(poly, 50) == pytest.approx(0.1 * 0.5**0.9)
+
+
+def test_errors_are_minimised_scores_maximised():
+    assert lower_is_better("rand_error") and lower_is_better("pixel_error")
+    assert not lower_is_better("iou") and not lower_is_better("f1")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_optimizer_state_round_trips_without_pickle(optimizer):
+    config = make_config(depth=2, base_channels=4, optimizer=optimizer)
+    model = build_model(config, 1, 2)
+    first = build_optimizer(config, model)
+    model(torch.ones(1, 1, 20, 20)).sum().backward()
+    first.step()
+    tensors, description = flatten_optimizer_state(first.state_dict())
+    import json
+
+    description = json.loads(json.dumps(description))  # what the checkpoint stores
+    second = build_optimizer(config, build_model(config, 1, 2))
+    second.load_state_dict(unflatten_optimizer_state(tensors, description))
+    a, b = first.state_dict(), second.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
+    for index, entries in a["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][name]))
+
+
+def test_training_lowers_the_loss_on_a_trivial_task(tmp_path):
+    data = stripes_data()
+    config = tiny_config(
+        tmp_path / "run",
+        steps=20,
+        augment="none",
+        dropout=0.0,
+        optimizer="adam",
+        learning_rate=0.01,
+    )
+    summary = train(config, progress=False, data=data)
+    with open(tmp_path / "run" / "log.csv") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert len(losses) == 20
+    # From about 1.0 (He init) to about 0.15 in 20 steps; ln 2 = 0.69 is chance.
+    assert np.mean(losses[-4:]) < 0.35 * np.mean(losses[:4])
+    assert summary["step"] == 20 and not summary["interrupted"]
+    assert 0.0 < summary["data_fraction"] < 1.0
+    assert summary["input_shape"] == [60, 60] and summary["output_shape"] == [44, 44]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, optimizer):
+    # Augmentation, drop-out and momentum all on: every random and stateful part is resumed.
+    data = stripes_data()
+    options = dict(optimizer=optimizer, schedule="cosine")
+    straight = train(tiny_config(tmp_path / "straight", **options), progress=False, data=data)
+    config = tiny_config(tmp_path / "resumed", **options)
+    first = train(config, progress=False, data=data, stop_after=3)
+    assert first["interrupted"] and first["step"] == 3
+    with pytest.raises(io.InputError, match="already holds a training run; add --resume"):
+        train(config, progress=False, data=data)
+    second = train(config, resume=True, progress=False, data=data)
+    assert second["step"] == 6 and not second["interrupted"]
+    assert straight["loss"] == second["loss"]
+    a, _ = io.load_model(tmp_path / "straight")
+    b, _ = io.load_model(tmp_path / "resumed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, rtol=0, atol=1e-6), name
+    with open(tmp_path / "resumed" / "log.csv") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_folder_holds_what_predict_needs(tmp_path):
+    data = stripes_data(validation=1)
+    config = tiny_config(
+        tmp_path / "run", steps=4, validate_every=2, keep_best="pixel_error", log_every=2
+    )
+    summary = train(config, progress=False, data=data)
+    run = tmp_path / "run"
+    for name in (
+        "model.safetensors",
+        "last.safetensors",
+        "checkpoint.safetensors",
+        "config.json",
+        "log.csv",
+        "curves.png",
+        "summary.json",
+    ):
+        assert (run / name).is_file(), name
+    model, saved = io.load_model(run)
+    assert saved["model"]["base_channels"] == 4 and saved["model"]["depth"] == 2
+    assert saved["classes"] == {
+        "num_classes": 2,
+        "foreground": 1,
+        "label_mode": "membrane",
+        "cell_value": 255,
+    }
+    assert saved["tile"] == {"input_shape": [60, 60], "output_shape": [44, 44]}
+    assert saved["normalization"] == data.normalization
+    assert TrainConfig.from_dict(saved["training"]) == config
+    assert summary["best_metric"] == "pixel_error" and summary["best_step"] in (2, 4)
+    assert set(summary["validation"]) == {"pixel_error", "rand_error", "iou"}
+    with open(run / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["2", "4"]
+    assert all(0.0 <= float(row["val_pixel_error"]) <= 1.0 for row in rows)
+    best = min(rows, key=lambda row: float(row["val_pixel_error"]))
+    assert summary["best_value"] == pytest.approx(float(best["val_pixel_error"]), abs=1e-6)
+
+
+def test_first_interrupt_asks_to_stop_and_the_second_aborts():
+    with _stop_on_interrupt() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_he_initialisation_is_seeded():
+    config = make_config(depth=2, base_channels=4, seed=7)
+    a, b = build_model(config, 1, 2), build_model(config, 1, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    other = build_model(make_config(depth=2, base_channels=4, seed=8), 1, 2)
+    assert not torch.equal(a.contracting[0][0].weight, other.contracting[0][0].weight)
