@@ -192,7 +192,7 @@ def contingency_table(
     combined = a * width + b
     # bincount is linear time but allocates the whole id space; fall back to a
     # sort when the space is much larger than the image (thousands x thousands).
-    if (int(a.max()) + 1) * width <= max(4 * a.size, 1 << 20):
+    if (int(a.max()) + 1) * width <= max(4 * a.size, 1 << 16):
         counts = np.bincount(combined)
         pairs = np.flatnonzero(counts)
         counts = counts[pairs]
@@ -629,27 +629,45 @@ def warp(prediction: np.ndarray, ground_truth: np.ndarray, connectivity: int = 1
     if prediction.ndim != 2:
         raise ValueError(f"the warping error is 2D only; got a {prediction.ndim}D image")
     table = simple_point_table(connectivity)
-    warped = np.pad(prediction, 1).astype(np.uint8)
-    rows, columns = np.nonzero(prediction != ground_truth)
-    rows, columns = rows + 1, columns + 1  # coordinates in the padded image
-    pixel_class = (rows % 3) * 3 + columns % 3
-    classes = [np.flatnonzero(pixel_class == k) for k in range(9)]
-    remaining = [(rows[index], columns[index]) for index in classes]
-    flipped_any = True
-    while flipped_any:
-        flipped_any = False
-        for k, (class_rows, class_columns) in enumerate(remaining):
-            if class_rows.size == 0:
+    width = prediction.shape[1] + 2  # of the padded image
+    warped_image = np.pad(prediction, 1).astype(np.uint8)
+    warped = warped_image.ravel()  # a view: flat indices make neighbour look-ups cheap
+    disagree = (warped_image != np.pad(ground_truth, 1).astype(np.uint8)).ravel()
+    offsets = np.array([dy * width + dx for dy, dx in _RING], dtype=np.intp)
+
+    def pixel_class(indices: np.ndarray) -> np.ndarray:
+        return (indices // width % 3) * 3 + indices % width % 3
+
+    # Each class keeps a queue of pixels to test. A pixel that is not simple
+    # stays so until a neighbour flips, so it is only queued again then: the
+    # work follows the moving front instead of rescanning every disagreeing
+    # pixel on each sweep (the difference between 0.1 s and 20 s on 2048x2048).
+    start = np.flatnonzero(disagree)
+    start_class = pixel_class(start)
+    queues = [[start[start_class == k]] for k in range(9)]
+    queued = disagree.copy()
+    while any(len(queue) for queue in queues):
+        for k in range(9):
+            if not queues[k]:
                 continue
-            code = np.zeros(class_rows.size, dtype=np.intp)
-            for bit, (dy, dx) in enumerate(_RING):
-                code |= warped[class_rows + dy, class_columns + dx].astype(np.intp) << bit
-            simple = table[code]
-            if np.any(simple):
-                flipped_any = True
-                warped[class_rows[simple], class_columns[simple]] ^= 1
-                remaining[k] = (class_rows[~simple], class_columns[~simple])
-    return warped[1:-1, 1:-1].astype(bool)
+            candidates = np.concatenate(queues[k])
+            queues[k] = []
+            queued[candidates] = False
+            code = np.zeros(candidates.size, dtype=np.intp)
+            for bit, offset in enumerate(offsets):
+                code |= warped[candidates + offset].astype(np.intp) << bit
+            flips = candidates[table[code]]
+            if flips.size == 0:
+                continue
+            warped[flips] ^= 1
+            disagree[flips] = False
+            neighbours = (flips[:, None] + offsets).ravel()
+            neighbours = np.unique(neighbours[disagree[neighbours] & ~queued[neighbours]])
+            queued[neighbours] = True
+            neighbour_class = pixel_class(neighbours)
+            for other in np.unique(neighbour_class):
+                queues[other].append(neighbours[neighbour_class == other])
+    return warped_image[1:-1, 1:-1].astype(bool)
 
 
 class WarpingResult(NamedTuple):
