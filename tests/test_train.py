@@ -237,3 +237,15 @@ def test_he_initialisation_is_seeded():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     other = build_model(make_config(depth=2, base_channels=4, seed=8), 1, 2)
     assert not torch.equal(a.contracting[0][0].weight, other.contracting[0][0].weight)
+
+
+def test_time_budget_stops_the_run_and_validates_its_last_step(tmp_path):
+    data = stripes_data(validation=1)
+    config = tiny_config(tmp_path / "run", steps=1000, max_minutes=1e-6, validate_every=500)
+    summary = train(config, progress=False, data=data)
+    # 0.06 ms: over after the first step, which is validated and kept as the best.
+    assert summary["step"] == 1 and summary["out_of_time"] and not summary["interrupted"]
+    assert summary["best_step"] == 1 and summary["wall_seconds"] > 6e-5
+    # The schedule follows time when time is further along than steps.
+    cosine = make_config(learning_rate=1.0, steps=1000, schedule="cosine", max_minutes=1.0)
+    assert learning_rate_at(cosine, 10, time_fraction=0.5) == pytest.approx(0.5)

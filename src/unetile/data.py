@@ -470,6 +470,9 @@ class TileSampler:
         None or ``AugmentParams.none()`` skips augmentation.
     rng : numpy.random.Generator
         The only randomness of the sampler; its state is the sampler state.
+    device : torch.device or str or None
+        Where tiles are augmented and returned (None: the CPU). On a GPU the
+        augmentation runs there, so it does not hold back the training step.
     """
 
     def __init__(
@@ -480,6 +483,7 @@ class TileSampler:
         normalization: dict | None,
         augment_params,
         rng: np.random.Generator,
+        device: torch.device | str | None = None,
     ):
         if not images:
             raise ValueError("images is empty; give at least one labelled image")
@@ -500,6 +504,7 @@ class TileSampler:
         self.augment = augment_params is not None and augment_params != AugmentParams.none()
         self.slack = augmentation_slack(augment_params, self.input_shape) if self.augment else 0
         self.rng = rng
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.window_shape = tuple(s + 2 * self.slack for s in self.input_shape)
         # Padding before/after: the window around a centre on the first/last pixel must fit.
         self.pad_before = tuple(o // 2 + self.margin + self.slack for o in self.output_shape)
@@ -563,9 +568,9 @@ class TileSampler:
             images.append(self.padded_images[index][(slice(None), *window)])
             labels.append(self.padded_classes[index][window])
             weights.append(self.padded_weights[index][window])
-        image_batch = torch.from_numpy(np.stack(images))
-        label_batch = torch.from_numpy(np.stack(labels))
-        weight_batch = torch.from_numpy(np.stack(weights))
+        image_batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
+        label_batch = torch.from_numpy(np.stack(labels)).to(self.device, non_blocking=True)
+        weight_batch = torch.from_numpy(np.stack(weights)).to(self.device, non_blocking=True)
         if self.augment:
             from .augment import augment_batch
 

@@ -92,7 +92,10 @@ class TrainConfig:
         optimizer ("sgd", "adam", "adamw"), learning_rate, momentum (SGD; paper
         0.99), weight_decay, schedule ("constant", "cosine" to 0, "poly" power
         0.9), warmup_steps (linear), loss ("ce" = paper, "dice_ce"), dice_weight,
-        clip_grad_norm (None = off), steps, seed.
+        clip_grad_norm (None = off), steps, seed, max_minutes (a wall-clock
+        budget: training stops once it has run this long, all resumed parts
+        together, and the schedule follows whichever of steps and time is
+        further along).
     Engine
         device ("auto", "cpu", "cuda", "cuda:1", ...), precision ("none", "bf16",
         "fp16" = autocast; fp16 adds a gradient scaler), threads (torch CPU
@@ -138,6 +141,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     clip_grad_norm: float | None = None
     steps: int = 10000
+    max_minutes: float | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "none"
@@ -173,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.threads is not None and self.threads < 1:
@@ -319,13 +325,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def learning_rate_at(config: TrainConfig, step: int) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up, then the schedule."""
+def learning_rate_at(config: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then the schedule.
+
+    ``time_fraction`` is the share of ``max_minutes`` used so far; the schedule
+    follows whichever of steps and time is further along.
+    """
     base = config.learning_rate
     if step < config.warmup_steps:
         return base * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    progress = min(1.0, max((step - config.warmup_steps) / span, time_fraction))
     if config.schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * progress))
     if config.schedule == "poly":
@@ -721,9 +731,12 @@ def train(
         ``validation`` (last metrics), ``seconds`` (time in training steps;
         validation, checkpoints and plots excluded), ``steps_per_second``,
         ``data_fraction`` (share of step time outside forward/backward/update:
-        sampling, augmentation, transfers), ``interrupted``, ``input_shape``,
+        sampling, augmentation, transfers), ``interrupted`` (Ctrl-C or
+        ``stop_after``), ``out_of_time`` (``max_minutes`` reached),
+        ``wall_seconds`` (all of it, over resumed parts), ``input_shape``,
         ``output_shape``, ``num_parameters``.
     """
+    began = time.perf_counter()
     if config.out is None:
         raise io.InputError("no run folder: give --out")
     run_dir = Path(config.out)
@@ -759,6 +772,7 @@ def train(
         data.normalization,
         config.augment,
         np.random.default_rng(config.seed),
+        device=device,
     )
 
     step = 0
@@ -766,12 +780,14 @@ def train(
     best_step = None
     data_seconds = 0.0
     step_seconds = 0.0
+    earlier_wall_seconds = 0.0
     if resume:
         state = load_checkpoint(checkpoint_path, model, optimizer)
         step = state["step"]
         sampler.set_state(state["sampler"])
         best_value, best_step = state["best_value"], state["best_step"]
         data_seconds, step_seconds = state["data_seconds"], state["step_seconds"]
+        earlier_wall_seconds = state["wall_seconds"]
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
@@ -779,6 +795,11 @@ def train(
     columns = ["step", "loss", "lr", "seconds", "data_fraction", *metric_columns]
     log = CsvLog(run_dir / LOG, columns, step if resume else None)
     io.write_json(run_dir / io.MODEL_CONFIG, saved_config)
+
+    def wall_seconds() -> float:
+        return earlier_wall_seconds + time.perf_counter() - began
+
+    budget = None if config.max_minutes is None else 60.0 * config.max_minutes
 
     def checkpoint():
         save_checkpoint(
@@ -792,6 +813,7 @@ def train(
                 "best_step": best_step,
                 "data_seconds": data_seconds,
                 "step_seconds": step_seconds,
+                "wall_seconds": wall_seconds(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             },
         )
@@ -806,6 +828,7 @@ def train(
     loss_count = 0
     last_loss = float("nan")
     interrupted = False
+    out_of_time = False
     try:
         with _stop_on_interrupt() as stop:
             while step < config.steps:
@@ -815,7 +838,8 @@ def train(
                 labels = labels.to(device, non_blocking=True)
                 weights = weights.to(device, non_blocking=True)
                 fetched = time.perf_counter()
-                lr = learning_rate_at(config, step)
+                time_fraction = 0.0 if budget is None else wall_seconds() / budget
+                lr = learning_rate_at(config, step, time_fraction)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with _autocast(device, config.precision):
@@ -836,10 +860,12 @@ def train(
                 step_seconds += done - tick
                 bar.update(1)
 
+                out_of_time = budget is not None and wall_seconds() >= budget
+                finishing = step >= config.steps or out_of_time
                 validating = bool(data.validation) and (
-                    step % config.validate_every == 0 or step == config.steps
+                    step % config.validate_every == 0 or finishing
                 )
-                if step % config.log_every == 0 or validating or step == config.steps:
+                if step % config.log_every == 0 or validating or finishing:
                     last_loss = float(loss_sum) / loss_count
                     if not math.isfinite(last_loss):
                         raise FloatingPointError(
@@ -883,6 +909,8 @@ def train(
                 if stop.is_set() or (stop_after is not None and step >= stop_after):
                     interrupted = step < config.steps
                     break
+                if out_of_time:
+                    break
     finally:
         bar.close()
         log.close()
@@ -904,6 +932,8 @@ def train(
         "steps_per_second": step / max(step_seconds, 1e-12),
         "data_fraction": data_seconds / max(step_seconds, 1e-12),
         "interrupted": interrupted,
+        "out_of_time": out_of_time,
+        "wall_seconds": wall_seconds(),
         "input_shape": list(data.input_shape),
         "output_shape": list(data.output_shape),
         "num_parameters": sum(p.numel() for p in model.parameters()),

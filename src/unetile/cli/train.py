@@ -247,6 +247,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     option(optimisation, "--steps", "steps", "training steps", type=int)
     option(optimisation, "--seed", "seed", "seed of every random draw", type=int)
+    option(
+        optimisation,
+        "--max-minutes",
+        "max_minutes",
+        "wall-clock budget: stop after this many minutes (the schedule follows steps or time, "
+        "whichever is further along)",
+        type=float,
+        shown="none",
+    )
 
     engine = parser.add_argument_group("engine")
     option(engine, "--device", "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -361,7 +370,11 @@ def run_command(args: argparse.Namespace) -> int:
         if getattr(config, name) is None:
             flag = "--" + name.replace("_", "-")
             raise io.InputError(f"{flag} is required (on the command line or in --config)")
-    summary = train(config, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(config, resume=args.resume, progress=not args.quiet)
+    except FloatingPointError as error:  # diverged: say what to change, no traceback
+        print(f"unetile train: error: {error}", file=sys.stderr)
+        return 1
     if summary["interrupted"]:
         print(
             f"unetile train: stopped at step {summary['step']} of {summary['steps']}; "
@@ -370,6 +383,8 @@ def run_command(args: argparse.Namespace) -> int:
         )
         return 130
     if not args.quiet:
+        if summary["out_of_time"]:
+            print(f"stopped after --max-minutes {config.max_minutes} at step {summary['step']}")
         print(f"trained {summary['step']} steps in {summary['seconds']:.1f} s", end="")
         print(f" ({summary['steps_per_second']:.2f} steps/s, ", end="")
         print(f"{100 * summary['data_fraction']:.0f}% in data); loss {summary['loss']:.4f}")
