@@ -21,6 +21,7 @@ from unetile.predict import (
     predict,
     predict_to_files,
 )
+from unetile.tiling import axis_origins, tile_step
 
 
 def small_model(depth=2, base=2, seed=0, padding="valid", in_channels=1, dims=2, classes=2):
@@ -191,20 +192,47 @@ def test_gaussian_importance_peaks_at_the_centre_and_has_no_zeros():
 
 
 def test_auto_tile_fits_the_budget_and_the_image():
-    paper = UNet()  # 64 base channels, depth 5: 92 px context
+    paper = UNet()  # 64 base channels, depth 5: 92 px context, valid tiles 4 + 16 k
     per_pixel = activation_bytes_per_pixel(paper)
-    # A budget of exactly one 572 x 572 input tile gives the paper's 388 x 388 output tile.
-    assert auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2) == (388, 388)
+    budget = per_pixel * 572**2
+    # A budget of exactly one 572 x 572 input tile gives the paper's 388 x 388 output
+    # tile; 3844 = 10 * 384 + 4 px is covered by 10 of them (step 384, last at 3456).
+    assert auto_tile_shape(paper, (3844, 3844), "cpu", budget) == (388, 388)
     # One byte less: the first axis drops to 372 (+184 = 556 px input); the second takes
     # what is left, 572**2 / 556 = 588.5 px of input -> 404 px output (588 is valid).
-    assert auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2 - 1) == (372, 404)
-    # Never larger than needed: a 100 x 1000 image gets 100 px rows and longer columns.
-    tile = auto_tile_shape(paper, (100, 5000), "cpu", per_pixel * 572**2)
+    assert auto_tile_shape(paper, (5000, 5000), "cpu", budget - 1) == (372, 404)
+    # Balanced: 372 px tiles cover 3844 px in 11 tiles, and so do 356 px tiles (step
+    # 352, last at 3488); 404 px tiles take 10, and so do 388 px tiles.
+    assert auto_tile_shape(paper, (3844, 3844), "cpu", budget - 1) == (356, 388)
+    # Never larger than needed: a 100 px high image gets 100 px rows and longer columns.
+    tile = auto_tile_shape(paper, (100, 5000), "cpu", budget)
     assert tile[0] == 100 and tile[1] > 388
-    assert (tile[0] + 184) * (tile[1] + 184) * per_pixel <= per_pixel * 572**2
+    assert (tile[0] + 184) * (tile[1] + 184) <= 572**2
     # Two tiles per batch share the budget.
-    halved = auto_tile_shape(paper, (5000, 5000), "cpu", per_pixel * 572**2, batch_size=2)
+    halved = auto_tile_shape(paper, (5000, 5000), "cpu", budget, batch_size=2)
     assert (halved[0] + 184) ** 2 * 2 <= 572**2
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 3000), budget_side=st.integers(200, 1500))
+def test_auto_tile_never_needs_more_tiles_than_the_largest_tile(size, budget_side):
+    paper = UNet(depth=5, base_channels=1)  # geometry only; tiny weights
+    per_pixel = activation_bytes_per_pixel(paper)
+    # The first axis gets the square root of the budget; the second what is left.
+    tile = auto_tile_shape(paper, (size, size), "cpu", per_pixel * budget_side**2)[0]
+    assert (tile - 4) % 16 == 0
+    # Largest valid tile in the budget, but at least the pooling alignment (16 -> 20 px).
+    largest = max(20, (budget_side - 184 - 4) // 16 * 16 + 4)
+    assert tile <= largest
+
+    def count(t):
+        return len(axis_origins(size, t, tile_step(t, 16), 16))
+
+    assert count(tile) == count(min(largest, tile_at_least(size)))
+
+
+def tile_at_least(size):
+    return 4 + max(0, -(-(size - 4) // 16)) * 16
 
 
 def test_labels_and_instances_by_hand():
@@ -325,5 +353,12 @@ def test_training_flag_is_restored_and_bad_arguments_are_named():
         predict(model, np.zeros((10, 10)), tile_shape=9, progress=False)
     with pytest.raises(ValueError, match=r"shape \(3, 10, 10\).*1 input channel"):
         predict(model, np.zeros((3, 10, 10)), progress=False)
+    deep = small_model(depth=4, base=2)  # alignment 8 px; 4 px tiles are valid but too short
+    covered = predict(deep, np.zeros((3, 3), np.float32), tile_shape=4, progress=False)
+    assert covered.shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="shorter than the 8 px pooling alignment.*at least 12"):
+        predict(deep, np.zeros((5, 5)), tile_shape=4, progress=False)
+    with pytest.raises(ValueError, match="tile_shape 3 px .*; use 4$"):
+        predict(deep, np.zeros((5, 5)), tile_shape=3, progress=False)
     with pytest.raises(ValueError, match="out has shape"):
         predict(model, np.zeros((10, 10)), out=np.zeros((2, 10, 9), np.float32), progress=False)

@@ -29,6 +29,8 @@ def test_paper_tile_on_a_1000_pixel_axis_by_hand():
 
 def test_image_smaller_than_a_tile_gets_one_tile_and_padding_to_fill_it():
     assert axis_origins(5, 12, 8, 4) == [0]
+    # A tile shorter than the alignment is fine when it covers the axis alone.
+    assert tile_step(4, 16) == 16 and axis_origins(3, 4, 16, 16) == [0]
     assert padding_for((5, 7), (12, 12), 8, alignment=4) == ((8, 15), (8, 13))
 
 

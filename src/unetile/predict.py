@@ -27,7 +27,7 @@ import torch
 
 from . import io
 from .model import UNet, is_valid_input_size, size_multiple
-from .tiling import grid_axes, input_window, mirror_indices, owned_region, tile_step
+from .tiling import axis_origins, grid_axes, input_window, mirror_indices, owned_region, tile_step
 
 GIB = 2**30
 CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
@@ -103,8 +103,14 @@ def auto_tile_shape(
     device: str | torch.device | None = None,
     memory_budget: float | None = None,
     batch_size: int = 1,
+    overlap: float = SAME_OVERLAP,
 ) -> tuple[int, ...]:
-    """Largest valid output tile (pixels per spatial axis) whose activations fit the budget.
+    """Valid output tile (pixels per spatial axis) for the fewest tiles whose activations fit.
+
+    The largest tile within the memory budget sets the number of tiles along
+    each axis; the tile is then shrunk to the smallest valid one that still
+    covers the image with that many tiles, so no compute is spent on a last
+    tile that mostly overhangs the image.
 
     Parameters
     ----------
@@ -117,6 +123,8 @@ def auto_tile_shape(
         Bytes for the activations of one batch; default :func:`default_memory_budget`.
     batch_size : int
         Tiles per forward pass; the budget is shared among them.
+    overlap : float
+        Tile overlap fraction of ``same`` models (see :func:`predict`).
 
     Returns
     -------
@@ -133,16 +141,40 @@ def auto_tile_shape(
     if budget <= 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     margin = _margin(model)
+    alignment = size_multiple(model.config.depth)
     pixels_left = budget / (activation_bytes_per_pixel(model) * max(1, batch_size))
     tile = [0] * len(image_shape)
     # Axes that the image caps go first, so the others can take the memory they leave.
     order = sorted(range(len(image_shape)), key=lambda axis: image_shape[axis])
     for position, axis in enumerate(order):
         side = pixels_left ** (1.0 / (len(order) - position)) - 2 * margin
-        chosen = min(_tile_at_most(model, side), _tile_at_least(model, image_shape[axis]))
-        tile[axis] = chosen
-        pixels_left /= chosen + 2 * margin
+        # Tiles shorter than the pooling alignment cannot be stepped exactly.
+        usable = max(_tile_at_most(model, side), _tile_at_least(model, alignment))
+        largest = min(usable, _tile_at_least(model, image_shape[axis]))
+        tile[axis] = _balanced_tile(model, image_shape[axis], largest, overlap)
+        pixels_left /= tile[axis] + 2 * margin
     return tuple(tile)
+
+
+def _balanced_tile(model: UNet, size: int, largest: int, overlap: float) -> int:
+    """Smallest valid tile that covers ``size`` pixels with as few tiles as ``largest`` does.
+
+    The largest tile sets the number of tiles; shrinking them to share the
+    image evenly avoids computing a last tile that mostly overhangs the image.
+    """
+    alignment = size_multiple(model.config.depth)
+    overlap = overlap if model.config.padding == "same" else 0.0
+
+    def count(tile):
+        if tile < min(size, alignment):
+            return math.inf
+        return len(axis_origins(size, tile, tile_step(tile, alignment, overlap), alignment))
+
+    needed = count(largest)
+    tile = max(_smallest_tile(model), _tile_at_least(model, math.ceil(size / needed)))
+    while tile < largest and count(tile) > needed:
+        tile += alignment
+    return min(tile, largest)
 
 
 def check_tile_shape(model: UNet, tile_shape, dims: int) -> tuple[int, ...]:
@@ -156,10 +188,10 @@ def check_tile_shape(model: UNet, tile_shape, dims: int) -> tuple[int, ...]:
         if not is_valid_tile(model, tile):
             below = _tile_at_most(model, tile)
             above = _tile_at_least(model, tile)
+            nearby = f"{below} or {above}" if below < tile else f"{above}"
             raise ValueError(
                 f"tile_shape {tile} px is not a valid output tile for this "
-                f"{model.config.padding!r} U-Net of depth {model.config.depth}; "
-                f"use {below} or {above}"
+                f"{model.config.padding!r} U-Net of depth {model.config.depth}; use {nearby}"
             )
     return tile_shape
 
@@ -339,12 +371,19 @@ def iter_predictions(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _resolve_device(device)
     if tile_shape is None:
-        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
+        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, config.dims)
     norm = _normalization(normalization, config.in_channels)
     margin = _margin(model)
     alignment = size_multiple(config.depth)
     valid = config.padding == "valid"
+    for tile, size in zip(tile_shape, spatial, strict=True):
+        if tile < min(alignment, size):
+            raise ValueError(
+                f"tile_shape {tile} px is shorter than the {alignment} px pooling alignment "
+                f"and does not cover the image ({size} px); use at least "
+                f"{_tile_at_least(model, alignment)}"
+            )
     steps = [tile_step(t, alignment, 0.0 if valid else overlap) for t in tile_shape]
     per_axis = grid_axes(spatial, tile_shape, steps, alignment)
     origins = [
@@ -649,7 +688,7 @@ def predict_to_files(
     spatial, _ = _spatial_shape(model, image)
     device = _resolve_device(device)
     if tile_shape is None:
-        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
+        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, model.config.dims)
     chunks = tuple(
         min(s, tile_step(t, size_multiple(model.config.depth)))

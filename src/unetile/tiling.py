@@ -90,12 +90,12 @@ def axis_origins(size: int, tile: int, step: int, alignment: int = 1) -> list[in
     for name, value in (("size", size), ("tile", tile), ("step", step), ("alignment", alignment)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if tile >= size:
+        return [0]
     if step % alignment:
         raise ValueError(f"step {step} must be a multiple of the alignment {alignment}")
     if step > tile:
         raise ValueError(f"step {step} must be <= tile {tile}, or the tiles leave gaps")
-    if tile >= size:
-        return [0]
     last = math.ceil((size - tile) / alignment) * alignment
     return [*range(0, last, step), last]
 
@@ -104,12 +104,14 @@ def tile_step(tile: int, alignment: int = 1, overlap: float = 0.0) -> int:
     """Largest multiple of ``alignment`` that is at most ``tile * (1 - overlap)``, >= alignment.
 
     With ``overlap=0`` (valid models) neighbouring outputs overlap by
-    ``tile mod alignment`` pixels only, whose values are identical.
+    ``tile mod alignment`` pixels only, whose values are identical. A tile
+    shorter than ``alignment`` gets the step ``alignment``: it can only be used
+    alone, on an axis that it covers.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if tile < alignment:
-        raise ValueError(f"tile {tile} must be at least the alignment {alignment}")
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
     return max(alignment, int(tile * (1.0 - overlap)) // alignment * alignment)
 
 
