@@ -328,3 +328,12 @@ def test_sampler_state_restores_the_same_tiles():
     second = sampler.sample(2)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+def test_class_weights_none_leaves_cells_at_one():
+    classes, instances = labels_to_classes(squares_membrane(), "membrane")
+    plain = compute_weight_map(instances, classes, class_weights="none")
+    balanced = compute_weight_map(instances, classes, class_weights="balanced")
+    assert np.all(plain[classes == 1] == 1.0)
+    # 9 cells of 64 px = 576 of 1024 px: balanced weights are the inverse frequencies / 2.
+    assert balanced[5, 5] == pytest.approx(1024 / (2 * 576))

@@ -262,8 +262,9 @@ def compute_weight_map(
                     return cached.astype(np.float32, copy=False)
             except (OSError, ValueError):
                 pass  # a damaged cache file is recomputed and overwritten
+    balance = None if class_weights == "none" else class_weights
     weights = np.asarray(
-        weight_map(instances, w0=w0, sigma=sigma, class_weights=class_weights, labels=classes),
+        weight_map(instances, w0=w0, sigma=sigma, class_weights=balance, labels=classes),
         dtype=np.float32,
     )
     if path is not None:
@@ -273,9 +274,9 @@ def compute_weight_map(
     return weights
 
 
-def count_classes(label_folder_values: Sequence[np.ndarray]) -> int:
+def count_classes(label_values: Sequence[np.ndarray]) -> int:
     """Classes implied by ``"classes"`` label images: the largest value + 1 (at least 2)."""
-    largest = max(int(values.max()) if values.size else 0 for values in label_folder_values)
+    largest = max(int(values.max()) if values.size else 0 for values in label_values)
     return max(2, largest + 1)
 
 
@@ -416,6 +417,14 @@ def default_tile_shape(
             for size in range(max_input, 0, -1)
             if (out := _trace_size(size, depth, padding)) is not None and out <= extent
         ]
+        if not valid and not any(_trace_size(s, depth, padding) for s in range(1, max_input + 1)):
+            smallest_tile = next(
+                s for s in range(max_input, 10**5) if _trace_size(s, depth, padding)
+            )
+            raise ValueError(
+                f"no valid input tile of a depth-{depth} {padding!r} U-Net is <= {max_input} px; "
+                f"the smallest is {smallest_tile}: raise the tile limit or lower the depth"
+            )
         if not valid:
             raise ValueError(
                 f"images of extent {extent} px are too small for any tile of a depth-{depth} "

@@ -234,7 +234,6 @@ PRESETS: dict[str, dict] = {
         "max_tile": 444,
         "optimizer": "adam",
         "learning_rate": 1e-3,
-        "momentum": 0.9,
         "schedule": "cosine",
         "channels_last": True,
         "steps": 3000,
@@ -747,10 +746,22 @@ def train(
             f"or give another --out"
         )
     device = resolve_device(config.device)
+    # Process-wide torch settings of this run, restored when it ends.
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(config, run_dir, device, resume, progress, data, stop_after, began)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(config, run_dir, device, resume, progress, data, stop_after, began) -> dict:
+    checkpoint_path = run_dir / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)

@@ -1,0 +1,166 @@
+"""Training-step overhead: unetile.train's loop against the bare network step.
+
+The reference is the least a training step can cost: forward, weighted
+cross-entropy, backward and the optimiser update on one fixed tile already in
+memory. The measured loop is :func:`unetile.train.train` on ISBI 2012 images
+(or synthetic EM-like images when the data is absent), with tile sampling, the
+paper's augmentation, weight maps and logging. Prints the ratio of the median
+step times, loop / reference (1.0 = no overhead), and the share of
+step time the loop spends outside the network (``data_fraction``), and writes
+benchmarks/train_step.json.
+
+Quick run:  python benchmarks/train_step.py --base-channels 8 --max-tile 124 --steps 3
+Full run:   nice -n 5 python benchmarks/train_step.py --preset cpu-fast --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unetile import io
+from unetile.data import IGNORE
+from unetile.train import (
+    build_model,
+    build_optimizer,
+    compute_loss,
+    make_config,
+    prepare_data,
+    train,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
+
+
+def link_images(data: Path, work: Path, count: int) -> tuple[Path, Path]:
+    """Symlink the first ``count`` ISBI training pairs, or write synthetic ones."""
+    images, labels = work / "images", work / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    if (data / "train" / "images").is_dir():
+        for index in range(count):
+            for kind, folder in (("images", images), ("labels", labels)):
+                (folder / f"{index:02d}.png").symlink_to(data / "train" / kind / f"{index:02d}.png")
+        return images, labels
+    from unetile.synthetic import em_like
+
+    for index in range(count):
+        sample = em_like((512, 512), rng=index)
+        io.write_image(images / f"{index:02d}.tif", (255 * sample.image).astype(np.uint8))
+        io.write_image(labels / f"{index:02d}.tif", sample.membrane)
+    return images, labels
+
+
+def reference_step_seconds(config, data, steps: int) -> list[float]:
+    """Forward + loss + backward + update on one fixed tile, per step (after a warm-up step)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config, data.in_channels, data.num_classes)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    optimizer = build_optimizer(config, model)
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, data.in_channels, *data.input_shape)
+    images = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+    images = images.contiguous(memory_format=memory_format)
+    labels = torch.from_numpy(rng.integers(0, 2, (config.batch_size, *data.output_shape)))
+    labels[:, :2] = IGNORE
+    weights = torch.ones(labels.shape)
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = compute_loss(config, model(images), labels, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    return timings[1:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="ISBI 2012 folder")
+    parser.add_argument("--preset", default="cpu-fast", help="training preset (cpu-fast)")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps (8)")
+    parser.add_argument("--images", type=int, default=5, help="training images (5)")
+    parser.add_argument("--base-channels", type=int, help="override the preset's width")
+    parser.add_argument("--max-tile", type=int, help="override the preset's largest tile")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
+    args = parser.parse_args()
+
+    overrides = {"steps": args.steps, "log_every": 1, "threads": args.threads}
+    if args.base_channels:
+        overrides["base_channels"] = args.base_channels
+    if args.max_tile:
+        overrides["max_tile"] = args.max_tile
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        images, labels = link_images(args.data, work, args.images)
+        config = make_config(
+            args.preset,
+            images=str(images),
+            labels=str(labels),
+            out=str(work / "run"),
+            checkpoint_every=10**6,
+            **overrides,
+        )
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        started = time.perf_counter()
+        data = prepare_data(config, cache_dir=work / "cache")
+        preparation = time.perf_counter() - started
+        # Other processes may share the CPU: measure the reference before and
+        # after the loop and compare medians of single steps.
+        reference_steps = reference_step_seconds(config, data, args.steps)
+        summary = train(config, progress=False, data=data)
+        reference_steps += reference_step_seconds(config, data, args.steps)
+        with open(work / "run" / "log.csv") as handle:
+            elapsed = [0.0] + [float(row["seconds"]) for row in csv.DictReader(handle)]
+    loop_steps = np.diff(elapsed).tolist()
+    reference = float(np.median(reference_steps))
+    loop = float(np.median(loop_steps))
+    ratio = loop / reference
+    print(
+        f"{args.preset}: tile {data.input_shape} -> {data.output_shape}, "
+        f"base {config.base_channels}, {torch.get_num_threads()} threads"
+    )
+    print(f"reference (network only): {reference:.3f} s/step (median)")
+    print(f"unetile.train loop:       {loop:.3f} s/step (median; ratio {ratio:.3f})")
+    print(f"share outside the network (data_fraction): {summary['data_fraction']:.1%}")
+    print(f"data preparation (read, check, weight maps): {preparation:.2f} s")
+    result = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "data": "isbi2012" if (args.data / "train").is_dir() else "synthetic em_like",
+        "preset": args.preset,
+        "input_shape": list(data.input_shape),
+        "output_shape": list(data.output_shape),
+        "base_channels": config.base_channels,
+        "steps": summary["step"],
+        "reference_seconds_per_step": reference,
+        "loop_seconds_per_step": loop,
+        "reference_step_seconds": reference_steps,
+        "loop_step_seconds": loop_steps,
+        "ratio_loop_to_reference": ratio,
+        "data_fraction": summary["data_fraction"],
+        "preparation_seconds": preparation,
+    }
+    io.write_json(Path(__file__).with_suffix(".json"), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
