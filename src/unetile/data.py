@@ -24,9 +24,10 @@ Conventions (the README restates them):
   at training and at prediction time.
 - Tiles. Output tiles are centred on a pixel drawn uniformly over the whole
   training set (every pixel, border pixels included, is a centre equally
-  often). The image is mirror-padded once for the network's context and the
-  augmentation's slack; label pixels outside the image are :data:`IGNORE` and
-  weigh 0, so the loss only sees real annotations.
+  often). Where the tile's context and the augmentation's slack reach past
+  the border, the image is mirrored (as in prediction); label pixels outside
+  the image are :data:`IGNORE` and weigh 0, so the loss only sees real
+  annotations.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ from . import io
 LABEL_MODES = ("membrane", "instances", "classes")
 IGNORE = -1
 """Label of pixels without annotation (outside the image); the loss skips them."""
-
-MIRROR_MODE = "reflect"
-"""numpy.pad mode of the mirror padding, the same as prediction's (``unetile.tiling``)."""
 
 
 # --------------------------------------------------------------------------
@@ -464,7 +462,7 @@ class TileSampler:
     Each step draws, for every tile of the batch, an image with probability
     proportional to its pixel count and a centre pixel uniformly within it, so
     that every pixel of the training set is a tile centre equally often. The
-    input window is cut from the image mirror-padded once at construction;
+    input window is read with mirrored indices around the image border;
     labels and weights outside the image are :data:`IGNORE` and 0.
 
     Parameters
@@ -515,30 +513,54 @@ class TileSampler:
         self.rng = rng
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.window_shape = tuple(s + 2 * self.slack for s in self.input_shape)
-        # Padding before/after: the window around a centre on the first/last pixel must fit.
-        self.pad_before = tuple(o // 2 + self.margin + self.slack for o in self.output_shape)
-        self.pad_after = tuple(
-            w - p - 1 for w, p in zip(self.window_shape, self.pad_before, strict=True)
-        )
         self.spatial_shapes = [item.classes.shape for item in images]
-        self.padded_images = []
-        self.padded_classes = []
-        self.padded_weights = []
-        for item in images:
-            pad = list(zip(self.pad_before, self.pad_after, strict=True))
-            image = normalize(item.image, normalization)
-            self.padded_images.append(np.pad(image, [(0, 0), *pad], mode=MIRROR_MODE))
-            self.padded_classes.append(
-                np.pad(item.classes, pad, mode="constant", constant_values=IGNORE)
-            )
-            self.padded_weights.append(np.pad(item.weights, pad, mode="constant"))
+        self.images = [normalize(item.image, normalization) for item in images]
+        self.classes = [item.classes for item in images]
+        self.weights = [item.weights for item in images]
         sizes = np.array([math.prod(shape) for shape in self.spatial_shapes], dtype=np.float64)
         self.image_probabilities = sizes / sizes.sum()
 
-    def window_slices(self, centre: Sequence[int]) -> tuple[slice, ...]:
-        """Slices of the padded arrays holding the window around an image pixel."""
-        # Padded index of image pixel x is x + pad_before; window start = centre - pad_before.
-        return tuple(slice(c, c + w) for c, w in zip(centre, self.window_shape, strict=True))
+    def window_origin(self, centre: Sequence[int]) -> tuple[int, ...]:
+        """Image coordinates of the first window pixel for an output tile centred on ``centre``."""
+        return tuple(
+            c - o // 2 - self.margin - self.slack
+            for c, o in zip(centre, self.output_shape, strict=True)
+        )
+
+    def read_window(
+        self, index: int, centre: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image, labels and weights of the window around ``centre`` of image ``index``.
+
+        Outside the image, the image is mirrored (``unetile.tiling.mirror_indices``,
+        as in prediction), labels are :data:`IGNORE` and weights 0. No padded copy
+        of any image is kept, so memory stays that of the images themselves.
+        """
+        from .tiling import mirror_indices
+
+        shape = self.spatial_shapes[index]
+        origin = self.window_origin(centre)
+        stops = [start + size for start, size in zip(origin, self.window_shape, strict=True)]
+        if all(0 <= a and b <= s for a, b, s in zip(origin, stops, shape, strict=True)):
+            window = tuple(slice(a, b) for a, b in zip(origin, stops, strict=True))
+            return (
+                self.images[index][(slice(None), *window)],
+                self.classes[index][window],
+                self.weights[index][window],
+            )
+        axes = [mirror_indices(a, b, s) for a, b, s in zip(origin, stops, shape, strict=True)]
+        grid = np.ix_(*axes)
+        inside = np.ones((1,) * len(shape), dtype=bool)
+        for axis, (a, b, s) in enumerate(zip(origin, stops, shape, strict=True)):
+            coordinates = np.arange(a, b)
+            view = [1] * len(shape)
+            view[axis] = b - a
+            inside = inside & ((coordinates >= 0) & (coordinates < s)).reshape(view)
+        return (
+            self.images[index][(slice(None), *grid)],
+            np.where(inside, self.classes[index][grid], IGNORE),
+            np.where(inside, self.weights[index][grid], np.float32(0.0)),
+        )
 
     def draw_positions(self, batch_size: int) -> list[tuple[int, tuple[int, ...]]]:
         """``batch_size`` pairs (image index, centre pixel) drawn from the rng."""
@@ -573,10 +595,10 @@ class TileSampler:
         """
         images, labels, weights = [], [], []
         for index, centre in positions:
-            window = self.window_slices(centre)
-            images.append(self.padded_images[index][(slice(None), *window)])
-            labels.append(self.padded_classes[index][window])
-            weights.append(self.padded_weights[index][window])
+            image, label, weight = self.read_window(index, centre)
+            images.append(image)
+            labels.append(label)
+            weights.append(weight)
         image_batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         label_batch = torch.from_numpy(np.stack(labels)).to(self.device, non_blocking=True)
         weight_batch = torch.from_numpy(np.stack(weights)).to(self.device, non_blocking=True)
