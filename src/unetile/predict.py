@@ -286,8 +286,7 @@ def _inference(model: UNet, device: torch.device, channels_last: bool):
     if channels_last:
         model.to(memory_format=torch.channels_last)
     try:
-        with torch.inference_mode():
-            yield
+        yield
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -305,6 +304,11 @@ def _forward(
     model: UNet, batch: np.ndarray, device: torch.device, tta: bool, channels_last: bool
 ) -> np.ndarray:
     """Class probabilities (softmax) of a batch of input tiles, averaged over the TTA views."""
+    with torch.inference_mode():
+        return _forward_views(model, batch, device, tta, channels_last)
+
+
+def _forward_views(model, batch, device, tta, channels_last) -> np.ndarray:
     inputs = torch.from_numpy(batch).to(device)
     total = None
     transforms = dihedral_transforms(tta)
