@@ -279,8 +279,9 @@ def _resolve_device(device) -> torch.device:
 
 @contextlib.contextmanager
 def _inference(model: UNet, device: torch.device, channels_last: bool):
-    """Model in eval mode on ``device``; its training flag and layout are restored after."""
+    """Model in eval mode on ``device``; its training flag, device and layout are restored after."""
     was_training = model.training
+    home = next(model.parameters()).device
     model.eval()
     model.to(device)
     if channels_last:
@@ -290,6 +291,7 @@ def _inference(model: UNet, device: torch.device, channels_last: bool):
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
+        model.to(home)
         model.train(was_training)
 
 
@@ -469,7 +471,8 @@ def predict(
     Parameters
     ----------
     model : UNet
-        Put in eval mode for the call; its training flag is restored after.
+        Put in eval mode on ``device`` for the call; its training flag, device
+        and memory layout are restored after.
     image : array-like
         ``(H, W)`` or ``(C, H, W)`` (``(D, H, W)`` or ``(C, D, H, W)`` for a
         3D model), any dtype; a numpy array, a memory-mapped TIFF
