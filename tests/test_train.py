@@ -249,3 +249,22 @@ def test_time_budget_stops_the_run_and_validates_its_last_step(tmp_path):
     # The schedule follows time when time is further along than steps.
     cosine = make_config(learning_rate=1.0, steps=1000, schedule="cosine", max_minutes=1.0)
     assert learning_rate_at(cosine, 10, time_fraction=0.5) == pytest.approx(0.5)
+
+
+def test_arrays_in_memory_train_like_files(tmp_path):
+    from unetile.synthetic import em_like
+    from unetile.train import prepare_arrays
+
+    samples = [em_like((48, 48), rng=seed) for seed in range(3)]
+    config = tiny_config(tmp_path / "run", steps=2, tile_shape=None, max_tile=60)
+    images = [sample.image for sample in samples]
+    labels = [sample.membrane for sample in samples]
+    data = prepare_arrays(config, images[:2], labels[:2], images[2:], labels[2:])
+    # Depth 2: 60 -> 44 is the largest valid tile <= 60 whose output fits 48 px.
+    assert data.input_shape == (60, 60) and data.output_shape == (44, 44)
+    assert len(data.train) == 2 and len(data.validation) == 1
+    assert train(config, progress=False, data=data)["step"] == 2
+    bad = labels[1].copy()
+    bad[0, :2] = (0, 3)  # a third value besides cell (255) and membrane (0)
+    with pytest.raises(ValueError, match=r"labels\[1\]: label values \[0, 3\] outside"):
+        prepare_arrays(config, images[:2], [labels[0], bad])

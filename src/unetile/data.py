@@ -327,43 +327,125 @@ def load_labeled_images(
     images : list of LabeledImage
     num_classes : int
     """
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     pairs = io.match_by_stem(io.list_images(image_folder), io.list_images(label_folder))
-    raw = []
+    entries = []
     for image_path, label_path in pairs:
         image = io.read_image(image_path)
-        label = io.read_image(label_path)
         try:
             image = channels_first(image, dims, channels_last=image_path.suffix.lower() == ".png")
         except ValueError as error:
             raise io.InputError(f"{image_path}: {error}") from None
+        entries.append((io.image_stem(image_path), image_path, label_path, image, None))
+    return _labeled_images(
+        entries,
+        io.InputError,
+        label_mode=label_mode,
+        num_classes=num_classes,
+        cell_value=cell_value,
+        w0=w0,
+        sigma=sigma,
+        class_weights=class_weights,
+        cache_dir=cache_dir,
+        with_weights=with_weights,
+    )
+
+
+def labeled_images_from_arrays(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    dims: int = 2,
+    label_mode: str = "membrane",
+    num_classes: int | None = None,
+    cell_value: int = 255,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str = "balanced",
+    cache_dir: str | os.PathLike | None = None,
+    with_weights: bool = True,
+) -> tuple[list[LabeledImage], int]:
+    """:func:`load_labeled_images` for arrays in memory (synthetic data, the demo).
+
+    ``images[i]`` is ``S`` or ``(C, *S)`` (channels first), ``labels[i]`` is
+    ``S``; the same checks raise ValueError naming ``images[i]`` / ``labels[i]``.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels; give one label each")
+    entries = []
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        image = channels_first(np.asarray(image), dims)
+        entries.append(
+            (f"{index:02d}", f"images[{index}]", f"labels[{index}]", image, np.asarray(label))
+        )
+    return _labeled_images(
+        entries,
+        ValueError,
+        label_mode=label_mode,
+        num_classes=num_classes,
+        cell_value=cell_value,
+        w0=w0,
+        sigma=sigma,
+        class_weights=class_weights,
+        cache_dir=cache_dir,
+        with_weights=with_weights,
+    )
+
+
+def _labeled_images(
+    entries,
+    error_type,
+    *,
+    label_mode,
+    num_classes,
+    cell_value,
+    w0,
+    sigma,
+    class_weights,
+    cache_dir,
+    with_weights,
+) -> tuple[list[LabeledImage], int]:
+    """Check (name, image source, label source, image, label or None) entries and build them.
+
+    A label of None is read from its source (a path) after the image checks,
+    so that a bad image is reported before its label is opened.
+    """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if not entries:
+        raise ValueError("no images given")
+    checked = []
+    for name, image_source, label_source, image, label in entries:
+        image_name = getattr(image_source, "name", image_source)
         if image.dtype.kind not in "uifb":
-            raise io.InputError(f"{image_path}: pixel type {image.dtype} is not numeric")
+            raise error_type(f"{image_source}: pixel type {image.dtype} is not numeric")
         if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-            raise io.InputError(f"{image_path}: holds NaN or infinite pixels; fix or drop it")
+            raise error_type(f"{image_source}: holds NaN or infinite pixels; fix or drop it")
+        if label is None:
+            label = io.read_image(label_source)
         if label.shape != image.shape[1:]:
-            raise io.InputError(
-                f"{label_path}: shape {label.shape} differs from image "
-                f"{image_path.name} {image.shape[1:]} (spatial axes)"
+            raise error_type(
+                f"{label_source}: shape {label.shape} differs from image "
+                f"{image_name} {image.shape[1:]} (spatial axes)"
             )
-        if raw and image.shape[0] != raw[0][2].shape[0]:
-            raise io.InputError(
-                f"{image_path}: {image.shape[0]} channels, but {raw[0][0].name} has "
-                f"{raw[0][2].shape[0]}; every image needs the same channels"
+        if checked and image.shape[0] != checked[0][3].shape[0]:
+            first = checked[0][1]
+            raise error_type(
+                f"{image_source}: {image.shape[0]} channels, but "
+                f"{getattr(first, 'name', first)} has {checked[0][3].shape[0]}; "
+                f"every image needs the same channels"
             )
-        raw.append((image_path, label_path, image, label))
+        checked.append((name, image_source, label_source, image, label))
     if num_classes is None:
         if label_mode == "classes":
-            num_classes = count_classes([np.unique(label) for *_, label in raw])
+            num_classes = count_classes([np.unique(entry[4]) for entry in checked])
         else:
             num_classes = 2
     result = []
-    for image_path, label_path, image, label in raw:
+    for name, _, label_source, image, label in checked:
         try:
             classes, instances = labels_to_classes(label, label_mode, num_classes, cell_value)
         except ValueError as error:
-            raise io.InputError(f"{label_path}: {error}") from None
+            raise error_type(f"{label_source}: {error}") from None
         weights = (
             compute_weight_map(instances, classes, w0, sigma, class_weights, cache_dir)
             if with_weights
@@ -371,7 +453,7 @@ def load_labeled_images(
         )
         result.append(
             LabeledImage(
-                name=io.image_stem(image_path),
+                name=name,
                 image=image.astype(np.float32),
                 classes=classes,
                 instances=instances,

@@ -46,6 +46,7 @@ from .data import (
     LabeledImage,
     TileSampler,
     default_tile_shape,
+    labeled_images_from_arrays,
     load_labeled_images,
     normalization_statistics,
 )
@@ -483,14 +484,8 @@ class TrainingData:
     output_shape: tuple[int, ...]
 
 
-def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None) -> TrainingData:
-    """Read and check all data, compute weight maps and normalisation, fix the tile.
-
-    Every data error surfaces here, before the model is built.
-    """
-    if config.images is None or config.labels is None:
-        raise io.InputError("no training data: give the images and labels folders")
-    common = dict(
+def _label_options(config: TrainConfig) -> dict:
+    return dict(
         dims=config.dims,
         label_mode=config.label_mode,
         cell_value=config.cell_value,
@@ -498,8 +493,19 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
         sigma=config.sigma,
         class_weights=config.class_weights,
     )
+
+
+def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None) -> TrainingData:
+    """Read and check all data, compute weight maps and normalisation, fix the tile.
+
+    Every data error surfaces here as a one-line :class:`unetile.io.InputError`
+    naming the file, before the model is built.
+    """
+    if config.images is None or config.labels is None:
+        raise io.InputError("no training data: give the images and labels folders")
+    options = _label_options(config)
     train_images, num_classes = load_labeled_images(
-        config.images, config.labels, num_classes=config.num_classes, cache_dir=cache_dir, **common
+        config.images, config.labels, num_classes=config.num_classes, cache_dir=cache_dir, **options
     )
     validation: list[LabeledImage] = []
     if config.val_images is not None:
@@ -508,15 +514,60 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
             config.val_labels,
             num_classes=num_classes,
             with_weights=False,
-            **common,
+            **options,
         )
-        channels = train_images[0].image.shape[0]
-        for item in validation:
-            if item.image.shape[0] != channels:
-                raise io.InputError(
-                    f"{config.val_images}/{item.name}: {item.image.shape[0]} channels, "
-                    f"training images have {channels}"
-                )
+    return _assemble(
+        config, train_images, validation, num_classes, config.val_images, io.InputError
+    )
+
+
+def prepare_arrays(
+    config: TrainConfig,
+    images,
+    labels,
+    val_images=(),
+    val_labels=(),
+    cache_dir: str | os.PathLike | None = None,
+) -> TrainingData:
+    """:func:`prepare_data` for arrays in memory; pass the result to ``train(data=...)``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Label mode, weight map, network and tile options (its folders are ignored).
+    images, labels : sequences of arrays
+        Training images (``S`` or ``(C, *S)``) and their labels (``S``), read
+        as ``config.label_mode`` says.
+    val_images, val_labels : sequences of arrays
+        Held-out images for validation (may be empty).
+    cache_dir : path or None
+        Weight-map cache folder.
+
+    Raises
+    ------
+    ValueError
+        Naming ``images[i]`` / ``labels[i]`` for the same faults files are checked for.
+    """
+    options = _label_options(config)
+    train_images, num_classes = labeled_images_from_arrays(
+        images, labels, num_classes=config.num_classes, cache_dir=cache_dir, **options
+    )
+    validation: list[LabeledImage] = []
+    if len(val_images):
+        validation, _ = labeled_images_from_arrays(
+            val_images, val_labels, num_classes=num_classes, with_weights=False, **options
+        )
+    return _assemble(config, train_images, validation, num_classes, "val_images", ValueError)
+
+
+def _assemble(config, train_images, validation, num_classes, validation_source, error_type):
+    channels = train_images[0].image.shape[0]
+    for item in validation:
+        if item.image.shape[0] != channels:
+            raise error_type(
+                f"{validation_source}/{item.name}: {item.image.shape[0]} channels, "
+                f"training images have {channels}"
+            )
     if not 0 <= config.foreground < num_classes:
         raise ValueError(f"foreground {config.foreground} is not a class of 0..{num_classes - 1}")
     try:
@@ -524,12 +575,12 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
             config, [item.classes.shape for item in train_images]
         )
     except ValueError as error:
-        raise io.InputError(f"{config.images}: {error}") from None
+        raise error_type(f"{config.images or 'images'}: {error}") from None
     return TrainingData(
         train=train_images,
         validation=validation,
         num_classes=num_classes,
-        in_channels=train_images[0].image.shape[0],
+        in_channels=channels,
         normalization=normalization_statistics([item.image for item in train_images]),
         input_shape=input_shape,
         output_shape=output_shape,
