@@ -258,15 +258,7 @@ def _coerce(name: str, value):
             raise ValueError(f"augment must be 'paper', 'none' or a table, got {value!r}")
         if not isinstance(value, dict):
             raise ValueError(f"augment must be a table of AugmentParams fields, got {value!r}")
-        known = {f.name for f in fields(AugmentParams)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown augment option {unknown[0]!r}; known: {sorted(known)}")
-        defaults = asdict(AugmentParams())
-        converted = {}
-        for key, item in value.items():
-            converted[key] = tuple(item) if isinstance(defaults.get(key), tuple) else item
-        return AugmentParams(**converted)
+        return AugmentParams.from_dict(value)
     if name in ("tile_shape", "metrics") and value is not None:
         if isinstance(value, int):
             return (value,)
@@ -816,6 +808,11 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
+    if resume and (run_dir / io.MODEL_CONFIG).is_file():
+        # The network was trained on the stored normalisation; keep it even if the images changed.
+        stored = io.read_json(run_dir / io.MODEL_CONFIG).get("normalization")
+        if stored is not None:
+            data.normalization = stored
     saved_config = run_config(config, data)
 
     torch.manual_seed(config.seed)  # drop-out draws from torch's global generator
@@ -923,11 +920,12 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                 bar.update(1)
 
                 out_of_time = budget is not None and wall_seconds() >= budget
+                stopping = stop.is_set() or (stop_after is not None and step >= stop_after)
                 finishing = step >= config.steps or out_of_time
                 validating = bool(data.validation) and (
                     step % config.validate_every == 0 or finishing
                 )
-                if step % config.log_every == 0 or validating or finishing:
+                if step % config.log_every == 0 or validating or finishing or stopping:
                     last_loss = float(loss_sum) / loss_count
                     if not math.isfinite(last_loss):
                         raise FloatingPointError(
@@ -968,7 +966,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                         plot_curves(log.rows, config.metrics, run_dir / CURVES)
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     checkpoint()
-                if stop.is_set() or (stop_after is not None and step >= stop_after):
+                if stopping:
                     interrupted = step < config.steps
                     break
                 if out_of_time:
