@@ -337,3 +337,49 @@ def test_class_weights_none_leaves_cells_at_one():
     assert np.all(plain[classes == 1] == 1.0)
     # 9 cells of 64 px = 576 of 1024 px: balanced weights are the inverse frequencies / 2.
     assert balanced[5, 5] == pytest.approx(1024 / (2 * 576))
+
+
+def reflect(coordinate: int, size: int) -> int:
+    """Mirror a coordinate into [0, size) without repeating the edge (numpy 'reflect')."""
+    if size == 1:
+        return 0
+    period = 2 * (size - 1)
+    folded = coordinate % period
+    return folded if folded < size else period - folded
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 20),
+    width=st.integers(1, 20),
+    output=st.integers(1, 9),
+    margin=st.integers(0, 6),
+    data=st.data(),
+)
+def test_every_tile_pixel_reads_its_own_image_pixel(height, width, output, margin, data):
+    # Pixel values are their own flat index, so any shift or flip would show.
+    index = np.arange(height * width).reshape(height, width)
+    item = LabeledImage(
+        name="index",
+        image=index[np.newaxis].astype(np.float32),
+        classes=index.astype(np.int64),
+        instances=index.astype(np.int32),
+        weights=np.ones((height, width), np.float32),
+    )
+    input_size = output + 2 * margin
+    sampler = TileSampler(
+        [item], (input_size,) * 2, (output,) * 2, None, None, np.random.default_rng(0)
+    )
+    centre = (data.draw(st.integers(0, height - 1)), data.draw(st.integers(0, width - 1)))
+    images, labels, weights = sampler.tiles_at([(0, centre)])
+    top, left = centre[0] - output // 2, centre[1] - output // 2
+    for i in range(input_size):
+        for j in range(input_size):
+            y, x = top - margin + i, left - margin + j
+            assert images[0, 0, i, j] == index[reflect(y, height), reflect(x, width)]
+    for i in range(output):
+        for j in range(output):
+            y, x = top + i, left + j
+            inside = 0 <= y < height and 0 <= x < width
+            assert labels[0, i, j] == (index[y, x] if inside else IGNORE)
+            assert weights[0, i, j] == (1.0 if inside else 0.0)
