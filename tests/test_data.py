@@ -166,10 +166,16 @@ def test_label_modes_by_hand():
     classes, _ = labels_to_classes(255 - membrane, "membrane", cell_value=0)
     assert classes.tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]]
 
-    ids = np.array([[0, 3, 3], [0, 5, 5]])
+    ids = np.array([[0, 3, 3], [0, 0, 0], [5, 5, 0]])
     classes, instances = labels_to_classes(ids, "instances")
-    assert classes.tolist() == [[0, 1, 1], [0, 1, 1]]
+    assert classes.tolist() == [[0, 1, 1], [0, 0, 0], [1, 1, 0]]
     assert instances.tolist() == ids.tolist()
+
+    # Touching cells 3 | 5 get a background line along their contact.
+    touching = np.array([[3, 3, 5, 5, 0], [3, 3, 5, 5, 0]])
+    classes, instances = labels_to_classes(touching, "instances")
+    assert classes.tolist() == [[1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
+    assert instances.tolist() == [[3, 0, 0, 5, 0], [3, 0, 0, 5, 0]]
 
     # Two regions of class 1 apart and one of class 2 touching: three cells.
     class_map = np.array([[1, 0, 1, 2], [1, 0, 1, 2]])

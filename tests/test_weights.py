@@ -210,3 +210,27 @@ def test_bad_input_raises_value_error_naming_the_argument():
         instances_from_membrane_map(np.array([[0, 128, 255]]))
     with pytest.raises(ValueError, match="num_classes"):
         class_balance(np.array([0, 3]), 2)
+
+
+def test_touching_borders_mark_both_sides_of_a_contact_only():
+    from unetile.weights import touching_borders
+
+    instances = np.array([[1, 1, 2, 0, 4], [1, 1, 2, 0, 4], [0, 0, 0, 0, 4]])
+    assert touching_borders(instances).astype(int).tolist() == [
+        [0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+    ]
+
+
+def test_weight_map_peaks_on_the_line_between_touching_cells():
+    from unetile.weights import touching_borders
+
+    instances = np.zeros((40, 60), dtype=np.int32)
+    instances[10:30, 10:30] = 1
+    instances[10:30, 30:50] = 2
+    separated = np.where(touching_borders(instances), 0, instances)
+    weights = weight_map(separated, class_weights=None)
+    # A 2 px line: d1 + d2 = 2 px, so w = 1 + 10 exp(-4 / 50).
+    assert weights[20, 29] == pytest.approx(1 + 10 * np.exp(-4 / 50), abs=1e-5)
+    assert weights[20, 20] == pytest.approx(1.0)

@@ -15,7 +15,9 @@ Conventions (the README restates them):
   (255 on ISBI 2012), every other pixel is membrane; classes are 0 = membrane,
   1 = cell; the cells are the 4-connected components of the cell region.
   ``"instances"``: 0 = background, every other id is one cell; classes are
-  0 = background, 1 = cell. ``"classes"``: the pixel value is the class id
+  0 = background, 1 = cell, and where two cells touch, the pixels along the
+  contact (one on each side) become background, the thin line that the
+  paper's annotations draw between touching cells. ``"classes"``: the pixel value is the class id
   (0 = background); the cells of the weight map's border term are the
   connected regions of equal non-zero class.
 - Normalisation. Every channel is shifted and scaled by the mean and standard
@@ -143,7 +145,12 @@ def labels_to_classes(
     if mode == "instances":
         if num_classes != 2:
             raise ValueError(f"instance labels give 2 classes, got num_classes={num_classes}")
-        return (label > 0).astype(np.int64), label.astype(np.int32)
+        from .weights import touching_borders
+
+        # Where two cells touch, a background line separates them, as in the
+        # paper's annotations: the network can only learn gaps it is shown.
+        instances = np.where(touching_borders(label), 0, label).astype(np.int32)
+        return (instances > 0).astype(np.int64), instances
     if values.size and values[-1] >= num_classes:
         raise ValueError(
             f"label value {values[-1]} outside the classes 0..{num_classes - 1}; "

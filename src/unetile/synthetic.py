@@ -24,6 +24,8 @@ import numpy as np
 from scipy import ndimage, sparse
 from skimage.measure import label
 
+from .weights import touching_borders
+
 # Mean area in px^2 of one cell when num_cells is not given.
 EM_CELL_AREA = 45 * 45
 CELLS_CELL_AREA = 90 * 90
@@ -265,7 +267,7 @@ def cells_like(
     dome = 1.0 - 0.35 * np.minimum(best[inside], 1.0) ** 2
     image[inside] = cell_gray[instances[inside]] * dome
     image += 0.04 * _smooth_noise(shape, 3.0, rng)
-    image[_shared_boundary(instances)] *= 0.6
+    image[touching_borders(instances)] *= 0.6
     image = ndimage.gaussian_filter(image, 1.5)
     image += 0.03 * rng.standard_normal(shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)
@@ -376,21 +378,6 @@ def _keep_seed_components(instances: np.ndarray, centres: np.ndarray) -> np.ndar
     keep[pieces[seed_rows, seed_columns]] = True
     keep[0] = False
     return np.where(keep[pieces], instances, 0).astype(np.int32)
-
-
-def _shared_boundary(instances: np.ndarray) -> np.ndarray:
-    """Pixels of a cell that are 4-adjacent to a different cell."""
-    boundary = np.zeros(instances.shape, dtype=bool)
-    for axis in range(instances.ndim):
-        first = [slice(None)] * instances.ndim
-        second = [slice(None)] * instances.ndim
-        first[axis] = slice(None, -1)
-        second[axis] = slice(1, None)
-        low, high = instances[tuple(first)], instances[tuple(second)]
-        shared = (low != high) & (low > 0) & (high > 0)
-        boundary[tuple(first)] |= shared
-        boundary[tuple(second)] |= shared
-    return boundary
 
 
 def _smooth_noise(shape, scale: float, rng: np.random.Generator) -> np.ndarray:
