@@ -71,7 +71,7 @@ def test_evaluate_folders_prints_table_and_writes_json_and_csv(folders, tmp_path
         "seg",
     ]
     assert rows[-1][0] == "mean" and float(rows[-1][2]) == pytest.approx(2 / 144)
-    assert not [p for p in json_path.parent.iterdir() if p.name.endswith(".part")]
+    assert not [p for p in json_path.parent.iterdir() if ".part" in p.name]
 
 
 def test_evaluate_probabilities_in_8_bit_picks_the_best_threshold(tmp_path, capsys):

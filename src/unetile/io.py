@@ -116,7 +116,10 @@ def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
 
 
 def _temporary_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    # Keep the real suffix last so that writers that go by it pick the format.
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     return Path(name)
 
@@ -150,7 +153,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
 
             if array.dtype not in (np.uint8, np.uint16):
                 raise InputError(f"{path}: PNG holds uint8 or uint16, got {array.dtype}; use .tif")
-            skio.imsave(temporary, array, check_contrast=False, extension=".png")
+            skio.imsave(temporary, array, check_contrast=False)
         else:
             raise InputError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
 
