@@ -362,3 +362,23 @@ def test_training_flag_is_restored_and_bad_arguments_are_named():
         predict(deep, np.zeros((5, 5)), tile_shape=3, progress=False)
     with pytest.raises(ValueError, match="out has shape"):
         predict(model, np.zeros((10, 10)), out=np.zeros((2, 10, 9), np.float32), progress=False)
+
+
+def test_zarr_input_by_path_and_rerun_replaces_a_zarr_output(tmp_path):
+    from unetile import io
+
+    model = small_model(depth=2, base=2, seed=11)
+    image = np.random.default_rng(11).random((21, 26), dtype=np.float32)
+    source = zarr.open_array(
+        store=str(tmp_path / "in.zarr"), mode="w", shape=image.shape, chunks=(8, 8), dtype="f4"
+    )
+    source[:] = image
+    opened = io.open_zarr(tmp_path / "in.zarr")
+    labels = tmp_path / "labels.zarr"
+    predict_to_files(model, np.zeros_like(image), labels=labels, tile_shape=8, progress=False)
+    predict_to_files(model, opened, labels=labels, tile_shape=8, progress=False)
+    expected = labels_from_probabilities(predict(model, image, tile_shape=8, progress=False))
+    assert np.array_equal(zarr.open_array(store=str(labels), mode="r")[:], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "labels.zarr"]
+    with pytest.raises(io.InputError, match="no such zarr store"):
+        io.open_zarr(tmp_path / "missing.zarr")
