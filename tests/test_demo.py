@@ -1,0 +1,36 @@
+import json
+
+import numpy as np
+
+from unetile.cli import main
+from unetile.demo import merged_touching_pairs
+
+
+def test_merged_touching_pairs_by_hand():
+    truth = np.array([[1, 1, 2, 2, 0, 3, 3]])
+    merged = np.array([[5, 5, 5, 5, 0, 6, 6]])
+    split = np.array([[5, 5, 0, 7, 0, 6, 6]])
+    assert merged_touching_pairs(merged, truth) == (1, 1)
+    assert merged_touching_pairs(split, truth) == (1, 0)
+
+
+def test_demo_writes_figures_and_metrics(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--minutes", "0.05", "--size", "256", "--quiet"]) == 0
+    for name in ("figure3_weight_map.png", "prediction_overlay.png", "input.png", "curves.png"):
+        assert (out / name).stat().st_size > 1000
+    report = json.loads((out / "metrics.json").read_text())
+    for run in ("weighted", "unweighted"):
+        assert 0.0 <= report[run]["f1@0.5"] <= 1.0
+        assert report[run]["training_steps"] >= 1
+        assert report[run]["cells_true"] > 0
+    assert report["weighted"]["w0"] == 10.0 and report["unweighted"]["w0"] == 0.0
+    assert "F1@0.5" in capsys.readouterr().out
+    # A second run replaces the earlier demo instead of refusing the folder.
+    assert main(["demo", "--out", str(out), "--minutes", "0.02", "--size", "128", "--quiet"]) == 0
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.05", "--quiet"]) == 2
+    assert "not an earlier demo folder" in capsys.readouterr().err
