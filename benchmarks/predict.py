@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import matmul_peak_gflops
 
 from unetile import io
 from unetile.model import UNet, forward_flops, input_size_for_output, output_size, size_multiple
@@ -219,20 +220,6 @@ def run_child(spec: dict) -> dict:
 # --------------------------------------------------------------------------
 # The parent: peak, jobs in subprocesses, JSON
 # --------------------------------------------------------------------------
-
-
-def matmul_peak_gflops(repeats: int, size: int = 4096) -> float:
-    """Best fp32 matmul rate of this machine (GFLOP/s), torch's default thread count."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def in_subprocess(spec: dict) -> dict:
