@@ -83,10 +83,10 @@ def test_paper_defaults_and_presets():
     assert (config.w0, config.sigma, config.dropout, config.depth) == (10.0, 5.0, 0.5, 5)
     assert config.base_channels == 64 and config.augment == AugmentParams()
     fast = make_config("cpu-fast", steps=10)
-    assert fast.preset == "cpu-fast" and fast.base_channels == 32 and fast.steps == 10
+    assert fast.preset == "cpu-fast" and fast.base_channels == 16 and fast.steps == 10
     assert fast.optimizer == PRESETS["cpu-fast"]["optimizer"]
     # Explicit options beat the preset.
-    assert make_config("cpu-fast", base_channels=16).base_channels == 16
+    assert make_config("cpu-fast", base_channels=24).base_channels == 24
     with pytest.raises(ValueError, match="unknown training option 'learning_rat'"):
         make_config(learning_rat=0.1)
     with pytest.raises(ValueError, match="preset must be one of"):
