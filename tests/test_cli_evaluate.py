@@ -147,3 +147,32 @@ def test_evaluate_help_explains_how_files_are_read(capsys):
         main(["evaluate", "--help"])
     text = capsys.readouterr().out
     assert "uint8 0-255 -> /255" in text and "instance labels" in text
+
+
+def test_evaluate_picks_labels_or_probabilities_from_a_predict_folder(tmp_path, capsys):
+    truth = tmp_path / "truth"
+    prediction = tmp_path / "prediction"
+    io.write_image(truth / "a.png", two_cells())
+    cut = two_cells()
+    cut[6, 1:5] = 0
+    io.write_image(prediction / "a_labels.tif", cut)
+    probability = (two_cells() > 0).astype(np.float32) * 0.8
+    io.write_image(prediction / "a_probabilities.tif", probability)
+    io.write_image(prediction / "a_instances.tif", cut.astype(np.uint16))
+    labels_json = tmp_path / "labels.json"
+    assert main(["evaluate", str(prediction), str(truth), "--json", str(labels_json)]) == 0
+    labels = json.loads(labels_json.read_text())
+    assert labels["mean"]["pixel_error"] == pytest.approx(4 / 144)
+    probabilities_json = tmp_path / "probabilities.json"
+    code = main(
+        [
+            "evaluate",
+            str(prediction),
+            str(truth),
+            "--probabilities",
+            "--json",
+            str(probabilities_json),
+        ]
+    )
+    assert code == 0
+    assert json.loads(probabilities_json.read_text())["mean"]["pixel_error"] == 0.0

@@ -114,3 +114,33 @@ def test_invalid_tile_is_one_line_error(tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "--tile" in error and "use 8 or 10" in error
+
+
+def test_rgb_png_is_read_channels_last_as_in_training(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, base_channels=2, depth=2, dropout=0.0)
+    io.save_model(
+        tmp_path / "run",
+        model,
+        {"model": model.config.to_dict(), "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}},
+    )
+    rgb = np.random.default_rng(1).integers(0, 255, (30, 26, 3), dtype=np.uint8)
+    io.write_image(tmp_path / "in" / "color.png", rgb)
+    out = tmp_path / "out"
+    status = main(["predict", str(tmp_path / "run"), str(tmp_path / "in"), "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    expected = labels_from_probabilities(
+        predict(model.eval(), np.moveaxis(rgb, -1, 0), normalization=([0.5] * 3, [0.25] * 3))
+    )
+    assert np.array_equal(tifffile.imread(out / "color_labels.tif"), expected)
+
+
+def test_predict_restores_a_channels_last_model(tmp_path):
+    from unetile.predict import memory_format_of
+
+    model = UNet(base_channels=4, depth=2).to(memory_format=torch.channels_last).train()
+    predict(model, np.zeros((20, 20), np.float32), progress=False)
+    assert memory_format_of(model) == torch.channels_last and model.training
+    plain = UNet(base_channels=4, depth=2)
+    predict(plain, np.zeros((20, 20), np.float32), progress=False)
+    assert memory_format_of(plain) == torch.contiguous_format

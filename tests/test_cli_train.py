@@ -141,3 +141,36 @@ def test_help_documents_every_option_with_its_default():
     for action in train_parser._actions:
         if action.dest in {f.name for f in fields(TrainConfig)}:
             assert "(default: " in action.help, action.dest
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "gpu"], "--device"),
+        (["--sigma", "0"], "sigma must be positive"),
+        (["--w0", "-1"], "w0 must be non-negative"),
+        (["--foreground", "5"], "--foreground 5 is not a class"),
+        (["--resume"], "holds no checkpoint"),
+    ],
+)
+def test_bad_options_are_one_line_errors(dataset, capsys, options, message):
+    root, images, labels, _, _, _ = dataset
+    code = main(
+        ["train", "--images", str(images), "--labels", str(labels), "--out", str(root / "r")]
+        + options
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_validation_image_without_cells_is_named_at_start_up(dataset, capsys):
+    root, images, labels, val_images, val_labels, _ = dataset
+    io.write_image(val_labels / "c.tif", np.zeros((40, 40), np.uint8))
+    code = main(
+        ["train", "--images", str(images), "--labels", str(labels), "--out", str(root / "r")]
+        + ["--val-images", str(val_images), "--val-labels", str(val_labels), "--steps", "1"]
+    )
+    assert code == 2
+    assert "c: no pixel of the foreground class 1" in capsys.readouterr().err
+    assert not (root / "r" / "checkpoint.safetensors").exists()

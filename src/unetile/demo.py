@@ -33,7 +33,6 @@ DEMO_TRAINING = dict(
     max_tile=300,
     optimizer="adam",
     learning_rate=2e-3,
-    momentum=0.9,
     schedule="cosine",
     # channels-last makes narrow (16-channel) training steps slower on CPU.
     channels_last=False,
@@ -199,7 +198,7 @@ def run_demo(
     io.write_image(data_dir / "test" / "instances.tif", test.instances.astype(np.uint32))
 
     results: dict[str, dict] = {}
-    probabilities = {}
+    predicted: dict[str, np.ndarray] = {}
     first_data = None
     for name, w0 in (("weighted", 10.0), ("unweighted", 0.0)):
         config = make_config(
@@ -220,8 +219,8 @@ def run_demo(
         probability = predict(
             model, test.image, normalization=saved["normalization"], progress=progress
         )
-        probabilities[name] = probability
         instances = instances_from_probabilities(probability, foreground_class=1)
+        predicted[name] = instances
         io.write_image(out / "runs" / name / "test_instances.tif", instances)
         metrics = score(
             instances, test.instances, ["f1", "seg", "iou", "pixel_error", "rand_error"]
@@ -253,8 +252,8 @@ def run_demo(
     figure_prediction(
         test.image,
         test.instances,
-        instances_from_probabilities(probabilities["weighted"]),
-        instances_from_probabilities(probabilities["unweighted"]),
+        predicted["weighted"],
+        predicted["unweighted"],
         {name: results[name]["f1@0.5"] for name in results},
         out / "prediction_overlay.png",
     )

@@ -41,8 +41,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; give a folder of .tif/.tiff/.png images")
+    # Hidden files are macOS sidecars (._07.tif) or temporaries of an interrupted write.
     paths = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
     if not paths:
         raise InputError(f"{folder}: no .tif/.tiff/.png images in this folder")

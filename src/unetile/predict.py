@@ -132,7 +132,7 @@ def auto_tile_shape(
         Output tile shape, never larger than the smallest valid tile that
         covers the image along each axis.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if len(image_shape) != model.config.dims:
         raise ValueError(
             f"image_shape {tuple(image_shape)} must have {model.config.dims} spatial axes"
@@ -268,13 +268,33 @@ def read_tile(
 # --------------------------------------------------------------------------
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: the first CUDA device when there is one, else the CPU.
+
+    A device torch does not know, or CUDA without a CUDA GPU, raises ValueError.
+    """
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not one torch knows; use 'cpu' or 'cuda'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use device='cpu'")
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU; use 'cpu'")
     return device
+
+
+def memory_format_of(model: torch.nn.Module) -> torch.memory_format:
+    """The channels-last format the model's widest convolution is stored in, else contiguous."""
+    weights = [p for p in model.parameters() if p.dim() in (4, 5)]
+    if not weights:
+        return torch.contiguous_format
+    # A weight with one input channel is contiguous in both layouts: ask the widest.
+    widest = max(weights, key=lambda weight: weight.shape[1])
+    layout = torch.channels_last if widest.dim() == 4 else torch.channels_last_3d
+    if not widest.is_contiguous() and widest.is_contiguous(memory_format=layout):
+        return layout
+    return torch.contiguous_format
 
 
 @contextlib.contextmanager
@@ -282,6 +302,7 @@ def _inference(model: UNet, device: torch.device, channels_last: bool):
     """Model in eval mode on ``device``; its training flag, device and layout are restored after."""
     was_training = model.training
     home = next(model.parameters()).device
+    layout = memory_format_of(model)
     model.eval()
     model.to(device)
     if channels_last:
@@ -289,8 +310,8 @@ def _inference(model: UNet, device: torch.device, channels_last: bool):
     try:
         yield
     finally:
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        # A channels-last model in training must stay so, or a resumed run would differ.
+        model.to(memory_format=layout)
         model.to(home)
         model.train(was_training)
 
@@ -375,7 +396,7 @@ def iter_predictions(
     spatial, has_channels = _spatial_shape(model, image)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if tile_shape is None:
         tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, config.dims)
@@ -693,7 +714,7 @@ def predict_to_files(
             f"foreground_class {foreground_class} is not one of the {num_classes} classes"
         )
     spatial, _ = _spatial_shape(model, image)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if tile_shape is None:
         tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, model.config.dims)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
+from . import __version__, io
 from .augment import AugmentParams
 from .data import (
     IGNORE,
@@ -51,6 +51,7 @@ from .data import (
     normalization_statistics,
 )
 from .model import UNet, UNetConfig, output_size
+from .predict import resolve_device
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
@@ -104,7 +105,7 @@ class TrainConfig:
     Monitoring
         validate_every, checkpoint_every, log_every (steps), keep_best (metric
         that picks ``model.safetensors``), metrics (validation metrics),
-        val_tta (7-fold test-time augmentation in validation).
+        val_tta (test-time augmentation over the 8 flips and rotations in validation).
     preset
         Name of the preset whose values filled the defaults (:data:`PRESETS`).
     """
@@ -180,6 +181,15 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        for name, value, bound in (
+            ("w0", self.w0, "non-negative"),
+            ("sigma", self.sigma, "positive"),
+            ("dice_weight", self.dice_weight, "non-negative"),
+            ("weight_decay", self.weight_decay, "non-negative"),
+            ("clip_grad_norm", self.clip_grad_norm, "positive"),
+        ):
+            if value is not None and (value < 0 or (bound == "positive" and value == 0)):
+                raise ValueError(f"{name} must be {bound}, got {value}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.threads is not None and self.threads < 1:
@@ -228,8 +238,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # The paper's recipe: every TrainConfig default as declared above.
     "paper": {},
-    # A faster start on a CPU: half the width, smaller tiles, Adam, channels-last
-    # memory layout (faster convolutions with oneDNN).
+    # A CPU in minutes: a quarter of the width, Adam with a cosine schedule.
     "cpu-fast": {
         # Chosen on ISBI 2012 with a fixed CPU budget (README, benchmarks/isbi2012.py):
         # 16 base channels at the paper's 572 tile did more, better steps than
@@ -307,16 +316,6 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
 # --------------------------------------------------------------------------
 # Pieces of the loop.
 # --------------------------------------------------------------------------
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
 
 
 def learning_rate_at(config: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
@@ -563,7 +562,13 @@ def _assemble(config, train_images, validation, num_classes, validation_source, 
                 f"training images have {channels}"
             )
     if not 0 <= config.foreground < num_classes:
-        raise ValueError(f"foreground {config.foreground} is not a class of 0..{num_classes - 1}")
+        raise error_type(f"--foreground {config.foreground} is not a class of 0..{num_classes - 1}")
+    for item in validation:
+        if not np.any(item.classes == config.foreground):
+            raise error_type(
+                f"{validation_source}/{item.name}: no pixel of the foreground class "
+                f"{config.foreground}; validation metrics need cells, so leave this image out"
+            )
     try:
         input_shape, output_shape = tile_geometry(
             config, [item.classes.shape for item in train_images]
@@ -790,7 +795,14 @@ def train(
             f"{run_dir}: already holds a training run; add --resume to continue it "
             f"or give another --out"
         )
-    device = resolve_device(config.device)
+    if resume and not checkpoint_path.is_file():
+        raise io.InputError(f"{run_dir}: holds no checkpoint to resume; train without --resume")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise io.InputError(f"--device: {error}") from None
+    if config.precision == "fp16" and device.type != "cuda":
+        raise io.InputError(f"--precision fp16 needs a CUDA device, not {device.type}; use bf16")
     # Process-wide torch settings of this run, restored when it ends.
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -855,7 +867,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     metric_columns = [f"val_{name}" for name in config.metrics]
     columns = ["step", "loss", "lr", "seconds", "data_fraction", *metric_columns]
     log = CsvLog(run_dir / LOG, columns, step if resume else None)
-    io.write_json(run_dir / io.MODEL_CONFIG, saved_config)
+    io.write_json(run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **saved_config})
 
     def wall_seconds() -> float:
         return earlier_wall_seconds + time.perf_counter() - began
@@ -889,10 +901,11 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     loss_count = 0
     last_loss = float("nan")
     interrupted = False
-    out_of_time = False
+    # A resumed run whose budget is spent takes no further step.
+    out_of_time = resume and budget is not None and earlier_wall_seconds >= budget
     try:
         with _stop_on_interrupt() as stop:
-            while step < config.steps:
+            while step < config.steps and not out_of_time:
                 tick = time.perf_counter()
                 images, labels, weights = sampler.sample(config.batch_size)
                 images = images.to(device, non_blocking=True, memory_format=memory_format)

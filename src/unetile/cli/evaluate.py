@@ -105,8 +105,24 @@ def _prediction_key(path: Path, truth_stems: set[str]) -> str:
     return stem
 
 
-def pair_files(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
-    """Pair prediction and ground-truth files by stem; InputError naming an unpaired file."""
+def _preference(path: Path, key: str, probabilities: bool) -> int:
+    """Rank of a prediction among several for one image: lower is chosen."""
+    suffix = io.image_stem(path)[len(key) :]
+    order = ["", "_probabilities", "_labels", "_instances"]
+    if not probabilities:
+        order = ["", "_labels", "_instances", "_probabilities"]
+    return order.index(suffix) if suffix in order else len(order)
+
+
+def pair_files(
+    predictions: list[Path], truths: list[Path], probabilities: bool = False
+) -> list[tuple[Path, Path]]:
+    """Pair prediction and ground-truth files by stem; InputError naming an unpaired file.
+
+    A folder written by ``unetile predict`` may hold NAME_labels,
+    NAME_probabilities and NAME_instances for one image: the probabilities are
+    scored with ``--probabilities``, the labels otherwise (then the instances).
+    """
     if len(predictions) == 1 and len(truths) == 1:
         return [(predictions[0], truths[0])]
     by_stem: dict[str, Path] = {}
@@ -115,8 +131,7 @@ def pair_files(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, 
         if stem in by_stem:
             raise io.InputError(f"{truth}: two ground-truth files share the stem {stem!r}")
         by_stem[stem] = truth
-    pairs = []
-    used: dict[str, Path] = {}
+    candidates: dict[str, list[Path]] = {}
     for prediction in predictions:
         key = _prediction_key(prediction, set(by_stem))
         if key not in by_stem:
@@ -124,13 +139,18 @@ def pair_files(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, 
                 f"{prediction}: prediction has no ground truth with the stem {key!r} "
                 f"in {truths[0].parent}"
             )
-        if key in used:
+        candidates.setdefault(key, []).append(prediction)
+    pairs = []
+    for key, found in candidates.items():
+        ranked = sorted(found, key=lambda path: _preference(path, key, probabilities))
+        if len(ranked) > 1 and _preference(ranked[0], key, probabilities) == _preference(
+            ranked[1], key, probabilities
+        ):
             raise io.InputError(
-                f"{prediction}: a second prediction for {by_stem[key].name} ({used[key].name})"
+                f"{ranked[1]}: a second prediction for {by_stem[key].name} ({ranked[0].name})"
             )
-        used[key] = prediction
-        pairs.append((prediction, by_stem[key]))
-    missing = [truth for stem, truth in by_stem.items() if stem not in used]
+        pairs.append((ranked[0], by_stem[key]))
+    missing = [truth for stem, truth in by_stem.items() if stem not in candidates]
     if missing:
         raise io.InputError(f"{missing[0]}: ground truth has no prediction with the same stem")
     return pairs
@@ -188,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
-    pairs = pair_files(predictions, truths)
+    pairs = pair_files(predictions, truths, args.probabilities)
     connectivity = 1 if args.connectivity == 4 else 2
     options = dict(metrics=args.metrics, cell_value=args.cell_value, connectivity=connectivity)
     results = []

@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import channels_first
     from ..predict import GIB, check_tile_shape, predict_to_files
 
     model, config = io.load_model(args.model)
@@ -92,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = io.read_image(path, memmap=True)
             try:
+                if image.ndim == model.config.dims + 1:
+                    # The same layout rule as training (PNG and RGB TIFF channels last).
+                    image = channels_first(
+                        image, model.config.dims, channels_last=path.suffix.lower() == ".png"
+                    )
                 predict_to_files(
                     model,
                     image,

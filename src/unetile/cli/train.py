@@ -344,6 +344,12 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if args.resume:
         if args.out is None:
             raise io.InputError("--resume needs --out, the run folder to continue")
+        from ..train import CHECKPOINT
+
+        if not (Path(args.out) / CHECKPOINT).is_file():
+            raise io.InputError(
+                f"{args.out}: holds no checkpoint to resume; train without --resume"
+            )
         stored = io.read_json(Path(args.out) / io.MODEL_CONFIG)
         options.update(stored.get("training", {}))
     if args.config is not None:

@@ -1,0 +1,328 @@
+"""ISBI 2012 at an equal wall-clock budget: unetile against MONAI's BasicUNet.
+
+Trains unetile (a named preset) and a peer, MONAI's ``BasicUNet`` with its
+usual recipe (cross-entropy, Adam 1e-3, random 256x256 crops with flips and
+90-degree rotations, batch 4), each for the same wall-clock budget, one after
+the other on the same machine, on images 00-24 of the ISBI 2012 training set,
+and scores both on images 25-29 (the benchmark split of the data's README):
+
+* pixel, Rand and warping error from :mod:`unetile.metrics` at the best of
+  the thresholds 0.0, ..., 0.9 (as the challenge scored), per image and mean;
+* ``skimage.metrics.adapted_rand_error`` and the variation of information
+  between the 4-connected cell components at threshold 0.5 (the argmax, as
+  other tools report them);
+* steps, steps/s, training FLOP/s as a fraction of the measured fp32 matmul
+  peak, and the share of step time spent outside the network (unetile).
+
+Writes ``isbi2012.json`` and ``isbi2012.png`` beside this script.
+
+    python benchmarks/isbi2012.py                    # 12 minutes each
+    python benchmarks/isbi2012.py --minutes 2        # a quick look
+
+Needs MONAI (``pip install monai``), a benchmark-only extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from machine import matmul_peak_gflops
+
+from unetile import io
+from unetile.metrics import score
+from unetile.model import forward_flops
+from unetile.predict import predict
+from unetile.train import make_config, train
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "isbi2012"
+TRAIN = [f"{index:02d}" for index in range(25)]
+VALIDATION = [f"{index:02d}" for index in range(25, 30)]
+CHALLENGE_METRICS = ["pixel_error", "rand_error", "info_error", "warping_error"]
+
+
+def read_split(data: Path, stems: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([io.read_image(data / "train" / "images" / f"{s}.png") for s in stems])
+    labels = np.stack([io.read_image(data / "train" / "labels" / f"{s}.png") for s in stems])
+    return images, labels == 255
+
+
+def link_split(data: Path, stems: list[str], folder: Path) -> None:
+    """The trainer reads folders: link the split's files, never copy the data."""
+    for kind in ("images", "labels"):
+        (folder / kind).mkdir(parents=True)
+        for stem in stems:
+            (folder / kind / f"{stem}.png").symlink_to(data / "train" / kind / f"{stem}.png")
+
+
+# ---------------------------------------------------------------------------
+# unetile
+
+
+def run_unetile(data: Path, preset: str, minutes: float, seed: int, work: Path, options: dict):
+    link_split(data, TRAIN, work / "train")
+    config = make_config(
+        preset,
+        **options,
+        images=str(work / "train" / "images"),
+        labels=str(work / "train" / "labels"),
+        out=str(work / "unetile"),
+        label_mode="membrane",
+        cell_value=255,
+        max_minutes=minutes,
+        seed=seed,
+    )
+    started = time.perf_counter()
+    summary = train(config, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - started
+    model, saved = io.load_model(work / "unetile")
+    flops_per_step = 3 * forward_flops(saved["model"], summary["input_shape"]) * config.batch_size
+    return model, saved, summary, wall, flops_per_step, config
+
+
+def predict_unetile(model, saved, images: np.ndarray, tta: bool) -> np.ndarray:
+    cell = saved["classes"]["foreground"]
+    return np.stack(
+        [
+            predict(model, image, normalization=saved["normalization"], tta=tta, progress=False)[
+                cell
+            ]
+            for image in images
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------
+# The peer: MONAI BasicUNet with its usual recipe.
+
+
+def run_peer(images: np.ndarray, cells: np.ndarray, minutes: float, seed: int):
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inputs = torch.from_numpy(images.astype(np.float32) / 255.0)
+    targets = torch.from_numpy(cells.astype(np.int64))
+    crop, batch = 256, 4
+    budget = minutes * 60
+    steps = 0
+    started = time.perf_counter()
+    model.train()
+    while time.perf_counter() - started < budget:
+        tiles, tile_targets = [], []
+        for _ in range(batch):
+            index = rng.integers(len(images))
+            top, left = rng.integers(0, images.shape[1] - crop + 1, size=2)
+            tile = inputs[index, top : top + crop, left : left + crop]
+            target = targets[index, top : top + crop, left : left + crop]
+            turns = int(rng.integers(4))
+            tile, target = torch.rot90(tile, turns), torch.rot90(target, turns)
+            for axis in (0, 1):
+                if rng.random() < 0.5:
+                    tile, target = tile.flip(axis), target.flip(axis)
+            tiles.append(tile)
+            tile_targets.append(target)
+        logits = model(torch.stack(tiles)[:, None])
+        loss = torch.nn.functional.cross_entropy(logits, torch.stack(tile_targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    seconds = time.perf_counter() - started
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch, 1, crop, crop)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return model, steps, seconds, counter.get_total_flops()
+
+
+@torch.inference_mode()
+def predict_peer(model, images: np.ndarray) -> np.ndarray:
+    model.eval()
+    inputs = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    return torch.softmax(model(inputs), dim=1)[:, 1].numpy()
+
+
+# ---------------------------------------------------------------------------
+# Scores
+
+
+def evaluate(probabilities: np.ndarray, cells: np.ndarray) -> dict:
+    from skimage.measure import label
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    per_image = []
+    for probability, truth in zip(probabilities, cells, strict=True):
+        result = score(probability.astype(np.float32), truth, CHALLENGE_METRICS)
+        predicted_components = label(probability > 0.5, connectivity=1)
+        true_components = label(truth, connectivity=1)
+        result["skimage_adapted_rand_error"] = float(
+            adapted_rand_error(true_components, predicted_components)[0]
+        )
+        result["skimage_variation_of_information"] = float(
+            sum(variation_of_information(true_components, predicted_components))
+        )
+        per_image.append(result)
+    keys = [key for key in per_image[0] if not key.endswith("_threshold")]
+    mean = {key: float(np.mean([result[key] for result in per_image])) for key in keys}
+    return {"mean": mean, "per_image": per_image}
+
+
+HEADLINE = [
+    "pixel_error",
+    "rand_error",
+    "warping_error",
+    "info_error",
+    "skimage_adapted_rand_error",
+    "skimage_variation_of_information",
+]
+
+
+def figure(image, truth, ours, peer, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    panels = [
+        ("validation slice 25", image, "gray"),
+        ("ground truth (white: cell)", truth, "gray"),
+        ("unetile: cell probability", ours, "gray"),
+        ("MONAI BasicUNet: cell probability", peer, "gray"),
+    ]
+    for axis, (title, data, cmap) in zip(axes, panels, strict=True):
+        axis.imshow(data, cmap=cmap, vmin=0, vmax=data.max() if data.dtype == np.uint8 else 1)
+        axis.set_title(title, fontsize=10)
+        axis.axis("off")
+    with io.atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ISBI 2012 folder")
+    parser.add_argument("--minutes", type=float, default=12.0, help="budget of each training")
+    parser.add_argument("--preset", default="cpu-fast", help="unetile preset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-peer", action="store_true", help="train unetile only")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training option of the preset (JSON value), e.g. --set base_channels=16",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "isbi2012.json")
+    args = parser.parse_args(argv)
+
+    peak = matmul_peak_gflops()
+    train_images, train_cells = read_split(args.data, TRAIN)
+    val_images, val_cells = read_split(args.data, VALIDATION)
+    results: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "matmul_peak_gflops": round(peak, 1),
+        },
+        "minutes": args.minutes,
+        "split": {"train": "00-24", "validation": "25-29"},
+    }
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, saved, summary, wall, flops_per_step, config = run_unetile(
+            args.data, args.preset, args.minutes, args.seed, Path(folder), parse_options(args.set)
+        )
+    started = time.perf_counter()
+    ours = predict_unetile(model, saved, val_images, tta=False)
+    predict_seconds = (time.perf_counter() - started) / len(val_images)
+    ours_tta = predict_unetile(model, saved, val_images, tta=True)
+    train_gflops = summary["step"] * flops_per_step / summary["seconds"] / 1e9
+    results["unetile"] = {
+        "preset": args.preset,
+        "training": config.to_dict(),
+        "steps": summary["step"],
+        "steps_per_second": summary["steps_per_second"],
+        "wall_seconds": round(wall, 1),
+        "input_shape": summary["input_shape"],
+        "train_gflops_per_second": round(train_gflops, 1),
+        "fraction_of_matmul_peak": round(train_gflops / peak, 3),
+        "data_fraction": round(summary["data_fraction"], 3),
+        "seconds_per_512_slice": round(predict_seconds, 2),
+        "scores": evaluate(ours, val_cells),
+        "scores_tta": evaluate(ours_tta, val_cells),
+    }
+    print(f"matmul peak {peak:.0f} GFLOP/s")
+    print(
+        f"unetile ({args.preset}): {summary['step']} steps in {summary['seconds']:.0f} s, "
+        f"{train_gflops:.0f} GFLOP/s = {train_gflops / peak:.0%} of peak, "
+        f"{summary['data_fraction']:.1%} of step time outside the network"
+    )
+    peer = None
+    if not args.skip_peer:
+        peer_model, steps, seconds, peer_flops = run_peer(
+            train_images, train_cells, args.minutes, args.seed
+        )
+        peer = predict_peer(peer_model, val_images)
+        peer_gflops = steps * peer_flops / seconds / 1e9
+        results["peer"] = {
+            "model": "monai.networks.nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2)",
+            "recipe": "cross-entropy, Adam 1e-3, random 256x256 crops, flips, rot90, batch 4",
+            "steps": steps,
+            "steps_per_second": steps / seconds,
+            "train_gflops_per_second": round(peer_gflops, 1),
+            "fraction_of_matmul_peak": round(peer_gflops / peak, 3),
+            "scores": evaluate(peer, val_cells),
+        }
+        results["ratio_unetile_to_peer"] = {
+            key: results["unetile"]["scores"]["mean"][key] / results["peer"]["scores"]["mean"][key]
+            for key in HEADLINE
+            if results["peer"]["scores"]["mean"][key] > 0
+        }
+    print(f"{'metric (mean of 25-29)':34}{'unetile':>10}{'+TTA':>10}{'peer':>10}{'ratio':>8}")
+    for key in HEADLINE:
+        row = f"{key:34}{results['unetile']['scores']['mean'][key]:10.4f}"
+        row += f"{results['unetile']['scores_tta']['mean'][key]:10.4f}"
+        if peer is not None:
+            row += f"{results['peer']['scores']['mean'][key]:10.4f}"
+            row += f"{results['ratio_unetile_to_peer'].get(key, float('nan')):8.2f}"
+        print(row)
+    io.write_json(args.out, results)
+    figure(
+        val_images[0],
+        val_cells[0].astype(np.uint8) * 255,
+        ours[0],
+        peer[0] if peer is not None else np.zeros_like(ours[0]),
+        args.out.with_suffix(".png"),
+    )
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
