@@ -499,12 +499,17 @@ def default_tile_shape(
     smallest = np.min(np.asarray([tuple(s) for s in image_shapes]), axis=0)
     shape = []
     for extent in smallest:
-        valid = [
-            size
-            for size in range(max_input, 0, -1)
-            if (out := _trace_size(size, depth, padding)) is not None and out <= extent
-        ]
-        if not valid and not any(_trace_size(s, depth, padding) for s in range(1, max_input + 1)):
+        largest = next(
+            (
+                size
+                for size in range(max_input, 0, -1)
+                if (out := _trace_size(size, depth, padding)) is not None and out <= extent
+            ),
+            None,
+        )
+        if largest is None and not any(
+            _trace_size(s, depth, padding) for s in range(1, max_input + 1)
+        ):
             smallest_tile = next(
                 s for s in range(max_input, 10**5) if _trace_size(s, depth, padding)
             )
@@ -512,12 +517,12 @@ def default_tile_shape(
                 f"no valid input tile of a depth-{depth} {padding!r} U-Net is <= {max_input} px; "
                 f"the smallest is {smallest_tile}: raise the tile limit or lower the depth"
             )
-        if not valid:
+        if largest is None:
             raise ValueError(
                 f"images of extent {extent} px are too small for any tile of a depth-{depth} "
                 f"{padding!r} U-Net up to {max_input} px; use a smaller depth"
             )
-        shape.append(valid[0])
+        shape.append(largest)
     return tuple(shape)
 
 

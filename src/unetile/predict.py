@@ -27,7 +27,15 @@ import torch
 
 from . import io
 from .model import UNet, is_valid_input_size, size_multiple
-from .tiling import axis_origins, grid_axes, input_window, mirror_indices, owned_region, tile_step
+from .tiling import (
+    axis_origins,
+    grid_axes,
+    input_window,
+    mirror_indices,
+    owned_region,
+    tile_grid,
+    tile_step,
+)
 
 GIB = 2**30
 CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
@@ -413,10 +421,7 @@ def iter_predictions(
             )
     steps = [tile_step(t, alignment, 0.0 if valid else overlap) for t in tile_shape]
     per_axis = grid_axes(spatial, tile_shape, steps, alignment)
-    origins = [
-        tuple(per_axis[axis][i] for axis, i in enumerate(index))
-        for index in np.ndindex(*map(len, per_axis))
-    ]
+    origins = tile_grid(spatial, tile_shape, steps, alignment)
     batches = [origins[i : i + batch_size] for i in range(0, len(origins), batch_size)]
     channels_last = device.type == "cpu" and config.dims == 2
 
@@ -669,6 +674,9 @@ def predict_to_files(
     overlap: float = SAME_OVERLAP,
 ) -> dict[str, Path]:
     """Predict an image of any size into files, holding only a few tiles in memory.
+
+    (Bounded memory holds for ``valid`` models, the paper's; a ``same`` model's
+    Gaussian blending keeps whole-image sums in memory.)
 
     Each output path ending in ``.zarr`` becomes a zarr store, ``.tif`` or
     ``.tiff`` a tiled (256 x 256) BigTIFF. Tiles are written as they are
