@@ -42,12 +42,12 @@ def run(args) -> int:
         args.out, minutes=args.minutes, test_size=args.size, seed=args.seed, progress=not args.quiet
     )
     print(f"demo written to {args.out}/ in {report['seconds_total']:.0f} s")
-    print(f"{'':14}{'F1@0.5':>8}{'SEG':>8}{'cells':>8}{'merged pairs':>14}")
+    print(f"{'':20}{'F1@0.5':>8}{'SEG':>8}{'cells':>8}{'merged pairs':>14}")
     for name in ("weighted", "unweighted"):
         result = report[name]
         merged = f"{result['touching_pairs_merged']}/{result['touching_pairs']}"
         print(
-            f"{name + ' (w0=' + str(int(result['w0'])) + ')':14}{result['f1@0.5']:8.3f}"
+            f"{name + ' (w0=' + str(int(result['w0'])) + ')':20}{result['f1@0.5']:8.3f}"
             f"{result['seg']:8.3f}{result['cells_predicted']:8d}{merged:>14}"
         )
     return 0
