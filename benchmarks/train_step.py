@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import matmul_peak_gflops
 
 from unetile import io
 from unetile.data import IGNORE
+from unetile.model import forward_flops
 from unetile.train import (
     build_model,
     build_optimizer,
@@ -114,6 +116,7 @@ def main() -> int:
         )
         if config.threads:
             torch.set_num_threads(config.threads)
+        peak = matmul_peak_gflops()
         started = time.perf_counter()
         data = prepare_data(config, cache_dir=work / "cache")
         preparation = time.perf_counter() - started
@@ -128,12 +131,19 @@ def main() -> int:
     reference = float(np.min(reference_steps))
     loop = float(np.min(loop_steps))
     ratio = loop / reference
+    # Forward + backward is about 3 forward passes (two matmuls per layer backwards).
+    step_flops = 3 * forward_flops(config.model_config(1, 2), data.input_shape) * config.batch_size
+    reference_share = step_flops / reference / 1e9 / peak
     print(
         f"{args.preset}: tile {data.input_shape} -> {data.output_shape}, "
         f"base {config.base_channels}, {torch.get_num_threads()} threads"
     )
     print(f"reference (network only): {reference:.3f} s/step (fastest step)")
     print(f"unetile.train loop:       {loop:.3f} s/step (fastest step; ratio {ratio:.3f})")
+    print(
+        f"network step: {step_flops / reference / 1e9:.0f} GFLOP/s = {reference_share:.0%} "
+        f"of the {peak:.0f} GFLOP/s matmul peak measured in this run"
+    )
     print(f"share outside the network (data_fraction): {summary['data_fraction']:.1%}")
     print(f"data preparation (read, check, weight maps): {preparation:.2f} s")
     result = {
@@ -155,6 +165,9 @@ def main() -> int:
         "reference_step_seconds": reference_steps,
         "loop_step_seconds": loop_steps,
         "ratio_loop_to_reference": ratio,
+        "matmul_peak_gflops": peak,
+        "step_gflop": step_flops / 1e9,
+        "reference_fraction_of_peak": reference_share,
         "data_fraction": summary["data_fraction"],
         "preparation_seconds": preparation,
     }
