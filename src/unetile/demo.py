@@ -34,7 +34,6 @@ DEMO_TRAINING = dict(
     optimizer="adam",
     learning_rate=2e-3,
     schedule="cosine",
-    # channels-last makes narrow (16-channel) training steps slower on CPU.
     channels_last=False,
     steps=100_000,  # the wall-clock budget ends the run first
     validate_every=100,
