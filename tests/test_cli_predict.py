@@ -144,3 +144,24 @@ def test_predict_restores_a_channels_last_model(tmp_path):
     plain = UNet(base_channels=4, depth=2)
     predict(plain, np.zeros((20, 20), np.float32), progress=False)
     assert memory_format_of(plain) == torch.contiguous_format
+
+
+def test_zarr_store_is_an_input_as_a_file_is(tmp_path, capsys):
+    model = save_run(tmp_path / "run")
+    image = np.random.default_rng(2).random((41, 53), dtype=np.float32)
+    source = zarr.open_array(
+        store=str(tmp_path / "in" / "big.zarr"),
+        mode="w",
+        shape=image.shape,
+        chunks=(16, 16),
+        dtype="f4",
+    )
+    source[:] = image
+    (tmp_path / "in" / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    status = main(
+        ["predict", str(tmp_path / "run"), str(tmp_path / "in" / "big.zarr"), "--out", str(out)]
+    )
+    assert status == 0, capsys.readouterr().err
+    expected = labels_from_probabilities(predict(model, image, normalization=([0.5], [0.25])))
+    assert np.array_equal(tifffile.imread(out / "big_labels.tif"), expected)

@@ -52,12 +52,18 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a zarr store (a folder ending in .zarr)."""
+    path = Path(path)
+    return path.suffix.lower() == ".zarr" and path.is_dir()
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given as they are, folders replaced by their images."""
+    """Files and zarr stores given as they are, other folders replaced by their images."""
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
-        paths.extend(list_images(item) if item.is_dir() else [item])
+        paths.extend(list_images(item) if item.is_dir() and not is_zarr_path(item) else [item])
     return paths
 
 
@@ -91,10 +97,13 @@ def match_by_stem(
 def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
     """Read a TIFF or PNG image as a numpy array, as stored (no conversion).
 
+    A zarr store (a folder ending in .zarr) is opened lazily as a zarr array.
     With ``memmap=True`` an uncompressed TIFF is memory-mapped instead of read,
     so that images larger than memory can be predicted tile by tile.
     """
     path = Path(path)
+    if is_zarr_path(path):
+        return open_zarr(path)  # lazy: only the chunks a caller slices are read
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()

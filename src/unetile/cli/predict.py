@@ -23,7 +23,11 @@ def add_parser(subparsers) -> None:
         "model", type=Path, metavar="MODEL_DIR", help="run folder of 'unetile train'"
     )
     parser.add_argument(
-        "inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders of images"
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="TIFF/PNG files, folders of them, or zarr stores (NAME.zarr, read lazily)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument(
