@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import elasticdeform
 import numpy as np
 import torch
+from machine import machine_info
 
 from unetile.augment import AugmentParams, augment_batch
 
@@ -125,16 +124,7 @@ def main() -> int:
     record = {
         "benchmark": "elastic deformation of image (bicubic) + labels + weights (nearest)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "device": str(device),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "elasticdeform": version("elasticdeform"),
-        },
+        "machine": machine_info(device=str(device), elasticdeform=version("elasticdeform")),
         "results": results,
     }
     args.output.write_text(json.dumps(record, indent=2) + "\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import matmul_peak_gflops
+from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.metrics import score
@@ -244,12 +243,7 @@ def main(argv=None) -> int:
     val_images, val_cells = read_split(args.data, VALIDATION)
     results: dict = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "cpus": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "matmul_peak_gflops": round(peak, 1),
-        },
+        "machine": machine_info(matmul_peak_gflops=round(peak, 1)),
         "minutes": args.minutes,
         "split": {"train": "00-24", "validation": "25-29"},
     }

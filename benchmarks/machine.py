@@ -19,3 +19,23 @@ def matmul_peak_gflops(repeats: int = 5, size: int = 4096) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def machine_info(**extra) -> dict:
+    """What the results JSON records of the machine, plus script-specific ``extra`` entries."""
+    import os
+    import platform
+
+    import numpy
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        **extra,
+    }

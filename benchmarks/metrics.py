@@ -18,13 +18,12 @@ and mergers), as a binary map, and the smoothed map itself as probabilities.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info
 from scipy import ndimage
 
 from unetile import io, metrics
@@ -181,19 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             f"target: warping error 512x512 in {target['warping_error_512_seconds']:.3f} s "
             f"(< 2 s: {'met' if target['met'] else 'NOT met'})"
         )
-    import torch
 
     io.write_json(
         args.out,
         {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                "numpy": np.__version__,
-                "torch": torch.__version__,
-            },
+            "machine": machine_info(),
             "target": target,
             "results": results,
         },

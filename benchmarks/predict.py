@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import matmul_peak_gflops
+from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.model import UNet, forward_flops, input_size_for_output, output_size, size_multiple
@@ -260,14 +259,7 @@ def main() -> None:
     started = time.perf_counter()
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
-        },
+        "machine": machine_info(),
         "throughput": [],
         "references": [],
         "memory": [],

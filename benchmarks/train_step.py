@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import matmul_peak_gflops
+from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.data import IGNORE
@@ -148,12 +147,7 @@ def main() -> int:
     print(f"data preparation (read, check, weight maps): {preparation:.2f} s")
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-        },
+        "machine": machine_info(),
         "data": "isbi2012" if (args.data / "train").is_dir() else "synthetic em_like",
         "preset": args.preset,
         "input_shape": list(data.input_shape),

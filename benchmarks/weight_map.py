@@ -18,15 +18,13 @@ Full run:   nice -n 5 python benchmarks/weight_map.py
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy
-import torch
+from machine import machine_info
 from scipy import ndimage
 
 from unetile.io import write_json
@@ -139,15 +137,10 @@ def main() -> int:
         {
             "benchmark": "weight_map: bounded-box transforms vs one full transform per cell",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                "numpy": np.__version__,
-                "scipy": scipy.__version__,
-                "torch": torch.__version__,
-                "note": "2 cores shared with other jobs; times are wall-clock",
-            },
+            "machine": machine_info(
+                scipy=scipy.__version__,
+                note="2 cores shared with other jobs; times are wall-clock",
+            ),
             "parameters": {
                 "generator": args.generator,
                 "w0": args.w0,

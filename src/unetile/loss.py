@@ -55,6 +55,18 @@ def _check_inputs(
         )
 
 
+def _annotated(target: torch.Tensor, ignore_index: int | None):
+    """Mask of annotated pixels, and the target with ignored pixels set to class 0.
+
+    Ignored pixels may carry a label outside [0, K); gather and one-hot need a
+    valid index there, and the mask keeps them out of every sum.
+    """
+    if ignore_index is None:
+        return torch.ones_like(target, dtype=torch.bool), target
+    annotated = target != ignore_index
+    return annotated, torch.where(annotated, target, torch.zeros_like(target))
+
+
 def weighted_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -95,13 +107,7 @@ def weighted_cross_entropy(
     """
     _check_inputs(logits, target, weights, ignore_index)
     log_probability = F.log_softmax(logits, dim=1)
-    annotated = (
-        torch.ones_like(target, dtype=torch.bool)
-        if ignore_index is None
-        else target != ignore_index
-    )
-    # Ignored pixels may carry a label outside [0, K); gather needs a valid index.
-    safe_target = torch.where(annotated, target, torch.zeros_like(target))
+    annotated, safe_target = _annotated(target, ignore_index)
     negative_log_likelihood = -log_probability.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     if weights is not None:
         negative_log_likelihood = negative_log_likelihood * weights.to(log_probability.dtype)
@@ -155,12 +161,7 @@ def dice_loss(
     if not include_background and num_classes < 2:
         raise ValueError("include_background=False needs at least 2 classes (K >= 2)")
     probability = F.softmax(logits, dim=1)
-    annotated = (
-        torch.ones_like(target, dtype=torch.bool)
-        if ignore_index is None
-        else target != ignore_index
-    )
-    safe_target = torch.where(annotated, target, torch.zeros_like(target))
+    annotated, safe_target = _annotated(target, ignore_index)
     # (N, *S, K) -> (N, K, *S), masked so that ignored pixels count nowhere.
     one_hot = F.one_hot(safe_target, num_classes).movedim(-1, 1).to(probability.dtype)
     mask = annotated.unsqueeze(1).to(probability.dtype)
