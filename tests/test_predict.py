@@ -129,6 +129,20 @@ def test_multichannel_uint8_input_is_normalised_per_tile_like_the_whole_image():
     assert np.abs(tiled - whole_image_reference(model, normalised)).max() < 1e-5
 
 
+def test_tile_size_changes_only_instance_norm_models():
+    """The paper's network is tile-exact; instance norm normalises each tile by itself."""
+    image = np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)
+    for norm, exact in ((None, True), ("batch", True), ("instance", False)):
+        torch.manual_seed(0)
+        model = UNet(depth=2, base_channels=4, dropout=0.0, norm=norm)
+        model.reset_parameters(torch.Generator().manual_seed(0))
+        model.eval()
+        one_tile = predict(model, image, tile_shape=64, progress=False)
+        four_tiles = predict(model, image, tile_shape=32, progress=False)
+        np.testing.assert_allclose(four_tiles.sum(0), 1.0, atol=1e-5)
+        assert np.allclose(one_tile, four_tiles, atol=1e-5) == exact, norm
+
+
 def test_3d_tiles_stitch_exactly():
     model = small_model(depth=2, base=2, dims=3, seed=6)
     image = np.random.default_rng(6).random((9, 10, 11), dtype=np.float32)
