@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         "scores": evaluate(ours, val_cells),
         "scores_tta": evaluate(ours_tta, val_cells),
         # Against the whole 512 x 512 slice in one tile (the automatic tile here).
-        "tile_size_check": tile_size_check(model, saved, val_images, val_cells, ours, 128),
+        "tile_size_check": tile_size_check(model, saved, val_images, val_cells, ours, 132),
     }
     print(f"matmul peak {peak:.0f} GFLOP/s")
     print(
