@@ -10,6 +10,10 @@ border, normalised, batched, and written straight into the output.
 ``padding="same"`` models see zero padding at every tile border, so their
 output depends on the tiling; their overlapping tiles (``overlap``) are
 blended with a Gaussian importance map, as nnU-Net does.
+
+Instance norm (``norm="instance"``) normalises each tile by the tile's own
+statistics, so such a network's output also depends a little on the tile
+size; the automatic tile is as large as the memory budget allows.
 """
 
 from __future__ import annotations
