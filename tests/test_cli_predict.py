@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 import zarr
@@ -13,14 +14,15 @@ from unetile.model import UNet
 from unetile.predict import instances_from_probabilities, labels_from_probabilities, predict
 
 
-def save_run(run_dir, padding="valid"):
+def save_run(run_dir, padding="valid", norm=None):
     torch.manual_seed(0)
-    model = UNet(base_channels=2, depth=2, dropout=0.0, padding=padding)
+    model = UNet(base_channels=2, depth=2, dropout=0.0, padding=padding, norm=norm)
     model.reset_parameters(torch.Generator().manual_seed(0))
     config = {
         "model": model.config.to_dict(),
         "normalization": {"mean": [0.5], "std": [0.25]},
         "classes": {"foreground": 1},
+        "tile": {"input_shape": [68, 68], "output_shape": [52, 52]},
     }
     io.save_model(run_dir, model, config)
     return model.eval()
@@ -95,6 +97,17 @@ def test_zarr_format_and_a_same_padded_model(tmp_path):
     labels = zarr.open_array(store=str(tmp_path / "o" / "a_labels.zarr"), mode="r")[:]
     expected = predict(model, image, tile_shape=16, normalization=([0.5], [0.25]), progress=False)
     assert np.array_equal(labels, labels_from_probabilities(expected))
+
+
+@pytest.mark.parametrize("norm", [None, "instance"])
+def test_small_tile_warns_only_for_instance_norm(tmp_path, capsys, norm):
+    save_run(tmp_path / "run", norm=norm)
+    tifffile.imwrite(tmp_path / "a.tif", np.random.default_rng(1).random((40, 40), np.float32))
+    for tile in ("52", "20"):
+        arguments = [str(tmp_path / "run"), str(tmp_path / "a.tif"), "--out", str(tmp_path)]
+        assert main(["predict", *arguments, "--tile", tile, "--no-progress"]) == 0
+        warned = "smaller than its training tile (52 px)" in capsys.readouterr().err
+        assert warned == (norm == "instance" and tile == "20")
 
 
 def test_invalid_tile_is_one_line_error(tmp_path, capsys):

@@ -77,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
             check_tile_shape(model, args.tile, model.config.dims)
         except ValueError as error:
             raise io.InputError(f"--tile: {error}") from None
+        trained = min(config.get("tile", {}).get("output_shape") or [0])
+        if model.config.norm == "instance" and args.tile < trained:
+            # Instance norm normalises each tile by itself: small tiles change the result.
+            print(
+                f"unetile predict: warning: {args.model} uses instance norm, whose output "
+                f"depends on the tile; --tile {args.tile} is smaller than its training tile "
+                f"({trained} px): leave --tile out to use the largest tile that fits",
+                file=sys.stderr,
+            )
     foreground = int(config.get("classes", {}).get("foreground", 1))
     normalization = config.get("normalization")
     if args.batch_size < 1:
