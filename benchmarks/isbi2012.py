@@ -38,7 +38,7 @@ from machine import machine_info, matmul_peak_gflops
 from unetile import io
 from unetile.metrics import score
 from unetile.model import forward_flops
-from unetile.predict import predict
+from unetile.predict import _tile_at_least, predict
 from unetile.train import make_config, train
 
 HERE = Path(__file__).resolve().parent
@@ -291,7 +291,9 @@ def main(argv=None) -> int:
         "scores": evaluate(ours, val_cells),
         "scores_tta": evaluate(ours_tta, val_cells),
         # Against the whole 512 x 512 slice in one tile (the automatic tile here).
-        "tile_size_check": tile_size_check(model, saved, val_images, val_cells, ours, 132),
+        "tile_size_check": tile_size_check(
+            model, saved, val_images, val_cells, ours, _tile_at_least(model, 128)
+        ),
     }
     print(f"matmul peak {peak:.0f} GFLOP/s")
     print(

@@ -13,8 +13,8 @@ blended with a Gaussian importance map, as nnU-Net does.
 
 Instance norm (``norm="instance"``) normalises each tile by the tile's own
 statistics, so such a network's output also depends on the tile size (on
-ISBI 2012 by 0.03 on average between 132-px tiles and one 512-px tile); the
-automatic tile is as large as the memory budget allows.
+ISBI 2012 by 0.03 on average between 132-px output tiles and one tile per
+512-px slice); the automatic tile is as large as the memory budget allows.
 """
 
 from __future__ import annotations

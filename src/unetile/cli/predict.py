@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             check_tile_shape(model, args.tile, model.config.dims)
         except ValueError as error:
             raise io.InputError(f"--tile: {error}") from None
-        trained = min(config.get("tile", {}).get("output_shape") or [0])
+        # Runs of `unetile train` store their tile; other model folders get no warning.
+        trained = max((config.get("tile") or {}).get("output_shape") or [0])
         if model.config.norm == "instance" and args.tile < trained:
             # Instance norm normalises each tile by itself: small tiles change the result.
             print(
