@@ -36,6 +36,7 @@ import torch
 from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
+from unetile.allocator import keep_freed_memory
 from unetile.metrics import score
 from unetile.model import forward_flops
 from unetile.predict import _tile_at_least, predict
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "isbi2012.json")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()  # as the command line does; both trainings share the process
     peak = matmul_peak_gflops()
     train_images, train_cells = read_split(args.data, TRAIN)
     val_images, val_cells = read_split(args.data, VALIDATION)

@@ -3,7 +3,8 @@
 Argument parsing only; each sub-command lives in its own module with
 ``add_parser(subparsers)`` and ``run(args) -> int`` and calls the package's
 functions. A user's mistake (:class:`unetile.io.InputError`) is printed as one
-line and exits with status 2, never as a traceback.
+line and exits with status 2, never as a traceback. The command owns its
+process, so it lets malloc keep freed memory (:mod:`unetile.allocator`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import sys
 
 from .. import __version__
+from ..allocator import keep_freed_memory
 from ..io import InputError
 
 COMMANDS = ("demo", "train", "predict", "evaluate")
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.run(args) or 0)
     except InputError as error:
