@@ -5,8 +5,8 @@ A training step allocates and frees the same large activations over and over
 above its mmap threshold, which grows to 32 MiB at most, with fresh pages from
 the kernel and gives them back on ``free``; the next step then pays a page
 fault and the kernel's zeroing for every 4 KiB again. Telling malloc to serve
-large blocks from its heap and never trim it makes a paper-width step about
-15 % faster on a 2-core CPU (``benchmarks/train_step.py``). The price: the
+large blocks from its heap and never trim it made a paper-width training step
+1.29x faster on a 2-core CPU (``benchmarks/train_step.py``). The price: the
 process keeps its peak memory until it exits, which suits a training or
 prediction process.
 
