@@ -139,13 +139,14 @@ def main() -> int:
     step_flops = 3 * forward_flops(config.model_config(1, 2), data.input_shape) * config.batch_size
     reference_share = step_flops / reference / 1e9 / peak
     default_malloc = float(np.min(default_malloc_steps))
+    default_malloc_share = step_flops / default_malloc / 1e9 / peak
     print(
         f"{args.preset}: tile {data.input_shape} -> {data.output_shape}, "
         f"base {config.base_channels}, {torch.get_num_threads()} threads"
     )
     print(
         f"reference, glibc malloc defaults: {default_malloc:.3f} s/step = "
-        f"{step_flops / default_malloc / 1e9 / peak:.0%} of peak"
+        f"{default_malloc_share:.0%} of peak"
     )
     print(
         f"reference (network only): {reference:.3f} s/step (fastest step; "
@@ -178,7 +179,7 @@ def main() -> int:
         "keep_freed_memory": kept,
         "default_malloc_seconds_per_step": default_malloc,
         "default_malloc_step_seconds": default_malloc_steps,
-        "default_malloc_fraction_of_peak": step_flops / default_malloc / 1e9 / peak,
+        "default_malloc_fraction_of_peak": default_malloc_share,
         "data_fraction": summary["data_fraction"],
         "preparation_seconds": preparation,
     }
