@@ -58,6 +58,7 @@ def read_split(data: Path, stems: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def link_split(data: Path, stems: list[str], folder: Path) -> None:
     """The trainer reads folders: link the split's files, never copy the data."""
+    data = data.resolve()  # a relative link would point inside the folder
     for kind in ("images", "labels"):
         (folder / kind).mkdir(parents=True)
         for stem in stems:

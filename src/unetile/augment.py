@@ -189,6 +189,16 @@ def _interpolation_matrix(grid: int, size: int) -> np.ndarray:
     return matrix
 
 
+def _to_device(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host array on ``device``, rounded to ``dtype`` on the host first.
+
+    ``non_blocking``: a blocking copy to a GPU waits for all work queued there,
+    so each one would stall the host once per tile. The host copy is staged by
+    the driver before the call returns, so the source may be freed at once.
+    """
+    return torch.as_tensor(values, dtype=torch.float64).to(dtype).to(device, non_blocking=True)
+
+
 def _expand_control_points(
     control: np.ndarray, shape: Sequence[int], device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -205,8 +215,8 @@ def _expand_control_points(
         partial = np.moveaxis(
             np.tensordot(partial, matrices[axis], axes=([1 + axis], [1])), -1, 1 + axis
         )
-    partial_tensor = torch.as_tensor(partial, dtype=dtype, device=device)
-    first = torch.as_tensor(matrices[0], dtype=dtype, device=device)
+    partial_tensor = _to_device(partial, device, dtype)
+    first = _to_device(matrices[0], device, dtype)
     field = torch.zeros((ndim, *shape), dtype=dtype, device=device)
     view = (shape[0],) + (1,) * (ndim - 1)
     for point in range(control.shape[1]):
@@ -270,6 +280,11 @@ def _reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
     if size == 1:
         return torch.zeros_like(index)
     last = size - 1
+    if index.device.type != "cpu":
+        # No min/max read back (it would stop the host on every tile); the
+        # general mirror costs the GPU a few elementwise passes.
+        index = torch.remainder(index, 2 * last)
+        return last - (last - index).abs()
     low, high = int(index.min()), int(index.max())
     if low >= 0 and high <= last:
         return index  # the common case: nothing to mirror, no extra passes
@@ -306,10 +321,10 @@ def _sample_smooth(array: torch.Tensor, coordinates: torch.Tensor, order: int) -
     """Linear (order 1) or cubic (order 3, 2D only) sample with mirrored borders."""
     spatial = array.shape[2:]
     # grid_sample wants positions in [-1, 1], last axis first (x, y[, z]).
-    scale = torch.tensor(
+    scale = _to_device(
         [2.0 / (size - 1) if size > 1 else 0.0 for size in spatial],
-        dtype=coordinates.dtype,
-        device=coordinates.device,
+        coordinates.device,
+        coordinates.dtype,
     )
     grid = (coordinates * scale - 1.0).flip(-1)
     if any(size == 1 for size in spatial):
@@ -322,7 +337,10 @@ def _sample(array: torch.Tensor, coordinates: torch.Tensor, order: int) -> torch
     """Sample (N, C, *S) at pixel positions (N, *O, ndim): order 0, 1 or 3."""
     if order == 0:
         return _gather_nearest(array, coordinates)
-    if (coordinates - torch.round(coordinates)).abs().max() <= _INTEGER_TOLERANCE:
+    integer = coordinates.device.type == "cpu" and bool(
+        (coordinates - torch.round(coordinates)).abs().max() <= _INTEGER_TOLERANCE
+    )  # on a GPU the check would stop the host; interpolation there is exact to rounding
+    if integer:
         # Only pixel centres: interpolation is a copy; do it exactly.
         return _gather_nearest(array, coordinates)
     working = array if array.dtype in (torch.float32, torch.float64) else array.float()
@@ -488,7 +506,7 @@ def _source_coordinates(
             view = [1] * ndim
             view[other] = output_shape[other]
             term = (matrix[axis, other] * centred[other]).reshape(view)
-            coordinates[axis] += term.to(device=device, dtype=dtype)
+            coordinates[axis] += _to_device(term, device, dtype)
     return coordinates.movedim(0, -1)
 
 
@@ -496,9 +514,9 @@ def _vary_gray_values(images: torch.Tensor, transforms: Sequence[Transform]) -> 
     """Gamma on the tile's [min, max] range, contrast about its mean, brightness offset."""
     batch = images.shape[0]
     view = (batch,) + (1,) * (images.ndim - 1)
-    parameters = torch.tensor(
-        [[t.gamma, t.contrast, t.brightness] for t in transforms], dtype=torch.float64
-    ).to(device=images.device, dtype=images.dtype)
+    parameters = _to_device(
+        [[t.gamma, t.contrast, t.brightness] for t in transforms], images.device, images.dtype
+    )
     gamma, contrast, brightness = (parameters[:, column].reshape(view) for column in range(3))
     flat = images.reshape(batch, -1)
     low = flat.min(dim=1).values.reshape(view)

@@ -45,6 +45,10 @@ def _check_inputs(
         raise ValueError(
             f"weights must have the shape of target {expected}, got {tuple(weights.shape)}"
         )
+    if target.device.type != "cpu":
+        # Reading the values back would stop the host on every batch of a GPU
+        # run; training labels are checked when they are read from disk.
+        return
     num_classes = logits.shape[1]
     annotated = target if ignore_index is None else target[target != ignore_index]
     if annotated.numel() and (int(annotated.min()) < 0 or int(annotated.max()) >= num_classes):
