@@ -309,9 +309,10 @@ def main(argv=None) -> int:
             results["curve"] = curve
             results["time_to_cpu_result"] = time_to_reach(curve, reference)
             write()
-            if summary["seconds"] >= budget:
+            left = budget - summary["seconds"]
+            if left < 0.2 * args.segment_seconds:  # no evaluation for a sliver of training
                 break
-            segment = max(10, round(rate * min(args.segment_seconds, budget - summary["seconds"])))
+            segment = max(10, round(rate * min(args.segment_seconds, left)))
 
     if not curve:
         write()

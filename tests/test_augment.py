@@ -14,6 +14,8 @@ from scipy import ndimage
 from unetile.augment import (
     AugmentParams,
     Transform,
+    _reflect_any,
+    _reflect_index,
     apply_transforms,
     augment_batch,
     draw_transform,
@@ -335,3 +337,12 @@ def test_bad_inputs_raise_clear_errors():
         AugmentParams.from_dict({"sigma": 3})
     with pytest.raises(ValueError, match="bicubic"):
         warp(np.zeros((4, 4, 4)), np.zeros((3, 4, 4, 4)), order=3)
+
+
+@given(size=st.integers(2, 9), low=st.integers(-60, 0), span=st.integers(1, 120))
+def test_the_gpu_mirror_equals_the_cpu_mirror_and_numpy_reflect(size, low, span):
+    # The GPU path mirrors without reading the range back; it must agree exactly.
+    index = torch.arange(low, low + span)
+    expected = np.pad(np.arange(size), 200, mode="reflect")[index.numpy() + 200]
+    assert np.array_equal(_reflect_any(index, size - 1).numpy(), expected)
+    assert np.array_equal(_reflect_index(index, size).numpy(), expected)

@@ -283,8 +283,7 @@ def _reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
     if index.device.type != "cpu":
         # No min/max read back (it would stop the host on every tile); the
         # general mirror costs the GPU a few elementwise passes.
-        index = torch.remainder(index, 2 * last)
-        return last - (last - index).abs()
+        return _reflect_any(index, last)
     low, high = int(index.min()), int(index.max())
     if low >= 0 and high <= last:
         return index  # the common case: nothing to mirror, no extra passes
@@ -292,6 +291,12 @@ def _reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
         index = torch.remainder(index, 2 * last)  # periodic mirror, period 2 (size - 1)
     # One mirror at each end; cheaper than remainder and where on every pixel.
     return last - (last - index.abs()).abs()
+
+
+def _reflect_any(index: torch.Tensor, last: int) -> torch.Tensor:
+    """Mirror integer positions into [0, last] (last >= 1), however far outside."""
+    index = torch.remainder(index, 2 * last)  # periodic mirror, period 2 (size - 1)
+    return last - (last - index).abs()
 
 
 def _nearest_index(coordinates: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
