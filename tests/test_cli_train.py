@@ -131,7 +131,7 @@ def test_help_documents_every_option_with_its_default():
     assert not missing, f"TrainConfig fields without a command-line option: {missing}"
     text = " ".join(train_parser.format_help().split())  # the same at any terminal width
     for expected in (
-        "--lr X learning rate (default: 0.01)",
+        "--lr X learning rate (default: 0.0001)",
         "SGD momentum (paper: 0.99) (default: 0.99)",
         "--steps N training steps (default: 10000)",
         "'membrane': binary map, --cell-value marks cells",
