@@ -389,3 +389,66 @@ def test_every_tile_pixel_reads_its_own_image_pixel(height, width, output, margi
             inside = 0 <= y < height and 0 <= x < width
             assert labels[0, i, j] == (index[y, x] if inside else IGNORE)
             assert weights[0, i, j] == (1.0 if inside else 0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 12), st.integers(1, 12)),
+    output=st.integers(1, 5),
+    margin=st.integers(0, 4),
+    data=st.data(),
+)
+def test_every_voxel_of_a_two_channel_stack_reads_its_own_voxel(shape, output, margin, data):
+    index = np.arange(np.prod(shape)).reshape(shape)
+    item = LabeledImage(
+        name="stack",
+        image=np.stack([index, -index]).astype(np.float32),
+        classes=index.astype(np.int64),
+        instances=index.astype(np.int32),
+        weights=np.ones(shape, np.float32),
+    )
+    size = output + 2 * margin
+    sampler = TileSampler([item], (size,) * 3, (output,) * 3, None, None, np.random.default_rng(0))
+    centre = tuple(data.draw(st.integers(0, extent - 1)) for extent in shape)
+    images, labels, weights = sampler.tiles_at([(0, centre)])
+    first = [c - output // 2 for c in centre]
+    for offset in np.ndindex(*(size,) * 3):
+        source = tuple(reflect(f - margin + o, n) for f, o, n in zip(first, offset, shape))
+        assert images[(0, 0, *offset)] == index[source]
+        assert images[(0, 1, *offset)] == -index[source]
+    for offset in np.ndindex(*(output,) * 3):
+        position = tuple(f + o for f, o in zip(first, offset))
+        inside = all(0 <= p < n for p, n in zip(position, shape))
+        assert labels[(0, *offset)] == (index[position] if inside else IGNORE)
+        assert weights[(0, *offset)] == (1.0 if inside else 0.0)
+
+
+def test_a_border_window_copies_no_more_than_the_window(monkeypatch):
+    # A 44-px window at the edge of a 600 x 900 image: every gather stays window-sized.
+    item = coded_image((600, 900))
+    sampler = TileSampler([item], (44, 44), (4, 4), None, None, np.random.default_rng(0))
+    largest = []
+    original = torch.Tensor.index_select
+
+    def recording(tensor, axis, rows):
+        largest.append(tensor.numel())
+        return original(tensor, axis, rows)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", recording)
+    images, labels, _ = sampler.tiles_at([(0, (0, 450))])
+    assert largest and max(largest) <= 44 * 44
+    assert images.shape == (1, 1, 44, 44) and (labels[0, :2] == IGNORE).all()
+
+
+def test_training_images_are_stored_on_a_gpu_only_when_they_fit(monkeypatch):
+    from unetile.data import _storage_device
+
+    items = [coded_image((100, 100))]  # 1 channel: 16 bytes per pixel, 160,000 bytes
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 200_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (440_000, 10**9))
+    assert _storage_device(gpu, items) == gpu  # a quarter of 640,000 (cache counts as free)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (400_000, 10**9))
+    assert _storage_device(gpu, items) == torch.device("cpu")
+    assert _storage_device(torch.device("cpu"), items) == torch.device("cpu")

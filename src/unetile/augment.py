@@ -24,8 +24,9 @@ the class-balancing part ``w_c`` belongs to the label; bilinear weights would
 mix two classes' weights at every label border, and the separation ridge of
 the paper's weight map (sigma ~ 5 px) is smooth enough that nothing is lost.
 When every source position is a pixel centre (flips, rotations by 90 degrees,
-integer shifts) images are copied by the same nearest-neighbour path, so these
-augmentations are exact.
+integer shifts) images on the CPU are copied by the same nearest-neighbour
+path, so these augmentations are exact there; on a GPU, where checking for
+this would stop the host every tile, they are interpolated, exact to rounding.
 
 Randomness. One ``numpy.random.Generator`` draws every random number on the
 CPU (:func:`draw_transform`); the device only evaluates the drawn transforms

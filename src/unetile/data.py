@@ -557,14 +557,16 @@ GPU_STORAGE_FRACTION = 0.25
 def _storage_device(device: torch.device, images: Sequence[LabeledImage]) -> torch.device:
     """The sampling device when the training set fits in a quarter of its free memory.
 
-    Image (float32), classes (int64) and weights (float32) take 16 bytes per
-    pixel and channel; a set too large for the GPU stays in host memory and
-    only the tiles are sent.
+    Images (float32, 4 bytes per channel), classes (int64) and weights
+    (float32) take 4 C + 12 bytes per pixel; a set too large for the GPU stays
+    in host memory and only the tiles are sent. Memory torch holds cached
+    counts as free, so the choice does not depend on what ran before.
     """
     if device.type != "cuda":
         return torch.device("cpu")
     needed = sum(item.image.size * 4 + item.classes.size * 12 for item in images)
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return device if needed <= GPU_STORAGE_FRACTION * free else torch.device("cpu")
 
 
@@ -592,6 +594,14 @@ class TileSampler:
     device : torch.device or str or None
         Where tiles are augmented and returned (None: the CPU). On a GPU the
         augmentation runs there, so it does not hold back the training step.
+
+    Attributes
+    ----------
+    storage : torch.device
+        Where the (normalised) images, classes and weights are kept, as torch
+        tensors in :attr:`images`, :attr:`classes`, :attr:`weights`: ``device``
+        when it is a GPU with room for them (a quarter of its free memory),
+        else the CPU.
     """
 
     def __init__(
@@ -627,7 +637,7 @@ class TileSampler:
         self.window_shape = tuple(s + 2 * self.slack for s in self.input_shape)
         self.spatial_shapes = [item.classes.shape for item in images]
         # Kept where the tiles are read: on a GPU the window gathers run there
-        # and no tile crosses the bus (a 904-px ISBI window took 12 ms in numpy).
+        # and no tile crosses the bus.
         self.storage = _storage_device(self.device, images)
         self.images = [self._stored(normalize(item.image, normalization)) for item in images]
         self.classes = [self._stored(item.classes) for item in images]
@@ -652,8 +662,9 @@ class TileSampler:
 
         Outside the image, the image is mirrored (``unetile.tiling.mirror_indices``,
         as in prediction), labels are :data:`IGNORE` and weights 0. No padded copy
-        of any image is kept, so memory stays that of the images themselves.
-        Tensors on the device the images are stored on.
+        of any image is kept, and no step copies more than the window. Tensors
+        on the device the images are stored on (:attr:`storage`); a window
+        inside the image is a view.
         """
         from .tiling import mirror_indices
 
@@ -664,10 +675,21 @@ class TileSampler:
         if all(0 <= a and b <= s for a, b, s in zip(origin, stops, shape, strict=True)):
             window = tuple(slice(a, b) for a, b in zip(origin, stops, strict=True))
             return image[(slice(None), *window)], classes[window], weights[window]
+        # Cut every axis to the image span its mirrored indices reach (views,
+        # no copy), then gather only along the axes that leave the image: each
+        # gather then copies no more than the window, whatever the image size.
+        spans = [mirror_indices(a, b, s) for a, b, s in zip(origin, stops, shape, strict=True)]
+        for axis, rows in enumerate(spans):
+            low, length = int(rows.min()), int(rows.max()) + 1 - int(rows.min())
+            image = image.narrow(axis + 1, low, length)
+            classes = classes.narrow(axis, low, length)
+            weights = weights.narrow(axis, low, length)
         inside = torch.ones((1,) * len(shape), dtype=torch.bool, device=self.storage)
         for axis, (a, b, s) in enumerate(zip(origin, stops, shape, strict=True)):
-            # One gather per axis: rows, then columns, each reading whole lines.
-            rows = torch.from_numpy(mirror_indices(a, b, s)).to(self.storage, non_blocking=True)
+            if 0 <= a and b <= s:
+                continue  # already the window after the cut
+            rows = spans[axis] - spans[axis].min()
+            rows = torch.from_numpy(rows).to(self.storage, non_blocking=True)
             image = image.index_select(axis + 1, rows)
             classes = classes.index_select(axis, rows)
             weights = weights.index_select(axis, rows)

@@ -25,7 +25,11 @@ def _check_inputs(
     weights: torch.Tensor | None,
     ignore_index: int | None,
 ) -> None:
-    """Raise ``ValueError`` when shapes, dtypes or label values do not fit together."""
+    """Raise ``ValueError`` when shapes, dtypes or label values do not fit together.
+
+    Label values are checked on CPU tensors only: on a GPU a bad label ends in
+    torch's device-side assert instead (training data is checked when read).
+    """
     if logits.ndim not in (4, 5):
         raise ValueError(
             f"logits must have shape (N, K, H, W) or (N, K, D, H, W), got {tuple(logits.shape)}"

@@ -134,8 +134,9 @@ class TrainConfig:
     batch_size: int = 1
     augment: AugmentParams = field(default_factory=AugmentParams)
     optimizer: str = "sgd"
-    # The paper gives none. With the paper's He init (logits ~20 at the start) and
-    # momentum 0.99, 1e-2 and 1e-3 diverge within 20 steps on ISBI and synthetic EM.
+    # The paper gives none. With its He init (logits ~20 at the start) and momentum
+    # 0.99, larger rates gave NaN within 5-50 steps at small tiles
+    # (benchmarks/learning_rate.py; README, Presets).
     learning_rate: float = 1e-4
     momentum: float = 0.99
     weight_decay: float = 0.0

@@ -34,7 +34,7 @@ log.csv, curves.png, summary.json and cache/ (weight maps). Ctrl-C stops after
 the current step with a checkpoint; --resume continues exactly where it stopped.
 
 Every option can also be set in a TOML file given with --config, by its long
-name with '_' or '-' (e.g. learning_rate = 0.01, tile_shape = [572, 572]) and
+name with '_' or '-' (e.g. learning_rate = 0.0001, tile_shape = [572, 572]) and
 an [augment] table (elastic, elastic_sigma, elastic_grid, rotation, flip,
 shift, gray, contrast, brightness, gamma). Command-line options override it.
 The defaults shown are those of the 'paper' preset.
