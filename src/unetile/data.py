@@ -679,8 +679,9 @@ class TileSampler:
         # no copy), then gather only along the axes that leave the image: each
         # gather then copies no more than the window, whatever the image size.
         spans = [mirror_indices(a, b, s) for a, b, s in zip(origin, stops, shape, strict=True)]
-        for axis, rows in enumerate(spans):
-            low, length = int(rows.min()), int(rows.max()) + 1 - int(rows.min())
+        lows = [int(rows.min()) for rows in spans]
+        for axis, (rows, low) in enumerate(zip(spans, lows, strict=True)):
+            length = int(rows.max()) + 1 - low
             image = image.narrow(axis + 1, low, length)
             classes = classes.narrow(axis, low, length)
             weights = weights.narrow(axis, low, length)
@@ -688,8 +689,7 @@ class TileSampler:
         for axis, (a, b, s) in enumerate(zip(origin, stops, shape, strict=True)):
             if 0 <= a and b <= s:
                 continue  # already the window after the cut
-            rows = spans[axis] - spans[axis].min()
-            rows = torch.from_numpy(rows).to(self.storage, non_blocking=True)
+            rows = torch.from_numpy(spans[axis] - lows[axis]).to(self.storage, non_blocking=True)
             image = image.index_select(axis + 1, rows)
             classes = classes.index_select(axis, rows)
             weights = weights.index_select(axis, rows)
