@@ -413,12 +413,14 @@ def test_every_voxel_of_a_two_channel_stack_reads_its_own_voxel(shape, output, m
     images, labels, weights = sampler.tiles_at([(0, centre)])
     first = [c - output // 2 for c in centre]
     for offset in np.ndindex(*(size,) * 3):
-        source = tuple(reflect(f - margin + o, n) for f, o, n in zip(first, offset, shape))
+        source = tuple(
+            reflect(f - margin + o, n) for f, o, n in zip(first, offset, shape, strict=True)
+        )
         assert images[(0, 0, *offset)] == index[source]
         assert images[(0, 1, *offset)] == -index[source]
     for offset in np.ndindex(*(output,) * 3):
-        position = tuple(f + o for f, o in zip(first, offset))
-        inside = all(0 <= p < n for p, n in zip(position, shape))
+        position = tuple(f + o for f, o in zip(first, offset, strict=True))
+        inside = all(0 <= p < n for p, n in zip(position, shape, strict=True))
         assert labels[(0, *offset)] == (index[position] if inside else IGNORE)
         assert weights[(0, *offset)] == (1.0 if inside else 0.0)
 
