@@ -269,6 +269,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     option(engine, "--threads", "threads", "torch CPU threads", type=int, shown="torch's default")
     switch(engine, "channels_last", "channels-last", "channels-last memory layout")
     switch(engine, "deterministic", "deterministic", "torch deterministic algorithms")
+    switch(
+        engine,
+        "compile",
+        "compile",
+        "torch.compile the training step's network (slow first step; falls back if it fails)",
+    )
 
     monitoring = parser.add_argument_group("monitoring")
     option(monitoring, "--validate-every", "validate_every", "steps between validations", type=int)
