@@ -47,13 +47,13 @@ from isbi2012 import (
 from machine import machine_info
 
 from unetile import io
-from unetile.data import TileSampler
 from unetile.model import forward_flops
 from unetile.predict import resolve_device
 from unetile.train import (
     LAST_WEIGHTS,
     build_model,
     build_optimizer,
+    build_sampler,
     compute_loss,
     make_config,
     prepare_data,
@@ -119,15 +119,7 @@ def split_step(config, data, device: torch.device, repeats: int = 60) -> dict:
     the training loop's own share (``data_fraction``) also holds the wait for
     the GPU's queue.
     """
-    sampler = TileSampler(
-        data.train,
-        data.input_shape,
-        data.output_shape,
-        data.normalization,
-        config.augment,
-        np.random.default_rng(0),
-        device=device,
-    )
+    sampler = build_sampler(config, data, device)
     model = build_model(config, data.in_channels, data.num_classes).to(device).train()
     optimizer = build_optimizer(config, model)
     images, labels, weights = sampler.sample(config.batch_size)

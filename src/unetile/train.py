@@ -366,6 +366,19 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> UNet
     return model
 
 
+def build_sampler(config: TrainConfig, data: TrainingData, device: torch.device) -> TileSampler:
+    """The run's tile sampler: its geometry, normalisation, augmentation and seed."""
+    return TileSampler(
+        data.train,
+        data.input_shape,
+        data.output_shape,
+        data.normalization,
+        config.augment,
+        np.random.default_rng(config.seed),
+        device=device,
+    )
+
+
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (the paper), Adam or AdamW."""
     parameters = model.parameters()
@@ -867,15 +880,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     forward = _compiled(model) if config.compile else model
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    sampler = TileSampler(
-        data.train,
-        data.input_shape,
-        data.output_shape,
-        data.normalization,
-        config.augment,
-        np.random.default_rng(config.seed),
-        device=device,
-    )
+    sampler = build_sampler(config, data, device)
 
     step = 0
     best_value = None
