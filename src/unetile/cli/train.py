@@ -121,7 +121,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--preset",
         "preset",
         "named configuration filling the defaults: 'paper' (the paper's recipe) "
-        "or 'cpu-fast' (base 16, instance norm, w0 10, sigma 2, tiles <= 572, Adam 1e-3 cosine)",
+        "or 'cpu-fast' (base 16, instance norm, w0 10, sigma 2, tiles <= 572, Adam 1e-3 cosine, "
+        "torch.compile)",
         choices=tuple(PRESETS),
     )
     run.add_argument(
