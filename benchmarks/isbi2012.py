@@ -26,6 +26,7 @@ Needs MONAI (``pip install monai``), a benchmark-only extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -282,6 +283,12 @@ def main(argv=None) -> int:
         help="override a training option of the preset (JSON value), e.g. --set base_channels=16",
     )
     parser.add_argument("--out", type=Path, default=HERE / "isbi2012.json")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep unetile's run folder and the probability maps (probabilities.npz) in DIR",
+    )
     args = parser.parse_args(argv)
 
     keep_freed_memory()  # as the command line does; both trainings share the process
@@ -297,9 +304,10 @@ def main(argv=None) -> int:
         "truth_thickness_sensitivity": thickness_sensitivity(val_cells),
     }
 
-    with tempfile.TemporaryDirectory() as folder:
+    with contextlib.ExitStack() as stack:
+        folder = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         model, saved, summary, wall, flops_per_step, config = run_unetile(
-            args.data, args.preset, args.minutes, args.seed, Path(folder), parse_options(args.set)
+            args.data, args.preset, args.minutes, args.seed, folder, parse_options(args.set)
         )
     started = time.perf_counter()
     ours = predict_unetile(model, saved, val_images, tta=False)
@@ -370,6 +378,11 @@ def main(argv=None) -> int:
             row += f"{results['ratio_unetile_to_peer'].get(key, float('nan')):8.2f}"
         print(row)
     io.write_json(args.out, results)
+    if args.keep:
+        maps = {"unetile": ours, "unetile_tta": ours_tta, "truth": val_cells}
+        if peer is not None:
+            maps["peer"] = peer
+        np.savez_compressed(args.keep / "probabilities.npz", **maps)
     figure(
         val_images[0],
         val_cells[0].astype(np.uint8) * 255,
