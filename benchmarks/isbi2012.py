@@ -21,6 +21,7 @@ Writes ``isbi2012.json`` and ``isbi2012.png`` beside this script.
 
     python benchmarks/isbi2012.py                    # 12 minutes each
     python benchmarks/isbi2012.py --minutes 2        # a quick look
+    python benchmarks/isbi2012.py --keep runs/isbi   # keep the model and probability maps
 
 Needs MONAI (``pip install monai``), a benchmark-only extra.
 """
@@ -315,6 +316,8 @@ def main(argv=None) -> int:
         help="keep unetile's run folder and the probability maps (probabilities.npz) in DIR",
     )
     args = parser.parse_args(argv)
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep} is not empty: name a new folder")
 
     keep_freed_memory()  # as the command line does; both trainings share the process
     peak = matmul_peak_gflops()
