@@ -7,6 +7,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from helpers import relabel_equal
 
 from unetile import io
 from unetile.cli import main
@@ -14,10 +15,12 @@ from unetile.model import UNet
 from unetile.predict import instances_from_probabilities, labels_from_probabilities, predict
 
 
-def save_run(run_dir, padding="valid", norm=None):
+def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):
     torch.manual_seed(0)
     model = UNet(base_channels=2, depth=2, dropout=0.0, padding=padding, norm=norm)
     model.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.classifier.bias[1] += cell_bias  # to make cells of an untrained network
     config = {
         "model": model.config.to_dict(),
         "normalization": {"mean": [0.5], "std": [0.25]},
@@ -178,3 +181,46 @@ def test_zarr_store_is_an_input_as_a_file_is(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     expected = labels_from_probabilities(predict(model, image, normalization=([0.5], [0.25])))
     assert np.array_equal(tifffile.imread(out / "big_labels.tif"), expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--grow", "-1"], ">= 0 pixels"), (["--grow", "2"], "add --instances")],
+)
+def test_bad_grow_is_one_line_error(tmp_path, capsys, options, message):
+    save_run(tmp_path / "run")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint8))
+    status = main(
+        ["predict", str(tmp_path / "run"), str(tmp_path / "a.tif"), "--out", str(tmp_path / "o")]
+        + options
+    )
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--grow" in error and message in error
+    assert not (tmp_path / "o").exists()
+
+
+def test_grown_instances_cover_the_gaps(tmp_path):
+    model = save_run(tmp_path / "run", cell_bias=0.3)
+    image = np.random.default_rng(2).random((30, 40), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    status = main(
+        [
+            "predict",
+            str(tmp_path / "run"),
+            str(tmp_path / "a.tif"),
+            "--out",
+            str(tmp_path / "o"),
+            "--instances",
+            "--grow",
+            "2",
+            "--tile",
+            "10",
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    expected = predict(model, image, tile_shape=10, normalization=([0.5], [0.25]), progress=False)
+    grown = tifffile.imread(tmp_path / "o" / "a_instances.tif")
+    assert relabel_equal(grown, instances_from_probabilities(expected, grow=2))
+    assert 0 < (instances_from_probabilities(expected) > 0).sum() < (grown > 0).sum() < grown.size

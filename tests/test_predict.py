@@ -7,14 +7,19 @@ import pytest
 import tifffile
 import torch
 import zarr
+from helpers import relabel_equal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from unetile.model import UNet, input_size_for_output, size_multiple
 from unetile.predict import (
+    _chunk_regions,
+    _label_foreground,
     activation_bytes_per_pixel,
     auto_tile_shape,
+    final_instances,
     gaussian_importance,
+    grow_cells,
     instances_from_probabilities,
     labels_from_probabilities,
     merge_tile_labels,
@@ -285,14 +290,49 @@ def test_merge_joins_a_cell_split_by_a_tile_border():
     assert sorted(set(lut[1:].tolist())) == [1, 2, 3]
 
 
-def relabel_equal(first, second):
-    """Whether two label images are equal up to a one-to-one renaming of the ids."""
-    pairs = np.unique(np.stack([first.ravel(), second.ravel()]), axis=1)
-    return (
-        np.array_equal(first > 0, second > 0)
-        and len(np.unique(pairs[0])) == pairs.shape[1]
-        and len(np.unique(pairs[1])) == pairs.shape[1]
-    )
+def test_grow_fills_the_gap_between_two_cells_and_no_further():
+    foreground = np.zeros((5, 9), dtype=np.float32)
+    foreground[:, :3] = 1
+    foreground[:, 5:7] = 1  # a 2-px membrane, then cell, then 2 px of background
+    probabilities = np.stack([1 - foreground, foreground])
+    grown = instances_from_probabilities(probabilities, grow=1)
+    assert grown[0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 0]
+    assert instances_from_probabilities(probabilities, grow=0)[0].tolist()[3:5] == [0, 0]
+    assert (instances_from_probabilities(probabilities, grow=5) > 0).all()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="grow"):
+            grow_cells(grown, bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    chunk=st.tuples(st.integers(1, 15), st.integers(1, 15)),
+    density=st.floats(0.05, 0.7),
+    grow=st.integers(0, 6),
+)
+def test_cells_grown_region_by_region_equal_the_whole_image(
+    seed, height, width, chunk, density, grow
+):
+    # As predict_to_files does: components per tile, joined across tile borders
+    # by merge_tile_labels, then each output region grown on its own.
+    foreground = np.random.default_rng(seed).random((height, width)) < density
+    provisional = np.zeros(foreground.shape, dtype=np.uint64)
+    count = 0
+    regions = list(_chunk_regions(foreground.shape, chunk))
+    for region in regions:
+        pieces, found = _label_foreground(foreground[region])
+        provisional[region] = np.where(pieces > 0, pieces.astype(np.uint64) + count, 0)
+        count += found
+    starts = [sorted({region[axis].start for region in regions}) for axis in range(2)]
+    lut = merge_tile_labels(provisional, starts, count)
+    stitched = np.zeros(foreground.shape, dtype=np.uint32)
+    for region in regions:
+        stitched[region] = final_instances(provisional, lut, region, grow)
+    whole = grow_cells(_label_foreground(foreground)[0], grow)
+    assert relabel_equal(stitched, whole)
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".zarr"])
@@ -333,6 +373,12 @@ def test_files_match_in_memory_results_and_cells_get_one_id_across_tiles(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"i{suffix}", f"l{suffix}", f"p{suffix}"]
     )
+    grown = predict_to_files(
+        model, image, instances=tmp_path / f"g{suffix}", grow=3, tile_shape=tile, progress=False
+    )
+    expected_grown = instances_from_probabilities(probabilities, grow=3)
+    assert (expected_grown > 0).sum() > (expected > 0).sum()
+    assert relabel_equal(read(grown["instances"]), expected_grown)
 
 
 def test_interrupted_prediction_leaves_no_output_and_no_scratch(tmp_path):

@@ -51,6 +51,16 @@ def add_parser(subparsers) -> None:
         help="also write instance labels (connected cells of the foreground class)",
     )
     parser.add_argument(
+        "--grow",
+        type=int,
+        default=0,
+        metavar="PX",
+        help=(
+            "with --instances: grow each cell up to PX pixels into the background, never "
+            "into another cell (EM membranes: cells that meet at the membranes)"
+        ),
+    )
+    parser.add_argument(
         "--format",
         choices=("tif", "zarr"),
         default="tif",
@@ -89,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
             )
     foreground = int(config.get("classes", {}).get("foreground", 1))
     normalization = config.get("normalization")
+    if args.grow < 0:
+        raise io.InputError(f"--grow must be >= 0 pixels, got {args.grow}")
+    if args.grow and not args.instances:
+        raise io.InputError("--grow grows the cells of --instances: add --instances")
     if args.batch_size < 1:
         raise io.InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.memory_budget is not None and args.memory_budget <= 0:
@@ -117,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                     image,
                     **outputs,
                     foreground_class=foreground,
+                    grow=args.grow,
                     tile_shape=args.tile,
                     batch_size=args.batch_size,
                     tta=args.tta,
