@@ -206,53 +206,75 @@ def evaluate(probabilities: np.ndarray, cells: np.ndarray) -> dict:
     return {"mean": mean, "per_image": per_image}
 
 
+def skimage_means(true_components: list, segmentations) -> dict:
+    """Mean adapted Rand error and VI of label images against the true cell components."""
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    errors, informations = [], []
+    for truth, predicted in zip(true_components, segmentations, strict=True):
+        errors.append(adapted_rand_error(truth, predicted)[0])
+        informations.append(sum(variation_of_information(truth, predicted)))
+    return {
+        "skimage_adapted_rand_error": float(np.mean(errors)),
+        "skimage_variation_of_information": float(np.mean(informations)),
+    }
+
+
 def component_scores_by_threshold(
     probabilities: np.ndarray, cells: np.ndarray, thresholds=(0.3, 0.4, 0.5, 0.6)
 ) -> dict:
-    """Mean adapted Rand error, VI and membrane share of the cell components per threshold."""
+    """Adapted Rand error, VI and membrane share of the cell components per threshold."""
     from skimage.measure import label
-    from skimage.metrics import adapted_rand_error, variation_of_information
 
     true_components = [label(truth, connectivity=1) for truth in cells]
-    result = {}
-    for threshold in thresholds:
-        errors, informations = [], []
-        for probability, truth in zip(probabilities, true_components, strict=True):
-            predicted = label(probability > threshold, connectivity=1)
-            errors.append(adapted_rand_error(truth, predicted)[0])
-            informations.append(sum(variation_of_information(truth, predicted)))
-        result[str(threshold)] = {
-            "skimage_adapted_rand_error": float(np.mean(errors)),
-            "skimage_variation_of_information": float(np.mean(informations)),
+    return {
+        str(threshold): {
+            **skimage_means(
+                true_components,
+                (label(probability > threshold, connectivity=1) for probability in probabilities),
+            ),
             "membrane_fraction": float(np.mean(probabilities <= threshold)),
         }
-    return result
+        for threshold in thresholds
+    }
 
 
 def grown_cell_scores(probabilities: np.ndarray, cells: np.ndarray, grows=(1, 2, 5)) -> dict:
-    """Mean adapted Rand error and VI of the cells grown over the membranes.
+    """Adapted Rand error and VI of the cells grown over the membranes.
 
     As ``unetile predict --instances --grow PX`` writes them: the components at
     0.5, each grown by up to PX pixels into the membrane, never into another cell.
     """
     from skimage.measure import label
-    from skimage.metrics import adapted_rand_error, variation_of_information
 
     true_components = [label(truth, connectivity=1) for truth in cells]
-    result = {}
-    for grow in grows:
-        errors, informations = [], []
-        for probability, truth in zip(probabilities, true_components, strict=True):
-            grown = instances_from_probabilities(
-                np.stack([1 - probability, probability]), grow=grow
-            )
-            errors.append(adapted_rand_error(truth, grown)[0])
-            informations.append(sum(variation_of_information(truth, grown)))
-        result[str(grow)] = {
-            "skimage_adapted_rand_error": float(np.mean(errors)),
-            "skimage_variation_of_information": float(np.mean(informations)),
-        }
-    return result
+    return {
+        str(grow): skimage_means(
+            true_components,
+            (
+                instances_from_probabilities(np.stack([1 - probability, probability]), grow=grow)
+                for probability in probabilities
+            ),
+        )
+        for grow in grows
+    }
+
+
+def print_component_rows(title: str, key: str, results: dict, unit: str = "") -> None:
+    """One line per setting of ``results[tool][key]``: unetile's scores, then the peer's."""
+    print(title)
+    for setting in results["unetile"][key]:
+        row = f"  {setting}{unit}:"
+        for tool in ("unetile", "peer"):
+            if tool not in results:
+                continue
+            scores = results[tool][key][setting]
+            row += " |" if tool == "peer" else ""
+            row += f" {tool} adapted Rand {scores['skimage_adapted_rand_error']:.4f}"
+            row += f" VI {scores['skimage_variation_of_information']:.3f}"
+            if "membrane_fraction" in scores:
+                row += f" membrane {scores['membrane_fraction']:.3f}"
+        print(row)
 
 
 def thickness_sensitivity(cells: np.ndarray, pixels=(1, 2)) -> dict:
@@ -438,26 +460,17 @@ def main(argv=None) -> int:
             row += f"{results['ratio_unetile_to_peer'].get(key, float('nan')):8.2f}"
         print(row)
     truth_share = results["truth_membrane_fraction"]
-    print(f"cell components by threshold (truth: {truth_share:.3f} membrane)")
-    for threshold, ours_at in results["unetile"]["component_scores_by_threshold"].items():
-        row = f"  {threshold}: unetile adapted Rand {ours_at['skimage_adapted_rand_error']:.4f}"
-        row += f" VI {ours_at['skimage_variation_of_information']:.3f}"
-        row += f" membrane {ours_at['membrane_fraction']:.3f}"
-        if peer is not None:
-            peer_at = results["peer"]["component_scores_by_threshold"][threshold]
-            row += f" | peer {peer_at['skimage_adapted_rand_error']:.4f}"
-            row += f" VI {peer_at['skimage_variation_of_information']:.3f}"
-            row += f" membrane {peer_at['membrane_fraction']:.3f}"
-        print(row)
-    print("cells grown over the membranes (predict --instances --grow PX)")
-    for grow, ours_at in results["unetile"]["grown_cell_scores"].items():
-        row = f"  {grow} px: unetile adapted Rand {ours_at['skimage_adapted_rand_error']:.4f}"
-        row += f" VI {ours_at['skimage_variation_of_information']:.3f}"
-        if peer is not None:
-            peer_at = results["peer"]["grown_cell_scores"][grow]
-            row += f" | peer {peer_at['skimage_adapted_rand_error']:.4f}"
-            row += f" VI {peer_at['skimage_variation_of_information']:.3f}"
-        print(row)
+    print_component_rows(
+        f"cell components by threshold (truth: {truth_share:.3f} membrane)",
+        "component_scores_by_threshold",
+        results,
+    )
+    print_component_rows(
+        "cells grown over the membranes (predict --instances --grow PX)",
+        "grown_cell_scores",
+        results,
+        unit=" px",
+    )
     io.write_json(args.out, results)
     if args.keep:
         maps = {"unetile": ours, "unetile_tta": ours_tta, "truth": val_cells}
