@@ -362,11 +362,15 @@ def main(argv=None) -> int:
         "--keep",
         type=Path,
         metavar="DIR",
-        help="keep unetile's run folder and the probability maps (probabilities.npz) in DIR",
+        help=(
+            "keep unetile's training folder (run, weight-map cache, links to the data) and "
+            "probabilities.npz (unetile with and without TTA, the peer, the truth) in DIR"
+        ),
     )
     args = parser.parse_args(argv)
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        parser.error(f"--keep {args.keep} is not empty: name a new folder")
+    if args.keep is not None and args.keep.exists():
+        if not args.keep.is_dir() or any(args.keep.iterdir()):
+            parser.error(f"--keep {args.keep} exists and is not an empty folder: name a new one")
 
     keep_freed_memory()  # as the command line does; both trainings share the process
     peak = matmul_peak_gflops()

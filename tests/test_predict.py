@@ -304,21 +304,22 @@ def test_grow_fills_the_gap_between_two_cells_and_no_further():
             grow_cells(grown, bad)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    height=st.integers(1, 40),
-    width=st.integers(1, 40),
-    chunk=st.tuples(st.integers(1, 15), st.integers(1, 15)),
+    shape=st.one_of(
+        st.tuples(st.integers(1, 40), st.integers(1, 40)),
+        st.tuples(st.integers(1, 12), st.integers(1, 16), st.integers(1, 16)),
+    ),
+    chunk_size=st.integers(1, 15),
     density=st.floats(0.05, 0.7),
     grow=st.integers(0, 6),
 )
-def test_cells_grown_region_by_region_equal_the_whole_image(
-    seed, height, width, chunk, density, grow
-):
+def test_cells_grown_region_by_region_equal_the_whole_image(seed, shape, chunk_size, density, grow):
     # As predict_to_files does: components per tile, joined across tile borders
     # by merge_tile_labels, then each output region grown on its own.
-    foreground = np.random.default_rng(seed).random((height, width)) < density
+    foreground = np.random.default_rng(seed).random(shape) < density
+    chunk = (chunk_size,) * len(shape)
     provisional = np.zeros(foreground.shape, dtype=np.uint64)
     count = 0
     regions = list(_chunk_regions(foreground.shape, chunk))
@@ -326,7 +327,7 @@ def test_cells_grown_region_by_region_equal_the_whole_image(
         pieces, found = _label_foreground(foreground[region])
         provisional[region] = np.where(pieces > 0, pieces.astype(np.uint64) + count, 0)
         count += found
-    starts = [sorted({region[axis].start for region in regions}) for axis in range(2)]
+    starts = [sorted({region[axis].start for region in regions}) for axis in range(len(shape))]
     lut = merge_tile_labels(provisional, starts, count)
     stitched = np.zeros(foreground.shape, dtype=np.uint32)
     for region in regions:
@@ -379,6 +380,13 @@ def test_files_match_in_memory_results_and_cells_get_one_id_across_tiles(tmp_pat
     expected_grown = instances_from_probabilities(probabilities, grow=3)
     assert (expected_grown > 0).sum() > (expected > 0).sum()
     assert relabel_equal(read(grown["instances"]), expected_grown)
+    with pytest.raises(ValueError, match="larger than the output tile"):
+        predict_to_files(
+            model, image, instances=tmp_path / f"h{suffix}", grow=tile + 1, tile_shape=tile
+        )
+    with pytest.raises(ValueError, match="give an instances path"):
+        predict_to_files(model, image, labels=tmp_path / f"h{suffix}", grow=2, tile_shape=tile)
+    assert not (tmp_path / f"h{suffix}").exists()
 
 
 def test_interrupted_prediction_leaves_no_output_and_no_scratch(tmp_path):

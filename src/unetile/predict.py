@@ -40,6 +40,7 @@ from .tiling import (
     owned_region,
     tile_grid,
     tile_step,
+    widened_box,
 )
 
 GIB = 2**30
@@ -681,11 +682,7 @@ def final_instances(provisional, lut: np.ndarray, region: tuple[slice, ...], gro
     the whole image's (a property test checks it, ties between equally near
     cells included).
     """
-    grow = _check_grow(grow)
-    window = tuple(
-        slice(max(0, r.start - grow), min(size, r.stop + grow))
-        for r, size in zip(region, provisional.shape, strict=True)
-    )
+    window = widened_box(region, _check_grow(grow), provisional.shape)
     labels = grow_cells(lut[np.asarray(provisional[window])], grow)
     return labels[
         tuple(
@@ -771,6 +768,8 @@ def predict_to_files(
         if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
             raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
     grow = _check_grow(grow)
+    if grow and instances is None:
+        raise ValueError("grow grows the cells of instances: give an instances path")
     num_classes = model.config.num_classes
     if instances is not None and not 0 <= foreground_class < num_classes:
         raise ValueError(
@@ -781,10 +780,14 @@ def predict_to_files(
     if tile_shape is None:
         tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, model.config.dims)
-    chunks = tuple(
-        min(s, tile_step(t, size_multiple(model.config.depth)))
-        for s, t in zip(spatial, tile_shape, strict=True)
-    )
+    steps = [tile_step(t, size_multiple(model.config.depth)) for t in tile_shape]
+    if grow > min(steps):
+        # Each output region is grown from a grow-wide margin: keep it within a tile.
+        raise ValueError(
+            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
+            "use a smaller grow or a larger tile"
+        )
+    chunks = tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
     first = next(iter(requested.values()))
     first.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unetile-", dir=first.parent) as scratch:

@@ -183,6 +183,22 @@ def owned_region(
     return tuple(region)
 
 
+def widened_box(
+    box: Sequence[slice], margin: int, image_shape: Sequence[int]
+) -> tuple[slice, ...]:
+    """``box`` widened by ``margin`` pixels on every side, clipped to the image.
+
+    Examples
+    --------
+    >>> widened_box((slice(2, 5), slice(0, 4)), 3, (6, 10))
+    (slice(0, 6, None), slice(0, 7, None))
+    """
+    return tuple(
+        slice(max(axis.start - margin, 0), min(axis.stop + margin, size))
+        for axis, size in zip(box, image_shape, strict=True)
+    )
+
+
 def input_window(
     origin: Sequence[int], output_tile_shape: Sequence[int], margin: int
 ) -> tuple[tuple[int, int], ...]:

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .tiling import widened_box
+
 DEFAULT_TOLERANCE = 1e-6
 
 
@@ -214,10 +216,7 @@ def nearest_two_distances(
     for cell, box in enumerate(ndimage.find_objects(instances), start=1):
         if box is None:
             continue
-        grown = tuple(
-            slice(max(axis.start - margin, 0), min(axis.stop + margin, size))
-            for axis, size in zip(box, instances.shape, strict=True)
-        )
+        grown = widened_box(box, margin, instances.shape)
         # Every pixel of the cell lies inside the grown box, so the transform
         # restricted to the box is exact there; pixels outside it are farther
         # than the margin.
