@@ -183,9 +183,7 @@ def owned_region(
     return tuple(region)
 
 
-def widened_box(
-    box: Sequence[slice], margin: int, image_shape: Sequence[int]
-) -> tuple[slice, ...]:
+def widened_box(box: Sequence[slice], margin: int, image_shape: Sequence[int]) -> tuple[slice, ...]:
     """``box`` widened by ``margin`` pixels on every side, clipped to the image.
 
     Examples
