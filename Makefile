@@ -10,10 +10,11 @@ TORCH ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# A torch already in the venv (a CUDA build a user chose) is kept.
+# The test extras include the optional ones (export, distributed) so their
+# tests run too. A torch already in the venv (a CUDA build a user chose) is kept.
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,export,distributed]"
 
 demo: install
 	$(BIN)/unetile demo --out demo_out
