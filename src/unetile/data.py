@@ -89,7 +89,11 @@ def channels_first(image: np.ndarray, dims: int = 2, channels_last: bool = False
 
 
 def labels_to_classes(
-    label: np.ndarray, mode: str, num_classes: int = 2, cell_value: int = 255
+    label: np.ndarray,
+    mode: str,
+    num_classes: int = 2,
+    cell_value: int = 255,
+    ignore_value: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class of every pixel and the cells as instance ids, from a label image.
 
@@ -103,21 +107,24 @@ def labels_to_classes(
         Classes of the network; ``"classes"`` values must lie in ``[0, num_classes)``.
     cell_value : int
         Value of the cells in a ``"membrane"`` map.
+    ignore_value : int or None
+        Label value of pixels without annotation (sparse labels): their class
+        is :data:`IGNORE` and they are no cell (instance 0); the other pixels
+        are read as ``mode`` says, as if the ignored ones were absent.
 
     Returns
     -------
     classes : ndarray of int64
-        Class id per pixel.
+        Class id per pixel, :data:`IGNORE` where the label is ``ignore_value``.
     instances : ndarray of int32
-        0 = background, one id per cell (for the weight map's border term).
+        0 = background (and unannotated), one id per cell (for the weight
+        map's border term).
 
     Raises
     ------
     ValueError
         Naming the first value outside the declared classes.
     """
-    from skimage.measure import label as connected_components
-
     if mode not in LABEL_MODES:
         raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
     if label.dtype.kind == "f":
@@ -127,13 +134,64 @@ def labels_to_classes(
             raise ValueError("label holds non-integer values; labels are integer ids")
     if label.dtype.kind not in "uifb":
         raise ValueError(f"label has dtype {label.dtype}; expected integers")
+    if ignore_value is None:
+        return _annotated_classes(label, mode, num_classes, cell_value)
+    if mode == "membrane" and ignore_value == cell_value:
+        raise ValueError(f"ignore value {ignore_value} equals the cell value; choose another")
+    unknown = label == ignore_value
+    # Unknown pixels take a value that cannot form cells or borders (the
+    # membrane value, background 0), then leave the classes and the cells.
+    filler = 0 if mode != "membrane" else _membrane_value(label[~unknown], cell_value)
+    classes, instances = _annotated_classes(
+        np.where(unknown, filler, label), mode, num_classes, cell_value
+    )
+    classes[unknown] = IGNORE
+    if mode != "instances":
+        instances = _cells_through_unknown(classes, unknown)
+    instances[unknown] = 0
+    return classes, instances
+
+
+def _membrane_value(annotated: np.ndarray, cell_value: int):
+    """The membrane value of a membrane map (0 when no membrane pixel is annotated)."""
+    others = np.unique(annotated[annotated != cell_value])
+    return others[0] if others.size else 0
+
+
+def _cells_through_unknown(classes: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """Cells as connected regions of one non-zero class, joined also through unknown pixels.
+
+    An unknown pixel may be cell or background, so two annotated pieces of
+    one class that meet only across unknown pixels may be one cell: they are
+    kept as one, rather than inventing a border between them that the weight
+    map would then stress (README, Sparse annotations).
+    """
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(classes.ndim, 1)
+    instances = np.zeros(classes.shape, dtype=np.int32)
+    count = 0
+    for value in np.unique(classes[classes > 0]):
+        member = classes == value
+        components, found = ndimage.label(member | unknown, structure=structure)
+        # Only components that hold annotated pixels of this class are cells.
+        ids, compact = np.unique(components[member], return_inverse=True)
+        instances[member] = compact.reshape(-1) + 1 + count
+        count += ids.size
+    return instances
+
+
+def _annotated_classes(label, mode, num_classes, cell_value):
+    from skimage.measure import label as connected_components
+
     values = np.unique(label)
     if mode == "membrane":
         others = values[values != cell_value]
         if len(others) > 1:
             raise ValueError(
                 f"label values {others[:4].tolist()} outside a binary membrane map "
-                f"(cell value {cell_value}, one membrane value); check --cell-value"
+                f"(cell value {cell_value}, one membrane value); check --cell-value "
+                f"(unannotated pixels: --ignore-value)"
             )
         from .weights import instances_from_membrane_map
 
@@ -268,8 +326,16 @@ def compute_weight_map(
             except (OSError, ValueError):
                 pass  # a damaged cache file is recomputed and overwritten
     balance = None if class_weights == "none" else class_weights
+    unknown = classes == IGNORE
     weights = np.asarray(
-        weight_map(instances, w0=w0, sigma=sigma, class_weights=balance, labels=classes),
+        weight_map(
+            instances,
+            w0=w0,
+            sigma=sigma,
+            class_weights=balance,
+            labels=classes,
+            unknown=unknown if unknown.any() else None,
+        ),
         dtype=np.float32,
     )
     if path is not None:
@@ -298,6 +364,7 @@ def load_labeled_images(
     class_weights: str = "balanced",
     cache_dir: str | os.PathLike | None = None,
     with_weights: bool = True,
+    ignore_value: int | None = None,
 ) -> tuple[list[LabeledImage], int]:
     """Read and check every image/label pair of two folders matched by file stem.
 
@@ -328,6 +395,8 @@ def load_labeled_images(
         Folder of cached weight maps (``.npy``).
     with_weights : bool
         Compute weight maps (False for validation images).
+    ignore_value : int or None
+        Label value of unannotated pixels (:func:`labels_to_classes`).
 
     Returns
     -------
@@ -354,6 +423,7 @@ def load_labeled_images(
         class_weights=class_weights,
         cache_dir=cache_dir,
         with_weights=with_weights,
+        ignore_value=ignore_value,
     )
 
 
@@ -370,6 +440,7 @@ def labeled_images_from_arrays(
     class_weights: str = "balanced",
     cache_dir: str | os.PathLike | None = None,
     with_weights: bool = True,
+    ignore_value: int | None = None,
 ) -> tuple[list[LabeledImage], int]:
     """:func:`load_labeled_images` for arrays in memory (synthetic data, the demo).
 
@@ -395,6 +466,7 @@ def labeled_images_from_arrays(
         class_weights=class_weights,
         cache_dir=cache_dir,
         with_weights=with_weights,
+        ignore_value=ignore_value,
     )
 
 
@@ -410,6 +482,7 @@ def _labeled_images(
     class_weights,
     cache_dir,
     with_weights,
+    ignore_value=None,
 ) -> tuple[list[LabeledImage], int]:
     """Check (name, image source, label source, image, label or None) entries and build them.
 
@@ -444,13 +517,17 @@ def _labeled_images(
         checked.append((name, image_source, label_source, image, label))
     if num_classes is None:
         if label_mode == "classes":
-            num_classes = count_classes([np.unique(entry[4]) for entry in checked])
+            num_classes = count_classes(
+                [np.unique(entry[4][entry[4] != ignore_value]) for entry in checked]
+            )
         else:
             num_classes = 2
     result = []
     for name, _, label_source, image, label in checked:
         try:
-            classes, instances = labels_to_classes(label, label_mode, num_classes, cell_value)
+            classes, instances = labels_to_classes(
+                label, label_mode, num_classes, cell_value, ignore_value
+            )
         except ValueError as error:
             raise error_type(f"{label_source}: {error}") from None
         weights = (

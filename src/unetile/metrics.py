@@ -731,11 +731,13 @@ def warping_error(
 # One entry point
 
 
-def _metric_names(metrics, ndim: int) -> tuple[str, ...]:
+def _metric_names(metrics, ndim: int, complete: bool = True) -> tuple[str, ...]:
+    """The metrics asked for; the default leaves out the warping error in 3D or when
+    the annotation is not ``complete`` (pixels ignored)."""
     if metrics is None:
         names = (
             DEFAULT_METRICS
-            if ndim == 2
+            if ndim == 2 and complete
             else tuple(m for m in DEFAULT_METRICS if m != "warping_error")
         )
         return names
@@ -795,12 +797,58 @@ def _score_binary(
     return result
 
 
-def _ground_truth_objects(ground_truth, cell_value, connectivity):
+def _ground_truth_objects(ground_truth, cell_value, connectivity, annotated=None):
+    if annotated is not None:
+        filler = _unknown_filler(ground_truth[annotated], cell_value)
+        ground_truth = np.where(annotated, ground_truth, filler)
     true_cells = cell_map(ground_truth, "ground_truth", cell_value)
+    true_labels, _ = object_labels(ground_truth, "ground_truth", cell_value, connectivity)
+    if annotated is not None:
+        true_cells = true_cells & annotated
+        true_labels = np.where(annotated, true_labels, 0)
     if not np.any(true_cells):
         raise ValueError("ground_truth has no cell pixel; check cell_value or the file")
-    true_labels, _ = object_labels(ground_truth, "ground_truth", cell_value, connectivity)
     return true_cells, true_labels
+
+
+def _unknown_filler(annotated_values: np.ndarray, cell_value):
+    """A value for unannotated pixels that is no cell and joins none.
+
+    With ``cell_value``: an annotated value other than it (or ``cell_value + 1``).
+    Otherwise instance labels get 0 (background); a two-valued map its smaller
+    (membrane) value; a map of one value ``v`` gets 0, so ``v`` stays the larger.
+    """
+    values = np.unique(annotated_values)
+    if values.dtype == bool:
+        return False
+    if cell_value is not None:
+        others = values[values != cell_value]
+        return others[0] if others.size else cell_value + 1
+    return values[0] if values.size == 2 else values.dtype.type(0)
+
+
+def _annotated_mask(ground_truth: np.ndarray, ignore_value, names) -> np.ndarray | None:
+    """Pixels to score: those whose ground truth is not ``ignore_value`` (None: all)."""
+    if ignore_value is None:
+        return None
+    annotated = ground_truth != ignore_value
+    if not np.any(annotated):
+        raise ValueError(
+            f"ground_truth holds only the ignore value {ignore_value}; nothing to score"
+        )
+    if "warping_error" in names:
+        raise ValueError(
+            "the warping error needs a complete annotation; leave it out of the metrics "
+            "when pixels are ignored"
+        )
+    return annotated
+
+
+def _restrict(annotated, *arrays):
+    """The annotated pixels of each array (1D), or the arrays as they are."""
+    if annotated is None:
+        return arrays
+    return tuple(array[annotated] for array in arrays)
 
 
 def score_per_threshold(
@@ -812,6 +860,7 @@ def score_per_threshold(
     thresholds: tuple[float, ...] | None = None,
     connectivity: int = 1,
     iou_thresholds: tuple[float, ...] = IOU_THRESHOLDS,
+    ignore_value: float | None = None,
 ) -> dict[float, dict[str, float]]:
     """Every metric at every threshold of a probability map (the challenge's sweep).
 
@@ -819,7 +868,7 @@ def score_per_threshold(
     ----------
     probabilities : ndarray of float
         Probability of the cell class per pixel, in [0, 1].
-    ground_truth, metrics, cell_value, connectivity, iou_thresholds
+    ground_truth, metrics, cell_value, connectivity, iou_thresholds, ignore_value
         As in :func:`score`.
     thresholds : tuple of float, optional
         Cell where ``probability > threshold``; default :data:`THRESHOLDS`
@@ -849,16 +898,18 @@ def score_per_threshold(
         raise ValueError(
             f"thresholds must be a non-empty list of values in [0, 1), got {thresholds}"
         )
-    names = _metric_names(metrics, probabilities.ndim)
-    true_cells, true_labels = _ground_truth_objects(ground_truth, cell_value, connectivity)
+    names = _metric_names(metrics, probabilities.ndim, ignore_value is None)
+    annotated = _annotated_mask(ground_truth, ignore_value, names)
+    true_cells, true_labels = _restrict(
+        annotated, *_ground_truth_objects(ground_truth, cell_value, connectivity, annotated)
+    )
     structure = _structure(probabilities.ndim, connectivity)
     per_threshold = {}
     for threshold in thresholds:
         predicted_cells = probabilities > threshold
         predicted_labels, _ = ndimage.label(predicted_cells, structure=structure)
         per_threshold[threshold] = _score_binary(
-            predicted_cells,
-            predicted_labels,
+            *_restrict(annotated, predicted_cells, predicted_labels),
             true_cells,
             true_labels,
             names,
@@ -912,6 +963,7 @@ def score(
     thresholds: tuple[float, ...] | None = None,
     connectivity: int = 1,
     iou_thresholds: tuple[float, ...] = IOU_THRESHOLDS,
+    ignore_value: float | None = None,
 ) -> dict[str, float]:
     """Score a prediction against the ground truth: the one entry point.
 
@@ -937,6 +989,13 @@ def score(
         convention; 2 = 8 (26).
     iou_thresholds : sequence of float
         IoU thresholds of the object matching (f1, precision, recall).
+    ignore_value : number, optional
+        Ground-truth value of unannotated pixels (sparse annotations): every
+        metric counts only the other pixels. Objects are found in the whole
+        images (an unknown pixel is no cell and joins none) and then cut to
+        the annotated pixels, so a predicted cell wholly in the unknown is
+        neither right nor wrong. The warping error, a topological measure of
+        the whole image, is refused.
 
     Returns
     -------
@@ -976,21 +1035,22 @@ def score(
             thresholds=thresholds,
             connectivity=connectivity,
             iou_thresholds=iou_thresholds,
+            ignore_value=ignore_value,
         )
         return best_scores(per_threshold)
     if thresholds is not None:
         raise ValueError(
             f"thresholds apply to probability maps only; prediction is {prediction.dtype}"
         )
-    names = _metric_names(metrics, prediction.ndim)
-    true_cells, true_labels = _ground_truth_objects(ground_truth, cell_value, connectivity)
+    names = _metric_names(metrics, prediction.ndim, ignore_value is None)
+    annotated = _annotated_mask(ground_truth, ignore_value, names)
+    true_cells, true_labels = _ground_truth_objects(
+        ground_truth, cell_value, connectivity, annotated
+    )
     predicted_cells = cell_map(prediction, "prediction", cell_value)
     predicted_labels, _ = object_labels(prediction, "prediction", cell_value, connectivity)
     return _score_binary(
-        predicted_cells,
-        predicted_labels,
-        true_cells,
-        true_labels,
+        *_restrict(annotated, predicted_cells, predicted_labels, true_cells, true_labels),
         names,
         connectivity,
         iou_thresholds,

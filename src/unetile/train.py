@@ -58,6 +58,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
 LOSSES = ("ce", "dice_ce")
 PRECISIONS = ("none", "bf16", "fp16")
+INIT_NORMALIZATIONS = ("recompute", "keep")
+#: The network's fields that must agree between a run and the run it starts from.
+ARCHITECTURE = ("dims", "in_channels", "num_classes", "depth", "base_channels", "padding", "norm")
 CHECKPOINT = "checkpoint.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 LOG = "log.csv"
@@ -79,12 +82,20 @@ class TrainConfig:
         cell_value : the cell value of a membrane map (255 on ISBI 2012).
         num_classes : classes of the network; None: 2, or the largest class id + 1.
         foreground : class whose probability is scored in validation (1 = cell).
+        ignore_value : label value of unannotated pixels (sparse labels): no
+            loss, no weight, not scored in validation; None = every pixel annotated.
         dims : 2 for images, 3 for stacks.
     Weight map (paper: w0 = 10, sigma = 5 px)
         w0, sigma, class_weights ("balanced" or "none"), cache_weights (on disk).
     Network
         depth, base_channels, padding ("valid" = paper, "same"), norm (None,
         "batch", "instance"), dropout.
+    Fine-tuning
+        init : run folder whose ``model.safetensors`` the network starts from
+            (same architecture); None = He initialisation.
+        init_normalization : "recompute" (the new images' own mean and
+            standard deviation) or "keep" (the init run's).
+        freeze_encoder : train only the expansive path and the classifier.
     Tiles
         tile_shape : input tile (pixels per axis); None = the largest valid tile
             up to ``max_tile`` whose output fits in the smallest image.
@@ -123,6 +134,7 @@ class TrainConfig:
     cell_value: int = 255
     num_classes: int | None = None
     foreground: int = 1
+    ignore_value: int | None = None
     dims: int = 2
     w0: float = 10.0
     sigma: float = 5.0
@@ -133,6 +145,9 @@ class TrainConfig:
     padding: str = "valid"
     norm: str | None = None
     dropout: float = 0.5
+    init: str | None = None
+    init_normalization: str = "recompute"
+    freeze_encoder: bool = False
     tile_shape: tuple[int, ...] | None = None
     max_tile: int | None = None
     batch_size: int = 1
@@ -174,6 +189,7 @@ class TrainConfig:
             "loss": LOSSES,
             "precision": PRECISIONS,
             "class_weights": ("balanced", "none"),
+            "init_normalization": INIT_NORMALIZATIONS,
             "preset": tuple(PRESETS),
         }
         for name, allowed in choices.items():
@@ -215,6 +231,10 @@ class TrainConfig:
             raise ValueError(
                 f"keep_best {self.keep_best!r} must be one of the metrics {self.metrics}"
             )
+        if self.ignore_value is not None and "warping_error" in self.metrics:
+            raise ValueError("the warping error needs complete labels; drop it with ignore_value")
+        if self.freeze_encoder and self.init is None:
+            raise ValueError("freeze_encoder keeps trained weights; give init, the run to start")
         if (self.val_images is None) != (self.val_labels is None):
             raise ValueError("val_images and val_labels go together; give both or neither")
         # Fail early on a bad architecture rather than after reading the data.
@@ -299,7 +319,8 @@ def _coerce(name: str, value):
         return tuple(value)
     if name in ("norm",) and value in ("none", ""):
         return None
-    if name in ("images", "labels", "val_images", "val_labels", "out") and value is not None:
+    paths = ("images", "labels", "val_images", "val_labels", "out", "init")
+    if name in paths and value is not None:
         return str(value)
     return value
 
@@ -366,6 +387,106 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> UNet
     return model
 
 
+def init_options(run_dir: str | os.PathLike) -> dict:
+    """The architecture of the run in ``run_dir`` as TrainConfig options (for ``--init``).
+
+    A fine-tuning run takes these unless told otherwise, so that
+    ``unetile train --init RUN`` needs no network options.
+    """
+    stored = _init_config(Path(run_dir))["model"]
+    options = {name: stored[name] for name in ARCHITECTURE if name not in ("in_channels",)}
+    return options
+
+
+def _init_config(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise io.InputError(f"{run_dir}: --init needs a run folder of 'unetile train'")
+    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    if not isinstance(stored.get("model"), dict):
+        raise io.InputError(f"{run_dir / io.MODEL_CONFIG}: has no 'model' entry; not a unetile run")
+    return stored
+
+
+def load_init(
+    config: TrainConfig, in_channels: int, num_classes: int
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and ``config.json`` of ``config.init``, checked against this run's network.
+
+    Raises
+    ------
+    unetile.io.InputError
+        One line naming the first field that differs, e.g.
+        ``runs/em/config.json: base_channels 16 differs from this run's 64``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(config.init)
+    stored = _init_config(run_dir)
+    ours = config.model_config(in_channels, num_classes).to_dict()
+    for name in ARCHITECTURE:
+        if stored["model"].get(name) != ours[name]:
+            raise io.InputError(
+                f"{run_dir / io.MODEL_CONFIG}: {name} {stored['model'].get(name)} differs "
+                f"from this run's {ours[name]}; fine-tuning needs the same network"
+            )
+    weights_path = run_dir / io.MODEL_WEIGHTS
+    try:
+        weights = load_file(str(weights_path))  # safetensors: no code runs
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise io.InputError(f"{weights_path}: cannot be read as weights ({reason})") from None
+    if config.init_normalization == "keep":
+        stored_channels = len((stored.get("normalization") or {}).get("mean", []))
+        if stored_channels != in_channels:
+            raise io.InputError(
+                f"{run_dir / io.MODEL_CONFIG}: no normalisation for {in_channels} channel(s) "
+                f"to keep; use --init-normalization recompute"
+            )
+    record = {
+        "run": str(run_dir),
+        "weights_sha256": _sha256(weights_path),
+        "normalization": config.init_normalization,
+        "freeze_encoder": config.freeze_encoder,
+    }
+    return weights, {**stored, "init_record": record}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def start_from(model: UNet, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``weights`` into ``model``; InputError naming ``source`` when they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise io.InputError(
+            f"{source}: weights do not fit the network ({str(error).splitlines()[0]})"
+        ) from None
+
+
+def freeze_encoder(model: UNet) -> None:
+    """Stop training the contracting path: its weights get no gradient, its norms keep
+    their running statistics (see :func:`training_mode`)."""
+    for parameter in model.contracting.parameters():
+        parameter.requires_grad_(False)
+
+
+def training_mode(model: UNet, config: TrainConfig) -> None:
+    """``model.train()``, with a frozen contracting path left in evaluation mode
+    (batch norm then uses, and keeps, the statistics of the run it came from)."""
+    model.train()
+    if config.freeze_encoder:
+        model.contracting.eval()
+
+
 def build_sampler(config: TrainConfig, data: TrainingData, device: torch.device) -> TileSampler:
     """The run's tile sampler: its geometry, normalisation, augmentation and seed."""
     return TileSampler(
@@ -380,8 +501,8 @@ def build_sampler(config: TrainConfig, data: TrainingData, device: torch.device)
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper), Adam or AdamW."""
-    parameters = model.parameters()
+    """SGD with momentum (the paper), Adam or AdamW, over the parameters being trained."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             parameters,
@@ -513,6 +634,7 @@ def _label_options(config: TrainConfig) -> dict:
         dims=config.dims,
         label_mode=config.label_mode,
         cell_value=config.cell_value,
+        ignore_value=config.ignore_value,
         w0=config.w0,
         sigma=config.sigma,
         class_weights=config.class_weights,
@@ -666,14 +788,16 @@ def validate(
                 progress=False,
             )
             if config.label_mode == "instances":
-                truth = item.instances
+                truth = item.instances.astype(np.int64)
             else:
-                truth = (item.classes == config.foreground).astype(np.uint8)
+                truth = (item.classes == config.foreground).astype(np.int64)
+            truth[item.classes == IGNORE] = IGNORE
             values = score(
                 probabilities[config.foreground],
                 truth,
                 metrics=list(config.metrics),
                 thresholds=(0.5,),
+                ignore_value=IGNORE if config.ignore_value is not None else None,
             )
             for name in config.metrics:
                 totals[name] = totals.get(name, 0.0) + float(values[name])
@@ -863,20 +987,34 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
+    init_weights, init_record = None, None
     if resume and (run_dir / io.MODEL_CONFIG).is_file():
         # The network was trained on the stored normalisation; keep it even if the images changed.
-        stored = io.read_json(run_dir / io.MODEL_CONFIG).get("normalization")
-        if stored is not None:
-            data.normalization = stored
+        stored = io.read_json(run_dir / io.MODEL_CONFIG)
+        if stored.get("normalization") is not None:
+            data.normalization = stored["normalization"]
+        init_record = stored.get("init")
+    elif config.init is not None:
+        init_weights, init_config = load_init(config, data.in_channels, data.num_classes)
+        init_record = init_config["init_record"]
+        if config.init_normalization == "keep":
+            data.normalization = init_config["normalization"]
     saved_config = run_config(config, data)
+    if init_record is not None:
+        saved_config["init"] = init_record
 
     torch.manual_seed(config.seed)  # drop-out draws from torch's global generator
-    model = build_model(config, data.in_channels, data.num_classes).to(device)
+    model = build_model(config, data.in_channels, data.num_classes)
+    if init_weights is not None:
+        start_from(model, init_weights, str(Path(config.init) / io.MODEL_WEIGHTS))
+    if config.freeze_encoder:
+        freeze_encoder(model)
+    model = model.to(device)
     memory_format = torch.preserve_format
     if config.channels_last:
         memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=memory_format)
-    model.train()
+    training_mode(model, config)
     forward = _compiled(model) if config.compile else model
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -1011,6 +1149,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                             data.output_shape,
                             device,
                         )
+                        training_mode(model, config)
                         row.update({f"val_{k}": v for k, v in last_metrics.items()})
                         value = last_metrics[config.keep_best]
                         better = best_value is None or (

@@ -7,6 +7,16 @@ pixels, from a background pixel to the border of the nearest and of the
 second-nearest cell. The border term is large in the thin background gaps
 between touching cells, which forces the network to learn to separate them.
 
+Unknown pixels. Sparse annotations (scribbles, points) leave most pixels
+unknown: neither cell nor background. They weigh 0, do not count in the
+class frequencies of ``w_c`` (its mean over the *annotated* pixels is 1), and
+get no border term. ``d1`` and ``d2`` are the distances to the nearest and
+second-nearest *annotated* cell, measured straight through unknown pixels: an
+unknown pixel neither is a cell, nor ends a cell (no border is drawn where a
+cell meets the unknown), nor stops a distance. A cell hidden in an unknown
+region therefore cannot raise the weight of a background pixel next to it:
+the border term only stresses gaps whose two sides were annotated.
+
 Distance convention. A cell's border is the boundary between its pixels and the
 background, half a pixel beyond the centres of its outermost pixels, so
 ``d = edt - 1/2`` where ``edt`` is the Euclidean distance between pixel centres
@@ -101,6 +111,7 @@ def weight_map(
     class_weights: str | Sequence[float] | None = "balanced",
     labels: np.ndarray | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    unknown: np.ndarray | None = None,
 ) -> np.ndarray:
     """The paper's loss weight map ``w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2))``.
 
@@ -134,6 +145,10 @@ def weight_map(
         ``instances > 0``.
     tolerance : float
         Largest allowed error of the border term (absolute, same units as ``w0``).
+    unknown : ndarray of bool, optional
+        Pixels without annotation (module docstring): weight 0, left out of the
+        class balance, neither cells nor background. ``instances`` must be 0
+        there; ``labels`` may hold anything there (e.g. -1).
 
     Returns
     -------
@@ -164,12 +179,21 @@ def weight_map(
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
 
-    weights = _class_weight_map(instances, class_weights, labels)
+    known = _known_mask(instances, unknown)
+    weights = np.zeros(instances.shape, dtype=np.float64)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != instances.shape:
+            raise ValueError(
+                f"labels: shape {labels.shape} differs from instances {instances.shape}"
+            )
+        labels = labels[known]
+    weights[known] = _class_weight_map(instances[known], class_weights, labels)
     cutoff = border_cutoff(w0, sigma, tolerance)
     if w0 == 0 or cutoff == 0 or instances.size == 0:
         return weights.astype(np.float32)
     nearest, second = nearest_two_distances(instances, cutoff + 1.0)
-    background = instances == 0
+    background = (instances == 0) & known
     # Half a pixel from each cell's outermost pixel centre to its border.
     gap = nearest[background] + second[background] - 1.0
     weights[background] += w0 * np.exp(-(gap**2) / (2.0 * sigma**2))
@@ -334,6 +358,18 @@ def _class_weight_map(
                 f"{classes.max()}; give one weight per class"
             )
     return per_class[classes]
+
+
+def _known_mask(instances: np.ndarray, unknown: np.ndarray | None) -> np.ndarray:
+    """Annotated pixels: all of them, or those outside ``unknown`` (checked against the cells)."""
+    if unknown is None:
+        return np.ones(instances.shape, dtype=bool)
+    unknown = np.asarray(unknown, dtype=bool)
+    if unknown.shape != instances.shape:
+        raise ValueError(f"unknown: shape {unknown.shape} differs from instances {instances.shape}")
+    if np.any(instances[unknown] != 0):
+        raise ValueError("unknown: pixels without annotation cannot be cells; set instances to 0")
+    return ~unknown
 
 
 def _check_class_ids(array: np.ndarray, name: str) -> None:

@@ -60,9 +60,10 @@ def add_parser(subparsers) -> None:
         "--metrics",
         nargs="+",
         choices=METRICS,
-        default=list(DEFAULT_METRICS),
+        default=None,
         metavar="NAME",
-        help=f"metrics to compute (default: {' '.join(DEFAULT_METRICS)}; choices: "
+        help=f"metrics to compute (default: {' '.join(DEFAULT_METRICS)}, without "
+        f"warping_error for 3D images or with --ignore-value; choices: "
         f"{' '.join(METRICS)})",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
@@ -72,6 +73,13 @@ def add_parser(subparsers) -> None:
         type=float,
         metavar="V",
         help="value of the cell class in two-valued maps (default: the larger value)",
+    )
+    parser.add_argument(
+        "--ignore-value",
+        type=float,
+        metavar="V",
+        help="ground-truth value of unannotated pixels: they are not scored (sparse "
+        "annotations; the warping error is then refused) (default: none)",
     )
     parser.add_argument(
         "--probabilities",
@@ -204,13 +212,18 @@ def _table(rows: list[tuple[str, dict]], keys: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import best_scores, score, score_per_threshold
+    from ..metrics import DEFAULT_METRICS, best_scores, score, score_per_threshold
 
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
     pairs = pair_files(predictions, truths, args.probabilities)
     connectivity = 1 if args.connectivity == 4 else 2
-    options = dict(metrics=args.metrics, cell_value=args.cell_value, connectivity=connectivity)
+    options = dict(
+        metrics=args.metrics,
+        cell_value=args.cell_value,
+        connectivity=connectivity,
+        ignore_value=args.ignore_value,
+    )
     results = []
     sweeps = []
     for prediction_path, truth_path in pairs:
@@ -249,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         io.write_json(
             args.json,
             {
-                "metrics": list(args.metrics),
+                "metrics": list(args.metrics or [m for m in DEFAULT_METRICS if m in mean]),
                 "probabilities": bool(args.probabilities),
                 "images": [
                     {"prediction": str(prediction), "ground_truth": str(truth), **values}

@@ -55,7 +55,7 @@ def _defaults() -> dict:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..train import LOSSES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES
+    from ..train import INIT_NORMALIZATIONS, LOSSES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES
 
     parser = subparsers.add_parser(
         "train",
@@ -154,6 +154,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "class scored in validation (its probability map)",
         type=int,
     )
+    option(
+        labels,
+        "--ignore-value",
+        "ignore_value",
+        "label value of unannotated pixels (scribbles, points, partial labels): no loss, "
+        "no weight, not scored in validation",
+        type=int,
+        shown="none",
+    )
     option(labels, "--dims", "dims", "2 for images, 3 for stacks", type=int, choices=(2, 3))
 
     weights = parser.add_argument_group("weight map (paper: w0 = 10, sigma = 5 px)")
@@ -188,6 +197,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     option(
         network, "--dropout", "dropout", "drop-out at the end of the contracting path", type=float
+    )
+
+    finetune = parser.add_argument_group("fine-tuning")
+    option(
+        finetune,
+        "--init",
+        "init",
+        "start from the model of this run folder (its network options become the defaults; "
+        "they must match)",
+        metavar="RUN_DIR",
+        shown="none: He initialisation",
+    )
+    option(
+        finetune,
+        "--init-normalization",
+        "init_normalization",
+        "with --init: 'recompute' the intensity normalisation on the new images, or 'keep' "
+        "the init run's (same microscope and settings)",
+        choices=INIT_NORMALIZATIONS,
+    )
+    switch(
+        finetune,
+        "freeze_encoder",
+        "freeze-encoder",
+        "with --init: train only the expansive path and the classifier",
     )
 
     tiles = parser.add_argument_group("tiles and augmentation")
@@ -259,7 +293,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
 
     engine = parser.add_argument_group("engine")
-    option(engine, "--device", "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    option(
+        engine,
+        "--device",
+        "device",
+        "'auto' (CUDA, else Apple MPS, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    )
     option(
         engine,
         "--precision",
@@ -346,7 +385,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    """Stored options (on --resume) < TOML file < command line."""
+    """The --init run's network < stored options (on --resume) < TOML file < command line."""
     options: dict = {}
     if args.resume:
         if args.out is None:
@@ -367,6 +406,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
             file_options["augment"] = {**options["augment"], **file_options["augment"]}
         options.update(file_options)
     options.update(options_from_args(args))
+    if options.get("init") is not None and not args.resume:
+        from ..train import init_options
+
+        options = {**init_options(options["init"]), **options}
     return options
 
 
