@@ -127,6 +127,104 @@ def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
     raise InputError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
 
 
+#: Lengths in micrometres, by the unit names TIFF writers use (OME, ImageJ, Fiji).
+MICROMETRES = {
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+CENTIMETRE_UNIT = 3  # TIFF ResolutionUnit; 2 (inch) is a printing setting, 1 none
+
+
+def read_pixel_size(path: str | os.PathLike, dims: int = 2) -> tuple[float, ...] | None:
+    """Pixel size in micrometres along each spatial axis (``(y, x)`` or ``(z, y, x)``).
+
+    Read from the TIFF metadata, in this order: OME-XML (``PhysicalSizeX/Y/Z``
+    with their units), ImageJ (``XResolution`` / ``YResolution`` with the
+    ``unit`` entry, ``spacing`` for z), a resolution in pixels per centimetre.
+    None when the file states none (PNG, zarr, a TIFF without these tags, a
+    3D stack without its z step, a resolution in dots per inch): give it with
+    ``--pixel-size`` then.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            if tiff.is_ome:
+                return _ome_pixel_size(tiff.ome_metadata, dims)
+            page = tiff.pages[0]
+            sizes = _resolution_sizes(page)
+            if tiff.is_imagej:
+                metadata = tiff.imagej_metadata or {}
+                scale = _micrometres(str(metadata.get("unit", "")).replace("\\u00B5", "µ"))
+                if scale is None or sizes is None:
+                    return None
+                sizes = tuple(size * scale for size in sizes)
+                if dims == 3:
+                    spacing = metadata.get("spacing")
+                    return None if spacing is None else (float(spacing) * scale, *sizes)
+                return sizes
+            unit = page.tags.get("ResolutionUnit")
+            if sizes is None or unit is None or int(unit.value) != CENTIMETRE_UNIT or dims != 2:
+                return None
+            return tuple(size * MICROMETRES["cm"] for size in sizes)
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, ZeroDivisionError):
+        return None  # the image reader reports an unreadable file
+
+
+def _micrometres(unit: str) -> float | None:
+    return MICROMETRES.get(unit.strip()) if unit else None
+
+
+def _resolution_sizes(page) -> tuple[float, float] | None:
+    """(y, x) pixel sizes in the resolution unit, from pixels per unit; None if absent."""
+    sizes = []
+    for name in ("YResolution", "XResolution"):
+        tag = page.tags.get(name)
+        if tag is None:
+            return None
+        numerator, denominator = tag.value
+        if numerator <= 0 or denominator <= 0:
+            return None
+        sizes.append(denominator / numerator)
+    if sizes == [1.0, 1.0]:
+        return None  # what writers put when they know nothing
+    return tuple(sizes)
+
+
+def _ome_pixel_size(xml: str | None, dims: int) -> tuple[float, ...] | None:
+    import xml.etree.ElementTree as ElementTree
+
+    if not xml:
+        return None
+    root = ElementTree.fromstring(xml)
+    pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels") or e.tag == "Pixels"), None)
+    if pixels is None:
+        return None
+    axes = ("Z", "Y", "X")[-dims:]
+    sizes = []
+    for axis in axes:
+        value = pixels.get(f"PhysicalSize{axis}")
+        scale = _micrometres(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        if value is None or scale is None:
+            return None
+        sizes.append(float(value) * scale)
+    return tuple(sizes)
+
+
 def _temporary_path(path: Path) -> Path:
     # Keep the real suffix last so that writers that go by it pick the format.
     fd, name = tempfile.mkstemp(

@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +49,7 @@ CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
 CUDA_BUDGET_FRACTION = 0.7  # of the free device memory, the rest for cuDNN workspaces
 SAME_OVERLAP = 0.5  # nnU-Net's tile step for blended ("same") models
 GAUSSIAN_SIGMA = 1.0 / 8.0  # of the tile length, as in nnU-Net
+MPS_FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"  # read by torch once, when it is imported
 
 
 # --------------------------------------------------------------------------
@@ -282,19 +284,44 @@ def read_tile(
 # --------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or ``"auto"``: the first CUDA device when there is one, else the CPU.
+def mps_available() -> bool:
+    """Whether torch can use an Apple GPU (Metal Performance Shaders) here."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
-    A device torch does not know, or CUDA without a CUDA GPU, raises ValueError.
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: the first CUDA device, else an Apple GPU (MPS), else the CPU.
+
+    A device torch does not know, or CUDA or MPS where torch sees none, raises
+    ValueError. On MPS, operations it lacks run on the CPU when the variable
+    ``PYTORCH_ENABLE_MPS_FALLBACK=1`` was set before torch was imported (the
+    ``unetile`` package sets it on import; a warning says when it is missing).
     """
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        device = "mps" if mps_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not one torch knows; use 'cpu' or 'cuda'") from None
+        raise ValueError(
+            f"device {device!r} is not one torch knows; use 'cpu', 'cuda' or 'mps'"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU; use 'cpu'")
+    if device.type == "mps":
+        if not mps_available():
+            raise ValueError(
+                "device 'mps' asked for, but torch sees no Apple GPU (it needs macOS 12.3+ "
+                "on Apple silicon and a torch built with MPS); use 'cpu'"
+            )
+        if os.environ.get(MPS_FALLBACK) != "1":
+            warnings.warn(
+                f"{MPS_FALLBACK} is not 1: an operation MPS lacks will fail instead of running "
+                f"on the CPU; set it before torch is imported",
+                stacklevel=2,
+            )
     return device
 
 

@@ -52,7 +52,7 @@ from .data import (
     normalization_statistics,
 )
 from .model import UNet, UNetConfig, output_size
-from .predict import resolve_device
+from .predict import mps_available, resolve_device
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
@@ -85,6 +85,9 @@ class TrainConfig:
         ignore_value : label value of unannotated pixels (sparse labels): no
             loss, no weight, not scored in validation; None = every pixel annotated.
         dims : 2 for images, 3 for stacks.
+        pixel_size : micrometres per pixel, one value or one per spatial axis;
+            overrides the images' TIFF metadata. None: read from the metadata
+            (stored in ``config.json`` as ``pixel_size_um``, null when unknown).
     Weight map (paper: w0 = 10, sigma = 5 px)
         w0, sigma, class_weights ("balanced" or "none"), cache_weights (on disk).
     Network
@@ -136,6 +139,7 @@ class TrainConfig:
     foreground: int = 1
     ignore_value: int | None = None
     dims: int = 2
+    pixel_size: tuple[float, ...] | None = None
     w0: float = 10.0
     sigma: float = 5.0
     class_weights: str = "balanced"
@@ -237,6 +241,10 @@ class TrainConfig:
             raise ValueError("freeze_encoder keeps trained weights; give init, the run to start")
         if (self.val_images is None) != (self.val_labels is None):
             raise ValueError("val_images and val_labels go together; give both or neither")
+        if self.pixel_size is not None:
+            from .scale import check_pixel_size
+
+            check_pixel_size(self.pixel_size, self.dims, "pixel_size")
         # Fail early on a bad architecture rather than after reading the data.
         self.model_config(in_channels=1, num_classes=max(2, self.num_classes or 2))
 
@@ -308,6 +316,12 @@ def _coerce(name: str, value):
         if not isinstance(value, dict):
             raise ValueError(f"augment must be a table of AugmentParams fields, got {value!r}")
         return AugmentParams.from_dict(value)
+    if name == "pixel_size" and value is not None:
+        if isinstance(value, int | float):
+            return (float(value),)
+        if isinstance(value, str):
+            value = [part for part in value.replace("x", ",").split(",") if part.strip()]
+        return tuple(float(part) for part in value)
     if name in ("tile_shape", "metrics") and value is not None:
         if isinstance(value, int):
             return (value,)
@@ -578,6 +592,8 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, state: dict) -> N
     if torch.cuda.is_available():
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{index}"] = rng
+    if mps_available():  # drop-out on an Apple GPU draws from its own generator
+        tensors["rng.mps"] = torch.mps.get_rng_state()
     metadata = {"state": json.dumps({**state, "optimizer": optimizer_json})}
     with io.atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
@@ -613,6 +629,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if "rng.mps" in tensors and mps_available():
+        torch.mps.set_rng_state(tensors["rng.mps"])
     return state
 
 
@@ -627,6 +645,7 @@ class TrainingData:
     normalization: dict
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    pixel_size: tuple[float, ...] | None = None
 
 
 def _label_options(config: TrainConfig) -> dict:
@@ -662,9 +681,39 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
             with_weights=False,
             **options,
         )
-    return _assemble(
+    data = _assemble(
         config, train_images, validation, num_classes, config.val_images, io.InputError
     )
+    data.pixel_size = training_pixel_size(config)
+    return data
+
+
+def training_pixel_size(config: TrainConfig) -> tuple[float, ...] | None:
+    """The training images' pixel size (micrometres): ``config.pixel_size``, else their metadata.
+
+    Raises
+    ------
+    unetile.io.InputError
+        When two images state pixel sizes that differ by more than 1 %.
+    """
+    from .scale import check_pixel_size, describe, relative_difference
+
+    if config.pixel_size is not None:
+        return check_pixel_size(config.pixel_size, config.dims, "--pixel-size")
+    found = None
+    for path in io.list_images(config.images):
+        size = io.read_pixel_size(path, config.dims)
+        if size is None:
+            continue
+        if found is None:
+            found = (path, size)
+        elif relative_difference(size, found[1]) > 0.01:
+            raise io.InputError(
+                f"{path}: pixel size {describe(size)} differs from {found[0].name} "
+                f"({describe(found[1])}); resample the images to one pixel size, or state "
+                f"the right one with --pixel-size"
+            )
+    return None if found is None else found[1]
 
 
 def prepare_arrays(
@@ -703,7 +752,12 @@ def prepare_arrays(
         validation, _ = labeled_images_from_arrays(
             val_images, val_labels, num_classes=num_classes, with_weights=False, **options
         )
-    return _assemble(config, train_images, validation, num_classes, "val_images", ValueError)
+    data = _assemble(config, train_images, validation, num_classes, "val_images", ValueError)
+    if config.pixel_size is not None:
+        from .scale import check_pixel_size
+
+        data.pixel_size = check_pixel_size(config.pixel_size, config.dims, "pixel_size")
+    return data
 
 
 def _assemble(config, train_images, validation, num_classes, validation_source, error_type):
@@ -751,6 +805,7 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
             "cell_value": config.cell_value,
         },
         "tile": {"input_shape": list(data.input_shape), "output_shape": list(data.output_shape)},
+        "pixel_size_um": None if data.pixel_size is None else list(data.pixel_size),
         "training": config.to_dict(),
     }
 

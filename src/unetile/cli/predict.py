@@ -66,21 +66,84 @@ def add_parser(subparsers) -> None:
         default="tif",
         help="output format: tiled BigTIFF or zarr store (default tif)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="'cpu', 'cuda', 'cuda:N' or 'mps' (Apple GPU) (default: cuda if available, "
+        "else mps, else cpu)",
+    )
     parser.add_argument(
         "--memory-budget",
         type=float,
         metavar="GB",
         help="memory for activations when the tile size is automatic (GiB)",
     )
+    parser.add_argument(
+        "--pixel-size",
+        metavar="UM",
+        help="micrometres per pixel of the inputs, one value or one per axis (z,y,x); "
+        "overrides their TIFF metadata (default: read from it)",
+    )
+    parser.add_argument(
+        "--rescale",
+        action="store_true",
+        help="resample each input to the model's pixel size (linear), predict, and resample "
+        "the outputs back to the input's size (probabilities linear, labels nearest); "
+        "holds the image in memory",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..data import channels_first
-    from ..predict import GIB, check_tile_shape, predict_to_files
+def _stated_pixel_size(text: str | None, dims: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    from ..scale import check_pixel_size
 
+    try:
+        values = [float(part) for part in text.replace("x", ",").split(",") if part.strip()]
+        return check_pixel_size(values, dims, "--pixel-size")
+    except ValueError as error:
+        raise io.InputError(f"--pixel-size {text!r}: {error}") from None
+
+
+def _needs_rescaling(args, path: Path, pixel_size, model_pixel_size) -> bool:
+    """Whether to resample ``path``; warns when its pixel size is far from the model's."""
+    from ..scale import SAME, TOLERANCE, describe, relative_difference
+
+    if pixel_size is None or model_pixel_size is None:
+        if args.rescale:
+            raise io.InputError(
+                f"{path}: states no pixel size to --rescale from; give it with --pixel-size"
+            )
+        return False
+    difference = relative_difference(pixel_size, model_pixel_size)
+    if args.rescale:
+        return difference > SAME
+    if difference > TOLERANCE:
+        looks = "smaller" if pixel_size[-1] > model_pixel_size[-1] else "larger"
+        print(
+            f"unetile predict: warning: {path}: pixel size {describe(pixel_size)} differs from "
+            f"the model's {describe(model_pixel_size)} by {100 * difference:.0f}% (more than "
+            f"{100 * TOLERANCE:.0f}%): structures look {looks} than in training; add --rescale",
+            file=sys.stderr,
+        )
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import functools
+
+    import numpy as np
+
+    from ..data import channels_first
+    from ..predict import GIB, check_tile_shape, predict_to_files, resolve_device
+    from ..scale import predict_rescaled_to_files
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise io.InputError(f"--device: {error}") from None
     model, config = io.load_model(args.model)
     if args.tile is not None:
         try:
@@ -108,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise io.InputError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
     budget = None if args.memory_budget is None else args.memory_budget * GIB
+    model_pixel_size = config.get("pixel_size_um")
+    stated_pixel_size = _stated_pixel_size(args.pixel_size, model.config.dims)
+    if args.rescale and model_pixel_size is None:
+        raise io.InputError(
+            f"{args.model / io.MODEL_CONFIG}: the model has no pixel size to --rescale to; "
+            f"train it with --pixel-size (or on TIFFs that state theirs)"
+        )
     paths = io.expand_inputs(args.inputs)
     suffix = ".zarr" if args.format == "zarr" else ".tif"
     failed = 0
@@ -126,7 +196,17 @@ def run(args: argparse.Namespace) -> int:
                     image = channels_first(
                         image, model.config.dims, channels_last=path.suffix.lower() == ".png"
                     )
-                predict_to_files(
+                pixel_size = stated_pixel_size or io.read_pixel_size(path, model.config.dims)
+                rescale = _needs_rescaling(args, path, pixel_size, model_pixel_size)
+                predict = predict_to_files
+                if rescale:
+                    image = np.asarray(image)
+                    predict = functools.partial(
+                        predict_rescaled_to_files,
+                        pixel_size=pixel_size,
+                        model_pixel_size=model_pixel_size,
+                    )
+                predict(
                     model,
                     image,
                     **outputs,
@@ -135,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                     tile_shape=args.tile,
                     batch_size=args.batch_size,
                     tta=args.tta,
-                    device=args.device,
+                    device=device,
                     memory_budget=budget,
                     normalization=normalization,
                     progress=not args.no_progress,

@@ -164,6 +164,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         shown="none",
     )
     option(labels, "--dims", "dims", "2 for images, 3 for stacks", type=int, choices=(2, 3))
+    option(
+        labels,
+        "--pixel-size",
+        "pixel_size",
+        "micrometres per pixel of the training images, one value or one per axis (z,y,x); "
+        "overrides their TIFF metadata; stored for predict to compare",
+        shown="read from the TIFF/OME-TIFF/ImageJ metadata",
+    )
 
     weights = parser.add_argument_group("weight map (paper: w0 = 10, sigma = 5 px)")
     option(weights, "--w0", "w0", "amplitude of the border term", type=float)
