@@ -13,7 +13,9 @@ A run folder holds (the README restates it):
   ``unetile predict`` loads: the best model by ``keep_best`` on the validation
   images, or the last one when there are none. ``config.json`` holds the
   network (``model``), the intensity normalisation, the classes, the tile
-  geometry and the training options (``training``).
+  geometry, the training images' pixel size (``pixel_size_um``, null when
+  unknown), the run a fine-tuning run started from (``init``) and the
+  training options (``training``).
 - ``last.safetensors``: the weights after the last step.
 - ``checkpoint.safetensors``: everything to continue (weights, optimiser
   state, step, random states), one file written atomically; the non-tensor
