@@ -1,4 +1,4 @@
-"""Command line: ``unetile {demo,train,predict,evaluate}``.
+"""Command line: ``unetile {demo,train,predict,evaluate,export}``.
 
 Argument parsing only; each sub-command lives in its own module with
 ``add_parser(subparsers)`` and ``run(args) -> int`` and calls the package's
@@ -17,7 +17,7 @@ from .. import __version__
 from ..allocator import keep_freed_memory
 from ..io import InputError
 
-COMMANDS = ("demo", "train", "predict", "evaluate")
+COMMANDS = ("demo", "train", "predict", "evaluate", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
