@@ -337,6 +337,7 @@ seams. Valid tile sizes: {info["valid_size_rule"]}. A consumer's tiling equals a
 whole-image pass when the image sides are multiples of {geometry["multiple"]}; past the
 image border the input is mirrored (reflect padding), as in unetile.
 
+{_tiling_note(model)}
 ## Validation
 
 The test output is unetile's own whole-image prediction of the test image (the
@@ -350,6 +351,16 @@ In unetile: `unetile predict RUN_DIR images/ --out predictions/`. Here: any
 bioimage.io consumer (bioimageio.core, ilastik, napari, deepImageJ, QuPath) with the
 TorchScript or ONNX weights.
 """
+
+
+def _tiling_note(model: UNet) -> str:
+    if tile_exact(model):
+        return ""
+    reason = "instance norm" if model.config.norm == "instance" else "`same` padding"
+    return (
+        f"**Not tile-exact**: with {reason} the output depends on the tile; use blocks as\n"
+        "large as memory allows (unetile checks this package with one block per image).\n"
+    )
 
 
 def write_bioimageio(
@@ -385,8 +396,15 @@ def write_bioimageio(
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         _write_package_files(model, config, image, folder, name)
-        with _quiet_bioimageio():
-            descr = _model_description(model, config, folder, name, authors)
+        import pydantic
+
+        try:
+            with _quiet_bioimageio():
+                descr = _model_description(model, config, folder, name, authors)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"bioimage.io refuses {where} ({first['msg']})") from None
         with atomic_path(path) as temporary:
             os.remove(temporary)  # the packager refuses to overwrite
             spec.save_bioimageio_package(descr, output_path=temporary)
@@ -396,20 +414,16 @@ def _write_package_files(model, config, image, folder: Path, name: str) -> None:
     import tifffile
     from skimage import io as skio
 
-    from .predict import predict
-
     geometry = export_geometry(model.config.depth, model.config.padding)
     sample = test_image(model, image)
-    probabilities = predict(
-        model, sample, normalization=config.get("normalization"), progress=False, device="cpu"
-    )
+    probabilities = reference_prediction(model, config, sample)
     # The package's self-test runs the network on the test input without tiling:
     # the crop mirrored by the margin in, unetile's prediction framed by the halo out.
     border = ((0, 0),) + ((geometry.margin, geometry.margin),) * model.config.dims
     np.save(folder / "test_input.npy", np.pad(sample, border, mode="reflect")[None])
     np.save(folder / "test_output.npy", np.pad(probabilities, border)[None])
-    tifffile.imwrite(folder / "sample_input.tif", sample)
-    tifffile.imwrite(folder / "sample_output.tif", probabilities)
+    tifffile.imwrite(folder / "sample_input.tif", sample, photometric="minisblack")
+    tifffile.imwrite(folder / "sample_output.tif", probabilities, photometric="minisblack")
     foreground = int((config.get("classes") or {}).get("foreground", 1))
     cover = _cover(sample, probabilities, foreground)
     skio.imsave(folder / "cover.png", cover, check_contrast=False)
@@ -529,13 +543,26 @@ def _normalization_descr(v0_5, normalization: dict, channels: int):
 # --------------------------------------------------------------------------
 
 
-def reference_prediction(model: UNet, config: dict, image: np.ndarray) -> np.ndarray:
-    """unetile's probabilities ``(K, *S)`` of the test crop of ``image`` (:func:`test_image`)."""
+def tile_exact(model: UNet) -> bool:
+    """Whether any tiling gives the whole-image result (valid convolutions, no instance norm)."""
+    return model.config.padding == "valid" and model.config.norm != "instance"
+
+
+def reference_prediction(model: UNet, config: dict, sample: np.ndarray) -> np.ndarray:
+    """unetile's probabilities ``(K, *S)`` of a test crop, predicted as one tile.
+
+    The one tile reads the same window as the exported network given the crop
+    mirrored by its margin, so the two agree even for models whose output
+    depends on the tile (instance norm, ``same`` padding).
+    """
     from .predict import predict
 
-    sample = test_image(model, image)
+    geometry = export_geometry(model.config.depth, model.config.padding)
+    tile = tuple(side + geometry.extra for side in sample.shape[1:])
     normalization = config.get("normalization")
-    return predict(model, sample, normalization=normalization, progress=False, device="cpu")
+    return predict(
+        model, sample, tile_shape=tile, normalization=normalization, progress=False, device="cpu"
+    )
 
 
 def _network_input(model: UNet, config: dict, image: np.ndarray) -> np.ndarray:
@@ -633,19 +660,22 @@ def check_export(
         ``(*S)`` or ``(C, *S)``; its test crop (:func:`test_image`) is predicted
         by unetile (whole image) and by the exported file (ONNX and TorchScript
         on the mirrored crop in one pass; the package by bioimageio.core with
-        its own tiling, once per weight format).
+        its own tiling, once per weight format: two blocks per axis, or one
+        block for a model that is not tile-exact, see :func:`tile_exact`).
 
     Returns
     -------
     dict
         ``{"onnx": 1.2e-06}``, or ``{"bioimageio/torchscript": ..., "bioimageio/onnx": ...}``.
     """
-    reference = reference_prediction(model, config, image)
+    sample = test_image(model, image)
+    reference = reference_prediction(model, config, sample)
     if export_format == "bioimageio":
-        sample = test_image(model, image)
+        # A model that is not tile-exact differs between any two tilings: one block then.
+        blocks = 2 if tile_exact(model) else 1
         return {
             f"bioimageio/{weights}": _max_difference(
-                run_bioimageio(path, sample, weights), reference
+                run_bioimageio(path, sample, weights, blocks), reference
             )
             for weights in ("torchscript", "onnx")
         }

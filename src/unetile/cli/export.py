@@ -85,10 +85,16 @@ def run(args: argparse.Namespace) -> int:
                 differences = export.check_export(model, config, staged, args.fmt, image)
         except export.MissingExtraError as error:
             raise io.InputError(str(error)) from None
+        except ValueError as error:
+            if isinstance(error, io.InputError):
+                raise
+            raise io.InputError(f"{args.out}: {error}") from None
         if args.check:
             worst = max(differences.values())
+            blocks = "" if export.tile_exact(model) else " (one block: not a tile-exact model)"
             for runtime, difference in differences.items():
-                print(f"check: {runtime} max |probability difference| {difference:.2e}")
+                where = blocks if runtime.startswith("bioimageio") else ""
+                print(f"check: {runtime} max |probability difference| {difference:.2e}{where}")
             if not worst <= export.TOLERANCE:
                 raise io.InputError(
                     f"{args.out}: the export differs from unetile's prediction by {worst:.2e} "
