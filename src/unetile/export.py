@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from .model import UNet, context_margin, output_size, size_multiple
+from .model import UNet, context_margin, is_valid_input_size, output_size, size_multiple
 from .tiling import mirror_indices
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
-ONNX_OPSET = 17  # run by every onnxruntime since 1.15 on CPU; deepImageJ/JDLL read it too
+ONNX_OPSET = 17  # run on the CPU by every onnxruntime since 1.14
 TOLERANCE = 1e-4  # max |probability difference| accepted by the check (float32)
 TEST_SIZE = {2: 256, 3: 64}  # test image side (pixels) for the package and the check
 EXTRA_HINT = 'pip install "unetile[export]"'
@@ -117,19 +117,15 @@ def export_geometry(depth: int, padding: str = "valid") -> ExportGeometry:
     network_margin = context_margin(depth, padding)
     multiple = size_multiple(depth)
     smallest = next(
-        s for s in range(1, 2 * network_margin + 8 * multiple) if _valid(s, depth, padding)
+        s
+        for s in range(1, 2 * network_margin + 8 * multiple)
+        if is_valid_input_size(s, depth, padding)
     )
     smallest_output = output_size(smallest, depth, padding)
     # All raw outputs are congruent modulo `multiple`; `extra` is that remainder.
     extra = smallest_output % multiple
     min_output = smallest_output - extra or multiple
     return ExportGeometry(network_margin + extra, multiple, min_output, extra)
-
-
-def _valid(size: int, depth: int, padding: str) -> bool:
-    from .model import is_valid_input_size
-
-    return is_valid_input_size(size, depth, padding)
 
 
 class ExportedUNet(nn.Module):
@@ -270,7 +266,7 @@ def write_onnx(model: UNet, config: dict, path: str | os.PathLike, border: bool 
 # --------------------------------------------------------------------------
 
 
-def test_image(model: UNet, image: np.ndarray) -> np.ndarray:
+def sample_crop(model: UNet, image: np.ndarray) -> np.ndarray:
     """Central crop ``(C, *S)`` of an image, its sides a multiple of ``2**(depth-1)``.
 
     Each side is at most 256 px (64 in 3D), but in 2D at least four margins,
@@ -308,6 +304,16 @@ def _cover(image: np.ndarray, probabilities: np.ndarray, foreground: int) -> np.
     return (np.concatenate([scaled, gap, second], axis=1) * 255).round().astype(np.uint8)
 
 
+def _preprocessing_note(config: dict) -> str:
+    normalization = config.get("normalization")
+    if normalization is None:
+        return "No preprocessing (the model was trained on raw values)."
+    return (
+        "Preprocessing: `(image - mean) / std` per channel with the training statistics "
+        f"(mean {normalization['mean']}, std {normalization['std']})."
+    )
+
+
 def _documentation(model: UNet, config: dict, name: str) -> str:
     info = metadata(model, config)
     geometry = info["geometry"]
@@ -322,10 +328,8 @@ first level, `{architecture.padding}` convolutions, {architecture.dims}D,
 
 ## Input
 
-`(batch, channel, {", ".join(("z", "y", "x")[-architecture.dims :])})`, float32. Preprocessing:
-`(image - mean) / std` per channel with the training statistics
-(mean {info["normalization"] and info["normalization"]["mean"]},
-std {info["normalization"] and info["normalization"]["std"]}).
+`(batch, channel, {", ".join(_spatial_axis_ids(architecture.dims))})`, float32.
+{_preprocessing_note(config)}
 
 ## Output
 
@@ -347,9 +351,9 @@ and requires a max absolute difference of probabilities <= 1e-4 from unetile.
 
 ## Use
 
-In unetile: `unetile predict RUN_DIR images/ --out predictions/`. Here: any
-bioimage.io consumer (bioimageio.core, ilastik, napari, deepImageJ, QuPath) with the
-TorchScript or ONNX weights.
+In unetile: `unetile predict RUN_DIR images/ --out predictions/`. Elsewhere: a
+bioimage.io consumer that runs TorchScript or ONNX weights and crops the halo
+(tested with bioimageio.core).
 """
 
 
@@ -384,7 +388,7 @@ def write_bioimageio(
         The ``.zip`` to write (atomically).
     image : ndarray
         ``(*S)`` or ``(C, *S)`` image, unnormalised. Its crop
-        (:func:`test_image`) mirrored by the margin is the test input;
+        (:func:`sample_crop`) mirrored by the margin is the test input;
         unetile's prediction of the crop framed by the zero halo is the test
         output; the crop and its prediction are the sample tensors and the cover.
     name, authors : str
@@ -415,7 +419,7 @@ def _write_package_files(model, config, image, folder: Path, name: str) -> None:
     from skimage import io as skio
 
     geometry = export_geometry(model.config.depth, model.config.padding)
-    sample = test_image(model, image)
+    sample = sample_crop(model, image)
     probabilities = reference_prediction(model, config, sample)
     # The package's self-test runs the network on the test input without tiling:
     # the crop mirrored by the margin in, unetile's prediction framed by the halo out.
@@ -501,6 +505,13 @@ def _input_description(v0_5, model: UNet, config: dict, folder: Path):
     )
 
 
+def _output_space_axis(v0_5, axis: str, halo: int):
+    size = v0_5.SizeReference(tensor_id=v0_5.TensorId("input"), axis_id=v0_5.AxisId(axis))
+    if halo == 0:  # `same` padding: nothing to crop, and the spec wants a halo >= 1
+        return v0_5.SpaceOutputAxis(id=v0_5.AxisId(axis), size=size)
+    return v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), size=size, halo=halo)
+
+
 def _output_description(v0_5, model: UNet, folder: Path):
     geometry = export_geometry(model.config.depth, model.config.padding)
     classes = model.config.num_classes
@@ -508,11 +519,7 @@ def _output_description(v0_5, model: UNet, folder: Path):
         v0_5.BatchAxis(),
         v0_5.ChannelAxis(channel_names=[v0_5.Identifier(f"class{k}") for k in range(classes)]),
         *(
-            v0_5.SpaceOutputAxisWithHalo(
-                id=v0_5.AxisId(a),
-                size=v0_5.SizeReference(tensor_id=v0_5.TensorId("input"), axis_id=v0_5.AxisId(a)),
-                halo=geometry.margin,
-            )
+            _output_space_axis(v0_5, a, geometry.margin)
             for a in _spatial_axis_ids(model.config.dims)
         ),
     ]
@@ -570,7 +577,7 @@ def _network_input(model: UNet, config: dict, image: np.ndarray) -> np.ndarray:
     from .data import normalize
 
     geometry = export_geometry(model.config.depth, model.config.padding)
-    sample = normalize(test_image(model, image), config.get("normalization"))
+    sample = normalize(sample_crop(model, image), config.get("normalization"))
     border = ((0, 0),) + ((geometry.margin, geometry.margin),) * model.config.dims
     return np.pad(sample, border, mode="reflect")[None].astype(np.float32)
 
@@ -604,7 +611,7 @@ def run_bioimageio(
 
     descr = load_package(path)
     axes = [a for a in descr.inputs[0].axes if a.type == "space"]
-    halo = next(a.halo for a in descr.outputs[0].axes if a.type == "space")
+    halo = next(getattr(a, "halo", 0) for a in descr.outputs[0].axes if a.type == "space")
     sizes = {}
     for axis, length in zip(axes, image.shape[1:], strict=True):
         step, smallest = axis.size.step, axis.size.min
@@ -657,7 +664,7 @@ def check_export(
     path : the exported file.
     export_format : {"onnx", "torchscript", "bioimageio"}
     image : ndarray
-        ``(*S)`` or ``(C, *S)``; its test crop (:func:`test_image`) is predicted
+        ``(*S)`` or ``(C, *S)``; its test crop (:func:`sample_crop`) is predicted
         by unetile (whole image) and by the exported file (ONNX and TorchScript
         on the mirrored crop in one pass; the package by bioimageio.core with
         its own tiling, once per weight format: two blocks per axis, or one
@@ -668,7 +675,7 @@ def check_export(
     dict
         ``{"onnx": 1.2e-06}``, or ``{"bioimageio/torchscript": ..., "bioimageio/onnx": ...}``.
     """
-    sample = test_image(model, image)
+    sample = sample_crop(model, image)
     reference = reference_prediction(model, config, sample)
     if export_format == "bioimageio":
         # A model that is not tile-exact differs between any two tilings: one block then.
