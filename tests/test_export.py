@@ -191,7 +191,7 @@ def test_torchscript_carries_the_metadata(tmp_path):
 def package(tmp_path_factory):
     model = tiny_model(depth=3, in_channels=2, num_classes=3)
     normalization = {"mean": [100.0, 90.0], "std": [50.0, 40.0]}
-    config = config_of(model, normalization)
+    config = {**config_of(model, normalization), "pixel_size_um": [0.5, 0.25]}
     image = random_image((2, 90, 100))
     path = tmp_path_factory.mktemp("package") / "model.zip"
     export.export(
@@ -209,6 +209,7 @@ def test_package_validates_and_states_the_tiling(package):
     assert [a.id for a in space] == ["y", "x"]
     assert (space[0].size.min, space[0].size.step) == (44, 4)
     assert [a.halo for a in outputs.axes if a.type == "space"] == [20, 20]
+    assert [(a.unit, a.scale) for a in space] == [("micrometer", 0.5), ("micrometer", 0.25)]
     assert inputs.pad.mode == "reflect"
     kwargs = inputs.preprocessing[1].kwargs
     assert (kwargs.mean, kwargs.std) == ([100.0, 90.0], [50.0, 40.0])

@@ -175,6 +175,7 @@ def metadata(model: UNet, config: dict) -> dict:
         "output": "float32 (batch, class, *spatial) class probabilities (soft-max included)",
         "normalization": config.get("normalization"),
         "classes": config.get("classes"),
+        "pixel_size_um": config.get("pixel_size_um"),
         "model": model.config.to_dict(),
     }
 
@@ -460,7 +461,7 @@ def _model_description(model, config, folder: Path, name: str, authors: Sequence
         covers=[v0_5.FileDescr(source=folder / "cover.png")],
         tags=["unet", "segmentation", f"{architecture.dims}d", "unetile"],
         inputs=[_input_description(v0_5, model, config, folder)],
-        outputs=[_output_description(v0_5, model, folder)],
+        outputs=[_output_description(v0_5, model, config, folder)],
         weights=v0_5.WeightsDescr(
             torchscript=v0_5.TorchscriptWeightsDescr(
                 source=folder / "weights.torchscript.pt",
@@ -485,8 +486,8 @@ def _input_description(v0_5, model: UNet, config: dict, folder: Path):
         v0_5.BatchAxis(),
         v0_5.ChannelAxis(channel_names=[v0_5.Identifier(f"channel{i}") for i in range(channels)]),
         *(
-            v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=size)
-            for a in _spatial_axis_ids(model.config.dims)
+            v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=size, **physical)
+            for a, physical in _physical(config, model.config.dims)
         ),
     ]
     preprocessing = [v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32"))]
@@ -505,22 +506,34 @@ def _input_description(v0_5, model: UNet, config: dict, folder: Path):
     )
 
 
-def _output_space_axis(v0_5, axis: str, halo: int):
+def _physical(config: dict, dims: int) -> list[tuple[str, dict]]:
+    """Spatial axis ids with unit and scale (micrometres per pixel) when the run knows them."""
+    axes = _spatial_axis_ids(dims)
+    pixel_size = config.get("pixel_size_um")
+    if not pixel_size:
+        return [(axis, {}) for axis in axes]
+    sizes = np.broadcast_to(np.asarray(pixel_size, dtype=float), (dims,))
+    return [
+        (a, {"unit": "micrometer", "scale": float(s)}) for a, s in zip(axes, sizes, strict=True)
+    ]
+
+
+def _output_space_axis(v0_5, axis: str, halo: int, physical: dict):
     size = v0_5.SizeReference(tensor_id=v0_5.TensorId("input"), axis_id=v0_5.AxisId(axis))
     if halo == 0:  # `same` padding: nothing to crop, and the spec wants a halo >= 1
-        return v0_5.SpaceOutputAxis(id=v0_5.AxisId(axis), size=size)
-    return v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), size=size, halo=halo)
+        return v0_5.SpaceOutputAxis(id=v0_5.AxisId(axis), size=size, **physical)
+    return v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), size=size, halo=halo, **physical)
 
 
-def _output_description(v0_5, model: UNet, folder: Path):
+def _output_description(v0_5, model: UNet, config: dict, folder: Path):
     geometry = export_geometry(model.config.depth, model.config.padding)
     classes = model.config.num_classes
     axes = [
         v0_5.BatchAxis(),
         v0_5.ChannelAxis(channel_names=[v0_5.Identifier(f"class{k}") for k in range(classes)]),
         *(
-            _output_space_axis(v0_5, a, geometry.margin)
-            for a in _spatial_axis_ids(model.config.dims)
+            _output_space_axis(v0_5, a, geometry.margin, physical)
+            for a, physical in _physical(config, model.config.dims)
         ),
     ]
     return v0_5.OutputTensorDescr(
