@@ -338,9 +338,10 @@ Class probabilities (the soft-max is the network's last layer), one channel per
 class, as large as the input. The network reads
 {geometry["margin"]} pixels of context on each side: that border of the output is
 zero and is the declared halo, which a consumer crops; tiles then stitch without
-seams. Valid tile sizes: {info["valid_size_rule"]}. A consumer's tiling equals a
-whole-image pass when the image sides are multiples of {geometry["multiple"]}; past the
-image border the input is mirrored (reflect padding), as in unetile.
+seams. Valid tile sizes: {info["valid_size_rule"]}. Images whose sides are
+multiples of {geometry["multiple"]} (at least {geometry["min_input"]}) are tiled exactly;
+mirror-pad others to such a size and crop the result. Past the image border the
+input is mirrored (reflect padding), as in unetile.
 
 {_tiling_note(model)}
 ## Validation
