@@ -67,6 +67,8 @@ def test_geometry_of_the_paper_network():
 def test_every_declared_size_reaches_a_valid_unet_size(depth):
     geometry = export.export_geometry(depth)
     network_margin = geometry.margin - geometry.extra
+    # Declared inputs are then multiples of 2**(depth-1): a tiler's blocks stay aligned.
+    assert (2 * geometry.margin) % geometry.multiple == 0
     for output in range(geometry.min_output, geometry.min_output + 5 * geometry.multiple):
         if output % geometry.multiple:
             continue
