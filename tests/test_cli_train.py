@@ -120,7 +120,7 @@ def test_missing_required_options_and_bad_values_are_one_line_errors(tmp_path, c
     assert "--images is required" in capsys.readouterr().err
     code = main(["train", "--images", "x", "--labels", "y", "--out", "z", "--lr", "-1"])
     assert code == 2
-    assert "learning_rate must be > 0" in capsys.readouterr().err
+    assert "learning_rate must be a finite number in (0, 10]" in capsys.readouterr().err
 
 
 def test_help_documents_every_option_with_its_default():
@@ -147,8 +147,8 @@ def test_help_documents_every_option_with_its_default():
     ("options", "message"),
     [
         (["--device", "gpu"], "--device"),
-        (["--sigma", "0"], "sigma must be positive"),
-        (["--w0", "-1"], "w0 must be non-negative"),
+        (["--sigma", "0"], "sigma must be a finite number in (0, 1000]"),
+        (["--w0", "-1"], "w0 must be a finite number in [0, 1000]"),
         (["--foreground", "5"], "--foreground 5 is not a class"),
         (["--resume"], "holds no checkpoint"),
     ],

@@ -93,20 +93,28 @@ class AugmentParams:
     gamma: tuple[float, float] = (0.8, 1.25)
 
     def __post_init__(self):
+        from .numbers import check_float, check_int
+
         # JSON gives lists back; the dataclass is frozen and hashable with tuples.
         for name in ("contrast", "brightness", "gamma"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 2 or value[0] > value[1]:
+            value = getattr(self, name)
+            if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
+                raise ValueError(f"{name} must be a range [low, high], got {value!r}")
+            value = tuple(check_float(f"{name} bound", v) for v in value)
+            if value[0] > value[1]:
                 raise ValueError(
                     f"{name} must be a range (low, high) with low <= high, got {value}"
                 )
             object.__setattr__(self, name, value)
-        if self.elastic_sigma < 0:
-            raise ValueError(f"elastic_sigma must be >= 0 pixels, got {self.elastic_sigma}")
-        if self.elastic_grid < 2:
-            raise ValueError(f"elastic_grid must be >= 2 control points, got {self.elastic_grid}")
-        if self.shift < 0:
-            raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
+        for name in ("elastic", "rotation", "flip", "gray"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(
+            self, "elastic_sigma", check_float("elastic_sigma (pixels)", self.elastic_sigma, 0, 1e4)
+        )
+        grid = check_int("elastic_grid (control points)", self.elastic_grid, 2, 64)
+        object.__setattr__(self, "elastic_grid", grid)
+        object.__setattr__(self, "shift", check_float("shift (pixels)", self.shift, 0, 1e4))
         if self.contrast[0] <= 0:
             raise ValueError(f"contrast must be a range of positive factors, got {self.contrast}")
         if self.gamma[0] <= 0:

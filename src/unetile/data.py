@@ -88,6 +88,41 @@ def channels_first(image: np.ndarray, dims: int = 2, channels_last: bool = False
     return image
 
 
+def fit_channels(image, dims: int, channels: int):
+    """``image`` as ``(channels, *S)``: gray stored as RGB becomes one channel, gray feeds RGB.
+
+    Parameters
+    ----------
+    image : array-like, ``S`` or ``(C, *S)`` (channels first)
+    dims : {2, 3}
+        Spatial axes.
+    channels : int
+        Channels the model expects.
+
+    Raises
+    ------
+    ValueError
+        When the image has other channels that cannot be read as the expected
+        ones (colour into a gray model, 2 channels into 3...).
+    """
+    if image.ndim == dims:
+        image = image[np.newaxis]
+    have = image.shape[0]
+    if have == channels:
+        return image
+    if channels == 1 and have in (3, 4):
+        first = np.asarray(image[0])
+        if all(np.array_equal(first, np.asarray(image[c])) for c in range(1, 3)):
+            return image[:1]  # gray stored as RGB(A): every colour channel the same
+    if have == 1:
+        # A gray image into a colour model: R = G = B, as a gray picture is in colour.
+        return np.broadcast_to(image, (channels, *image.shape[1:]))
+    raise ValueError(
+        f"has {have} channel(s); the model expects {channels} "
+        f"({'gray' if channels == 1 else 'colour or multi-channel'} images)"
+    )
+
+
 def labels_to_classes(
     label: np.ndarray,
     mode: str,

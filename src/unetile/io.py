@@ -10,6 +10,7 @@ final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -25,6 +26,31 @@ MODEL_CONFIG = "config.json"
 
 class InputError(ValueError):
     """Bad input from a user: the message is one line and names the file."""
+
+
+# What to do about the file-system errors users meet, by errno.
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.EACCES: "no permission: choose a folder you can write to",
+    errno.EPERM: "no permission: choose a folder you can write to",
+    errno.EROFS: "read-only file system: choose a folder you can write to",
+    errno.EISDIR: "it is a folder: give a file name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "it exists and is not a folder: give another path",
+    errno.ENAMETOOLONG: "give a shorter name",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: the path, what failed and what to do."""
+    where = "" if error.filename is None else str(error.filename)
+    if error.filename2 is not None:
+        where = f"{where} -> {error.filename2}"
+    reason = error.strerror or str(error) or type(error).__name__
+    advice = OS_ADVICE.get(error.errno)
+    text = f"{reason} ({advice})" if advice else reason
+    return f"{where}: {text}" if where else text
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -313,33 +339,229 @@ def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODE
 
 
 def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
-    """Load ``(model, config)`` from a run folder without executing any code (no pickle)."""
-    from safetensors import SafetensorError
+    """Load ``(model, config)`` from a run folder without executing any code (no pickle).
+
+    Everything is checked before the network is allocated: the ``model``
+    entry (whole numbers in sane ranges), the shapes stored in the weights
+    file against the shapes that entry implies, then every weight finite, the
+    normalisation finite with positive spread, and the classes entry.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from .model import UNet
+    from .model import UNet, UNetConfig
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a run folder; give the --out folder of 'unetile train'")
-    config = read_json(run_dir / MODEL_CONFIG)
-    if "model" not in config:
-        raise InputError(f"{run_dir / MODEL_CONFIG}: has no 'model' entry; is it a unetile run?")
+    config_path = run_dir / MODEL_CONFIG
+    config = read_json(config_path)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(f"{config_path}: has no 'model' entry; is it a unetile run?")
     try:
-        model = UNet.from_config(config["model"])
+        model_config = UNetConfig(**config["model"])
     except (TypeError, ValueError) as error:
-        raise InputError(f"{run_dir / MODEL_CONFIG}: bad 'model' entry ({error})") from None
+        raise InputError(f"{config_path}: bad 'model' entry ({error})") from None
+    _check_run_entries(config_path, config, model_config)
     weights_path = run_dir / name
     if not weights_path.is_file():
         raise InputError(f"{weights_path}: no such file; training may not have saved a model yet")
+    # The shapes the config implies, on the meta device: nothing is allocated.
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape) for k, v in UNet.from_config(model_config).state_dict().items()
+        }
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{weights_path}: not a safetensors weights file ({reason})") from None
+    if stored != expected:
+        difference = _shape_difference(stored, expected)
+        raise InputError(f"{weights_path}: weights do not fit {MODEL_CONFIG} ({difference})")
     try:
         state = load_file(str(weights_path))
-        model.load_state_dict(state)
-    except (SafetensorError, RuntimeError, OSError) as error:
-        reason = str(error).splitlines()[0]
-        raise InputError(f"{weights_path}: weights do not fit config.json ({reason})") from None
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{weights_path}: cannot be read ({reason})") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(
+                f"{weights_path}: weight {key!r} holds NaN or infinite values; the model is "
+                "broken: train it again or take an earlier checkpoint"
+            )
+    model = UNet.from_config(model_config)
+    model.load_state_dict(state)
     model.eval()
     return model, config
+
+
+def _shape_difference(stored: dict, expected: dict) -> str:
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        return f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}"
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        return f"{len(extra)} unexpected tensor(s), e.g. {extra[0]!r}"
+    key = next(k for k in expected if stored[k] != expected[k])
+    return f"{key!r} has shape {list(stored[key])}, the config implies {list(expected[key])}"
+
+
+def _check_run_entries(path: Path, config: dict, model_config) -> None:
+    """The normalisation and classes entries that ``predict`` uses, checked; InputError."""
+    from .numbers import check_float, check_int
+
+    try:
+        normalization = config.get("normalization")
+        if normalization is not None:
+            if not isinstance(normalization, dict):
+                raise ValueError("'normalization' must hold 'mean' and 'std' lists")
+            for key in ("mean", "std"):
+                values = normalization.get(key)
+                values = values if isinstance(values, list) else [values]
+                if len(values) not in (1, model_config.in_channels):
+                    raise ValueError(
+                        f"'normalization' {key} has {len(values)} values; the model has "
+                        f"{model_config.in_channels} input channel(s)"
+                    )
+                for value in values:
+                    check_float(
+                        f"normalization {key}",
+                        value,
+                        0.0 if key == "std" else None,
+                        open_minimum=key == "std",
+                    )
+        classes = config.get("classes", {})
+        if not isinstance(classes, dict):
+            raise ValueError("'classes' must be a table such as {\"foreground\": 1}")
+        if (
+            "num_classes" in classes
+            and check_int("classes num_classes", classes["num_classes"], 1)
+            != model_config.num_classes
+        ):
+            raise ValueError(
+                f"classes num_classes {classes['num_classes']} differs from the model's "
+                f"{model_config.num_classes}"
+            )
+        if "foreground" in classes:
+            check_int("classes foreground", classes["foreground"], 0, model_config.num_classes - 1)
+        channels = config.get("channels")
+        if channels is not None and check_int("channels", channels, 1) != model_config.in_channels:
+            raise ValueError(
+                f"channels {channels} differs from the model's {model_config.in_channels} inputs"
+            )
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+# --------------------------------------------------------------------------
+# Owned folders: a lock while a process works in them, scratch it can leave.
+# --------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+SCRATCH_PREFIX = ".unetile-"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive ``flock`` on ``path``, or None if another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "trained") -> Iterator[Path]:
+    """Own ``folder`` while the block runs: a second process gets InputError with our PID.
+
+    The lock is an ``flock`` on ``folder/.lock``, which the kernel releases
+    when the process ends however it ends, so the lock of a killed run is
+    stale by construction; the PID written in the file says who held it.
+    """
+    import warnings
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = _try_lock(path)
+    if fd is None:
+        holder = path.read_text().strip() or "unknown"
+        raise InputError(
+            f"{folder}: is being {what} by another process (PID {holder}, lock {path}); "
+            "wait for it to finish or give another --out"
+        )
+    previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if previous and previous != str(os.getpid()):
+        warnings.warn(
+            f"{path}: process {previous} was stopped while it held this folder; taking it over",
+            stacklevel=2,
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        # Emptied, not removed: removing it would let two later runs lock two different files.
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary folder in ``parent``, locked while in use and removed after."""
+    import shutil
+
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
+    fd = _try_lock(scratch / LOCK_NAME)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def remove_stale_scratch(parent: str | os.PathLike, min_age_seconds: float = 60.0) -> int:
+    """Remove the scratch folders of killed runs in ``parent``; return the bytes freed.
+
+    A scratch folder is stale when no process holds its lock; one without a
+    lock file (killed before making it) only once it is ``min_age_seconds`` old,
+    so that a run that is just starting keeps its own.
+    """
+    import shutil
+    import time
+    import warnings
+
+    parent = Path(parent)
+    freed = 0
+    if not parent.is_dir():
+        return freed
+    for scratch in sorted(parent.glob(f"{SCRATCH_PREFIX}*")):
+        if not scratch.is_dir():
+            continue
+        lock = scratch / LOCK_NAME
+        if lock.exists():
+            fd = _try_lock(lock)
+            if fd is None:
+                continue  # a live run's
+            os.close(fd)
+        elif time.time() - scratch.stat().st_mtime < min_age_seconds:
+            continue
+        size = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file())
+        shutil.rmtree(scratch, ignore_errors=True)
+        freed += size
+        warnings.warn(
+            f"{scratch}: removed the scratch of an interrupted run ({size / 2**20:.1f} MiB)",
+            stacklevel=2,
+        )
+    return freed
 
 
 # --------------------------------------------------------------------------

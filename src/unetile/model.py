@@ -34,19 +34,32 @@ class UNetConfig:
     dims: int = 2
 
     def __post_init__(self):
+        from .numbers import (
+            MAX_BASE_CHANNELS,
+            MAX_CHANNELS,
+            MAX_CLASSES,
+            MAX_DEPTH,
+            check_float,
+            check_int,
+        )
+
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {self.dims}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-        for name in ("in_channels", "num_classes", "base_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.dims not in (2, 3) or isinstance(self.dims, bool):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims!r}")
+        for name, maximum in (
+            ("depth", MAX_DEPTH),
+            ("in_channels", MAX_CHANNELS),
+            ("num_classes", MAX_CLASSES),
+            ("base_channels", MAX_BASE_CHANNELS),
+        ):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1, maximum))
+        dropout = check_float("dropout", self.dropout, 0.0, 1.0)
+        if dropout == 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "dropout", dropout)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +112,41 @@ def default_memory_budget(device: torch.device) -> int:
     return int(CPU_BUDGET)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes this process can still take: free GPU memory, or the RAM Linux calls available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(64 * GIB)  # unknown: do not refuse what may well fit
+
+
+def check_memory(
+    model: UNet, tile_shape: Sequence[int], batch_size: int, device: torch.device
+) -> None:
+    """ValueError naming the options to change when a batch of tiles cannot fit in memory.
+
+    The estimate is :func:`activation_bytes_per_pixel` times the input tile's
+    pixels times the batch; it is compared with :func:`available_memory`.
+    """
+    pixels = math.prod(t + 2 * _margin(model) for t in tile_shape)
+    needed = activation_bytes_per_pixel(model) * pixels * batch_size
+    free = available_memory(device)
+    if needed > free:
+        raise ValueError(
+            f"an output tile of {'x'.join(map(str, tile_shape))} px in batches of {batch_size} "
+            f"needs about {needed / GIB:.1f} GiB for activations, more than the "
+            f"{free / GIB:.1f} GiB free on {device.type}; use a smaller --tile or --batch-size "
+            "(or leave --tile out to size it automatically)"
+        )
+
+
 def auto_tile_shape(
     model: UNet,
     image_shape: Sequence[int],
@@ -154,8 +188,14 @@ def auto_tile_shape(
             f"image_shape {tuple(image_shape)} must have {model.config.dims} spatial axes"
         )
     budget = default_memory_budget(device) if memory_budget is None else float(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+    if not 0 < budget < math.inf:
+        raise ValueError(f"memory_budget must be a finite number > 0 bytes, got {memory_budget}")
+    free = available_memory(device)
+    if budget > free:
+        raise ValueError(
+            f"a memory budget of {budget / GIB:.3g} GiB is more than the {free / GIB:.1f} GiB "
+            f"free on {device.type}; lower --memory-budget or leave it out"
+        )
     margin = _margin(model)
     alignment = size_multiple(model.config.depth)
     pixels_left = budget / (activation_bytes_per_pixel(model) * max(1, batch_size))
@@ -240,6 +280,8 @@ def _normalization(normalization, channels: int) -> tuple[np.ndarray, np.ndarray
     if isinstance(normalization, dict):
         normalization = (normalization["mean"], normalization["std"])
     mean, std = (np.atleast_1d(np.asarray(v, dtype=np.float32)) for v in normalization)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError(f"normalization must be finite, got {mean.tolist()} and {std.tolist()}")
     if mean.shape not in ((1,), (channels,)) or std.shape not in ((1,), (channels,)):
         raise ValueError(
             f"normalization must give 1 or {channels} mean and std values, "
@@ -276,6 +318,13 @@ def read_tile(
         expand = (slice(None),) + (None,) * len(spatial)
         tile -= mean[expand]
         tile /= std[expand]
+    if not np.isfinite(tile).all():
+        # One NaN spreads over the whole context window of every output pixel near it.
+        rows = ", ".join(f"{a}..{b - 1}" for a, b in window)
+        raise ValueError(
+            f"holds NaN or infinite pixel values (in the window {rows}, or too large for "
+            "float32 after normalisation); replace them before predicting"
+        )
     return tile
 
 
@@ -322,6 +371,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
                 f"on the CPU; set it before torch is imported",
                 stacklevel=2,
             )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)"
+        )
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu', 'cuda' or 'mps'")
     return device
 
 
@@ -441,6 +496,7 @@ def iter_predictions(
     if tile_shape is None:
         tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, config.dims)
+    check_memory(model, tile_shape, batch_size, device)
     norm = _normalization(normalization, config.in_channels)
     margin = _margin(model)
     alignment = size_multiple(config.depth)
@@ -484,6 +540,11 @@ def iter_predictions(
                 if number + 1 < len(batches):
                     pending = reader.submit(load, batches[number + 1])
                 outputs = _forward(model, inputs, device, tta, channels_last)
+                if not np.isfinite(outputs).all():
+                    raise ValueError(
+                        "the network gave NaN probabilities from finite input: its weights "
+                        "or normalisation are broken; train again or take an earlier checkpoint"
+                    )
                 for origin, output in zip(batch_origins, outputs, strict=True):
                     if valid:
                         region = owned_region(origin, per_axis, spatial)
@@ -807,6 +868,7 @@ def predict_to_files(
     if tile_shape is None:
         tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
     tile_shape = check_tile_shape(model, tile_shape, model.config.dims)
+    check_memory(model, tile_shape, batch_size, device)
     steps = [tile_step(t, size_multiple(model.config.depth)) for t in tile_shape]
     if grow > min(steps):
         # Each output region is grown from a grow-wide margin: keep it within a tile.
@@ -817,8 +879,8 @@ def predict_to_files(
     chunks = tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
     first = next(iter(requested.values()))
     first.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".unetile-", dir=first.parent) as scratch:
-        scratch = Path(scratch)
+    io.remove_stale_scratch(first.parent)
+    with io.scratch_folder(first.parent) as scratch:
 
         def store(name, shape, dtype, chunk_shape):
             return zarr.open_array(
@@ -875,5 +937,8 @@ def predict_to_files(
             if path.suffix.lower() == ".zarr":
                 io.move_directory(scratch / f"{kind}.zarr", path)
             else:
-                io.write_tiled_tiff(path, arrays[kind])
+                # Written inside the scratch folder, then renamed: a killed run leaves
+                # nothing beside the outputs that the next run would not remove.
+                io.write_tiled_tiff(scratch / f"{kind}{path.suffix}", arrays[kind])
+                os.replace(scratch / f"{kind}{path.suffix}", path)
     return requested

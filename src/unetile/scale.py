@@ -141,7 +141,9 @@ def predict_rescaled_to_files(
         raise ValueError("give at least one of labels, probabilities, instances")
     first = next(iter(requested.values()))
     first.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".unetile-scale-", dir=first.parent) as scratch:
+    io.remove_stale_scratch(first.parent)
+    # Locked while in use, so another run into the same folder never takes it for stale.
+    with io.scratch_folder(first.parent) as scratch:
         scaled = {kind: Path(scratch) / f"{kind}.zarr" for kind in requested}
         predict_to_files(model, working, **scaled, **options)
         for kind, path in requested.items():

@@ -201,29 +201,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("steps", "batch_size", "validate_every", "checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        for name, value, bound in (
-            ("w0", self.w0, "non-negative"),
-            ("sigma", self.sigma, "positive"),
-            ("dice_weight", self.dice_weight, "non-negative"),
-            ("weight_decay", self.weight_decay, "non-negative"),
-            ("clip_grad_norm", self.clip_grad_norm, "positive"),
-        ):
-            if value is not None and (value < 0 or (bound == "positive" and value == 0)):
-                raise ValueError(f"{name} must be {bound}, got {value}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self._check_numbers()
         if self.tile_shape is not None and len(self.tile_shape) not in (1, self.dims):
             raise ValueError(
                 f"tile_shape {self.tile_shape} needs 1 or {self.dims} sizes for dims={self.dims}"
@@ -249,6 +227,54 @@ class TrainConfig:
             check_pixel_size(self.pixel_size, self.dims, "pixel_size")
         # Fail early on a bad architecture rather than after reading the data.
         self.model_config(in_channels=1, num_classes=max(2, self.num_classes or 2))
+
+    def _check_numbers(self) -> None:
+        """Every number whole or finite, of its type and in range (TOML, JSON and CLI alike)."""
+        from .numbers import MAX_CLASSES, check_float, check_int
+
+        def whole(name, low, high=None, optional=False):
+            value = getattr(self, name)
+            if not (optional and value is None):
+                object.__setattr__(self, name, check_int(name, value, low, high))
+
+        def real(name, low, high=None, open_low=False, optional=False):
+            value = getattr(self, name)
+            if not (optional and value is None):
+                object.__setattr__(self, name, check_float(name, value, low, high, open_low))
+
+        for name in ("steps", "validate_every", "checkpoint_every", "log_every"):
+            whole(name, 1, 10**9)
+        whole("batch_size", 1, 4096)
+        whole("warmup_steps", 0, 10**9)
+        whole("seed", 0, 2**63 - 1)
+        whole("cell_value", None)
+        whole("num_classes", 2, MAX_CLASSES, optional=True)
+        whole("foreground", 0, MAX_CLASSES - 1)
+        whole("threads", 1, 1024, optional=True)
+        whole("max_tile", 1, 65536, optional=True)
+        if self.dims not in (2, 3) or isinstance(self.dims, bool):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims!r}")
+        real("learning_rate", 0.0, 10.0, open_low=True)
+        real("momentum", 0.0, 1.0)
+        if self.momentum == 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        real("w0", 0.0, 1000.0)
+        real("sigma", 0.0, 1000.0, open_low=True)
+        real("dice_weight", 0.0, 1000.0)
+        real("weight_decay", 0.0, 1000.0)
+        real("clip_grad_norm", 0.0, None, open_low=True, optional=True)
+        real("max_minutes", 0.0, 10**7, open_low=True, optional=True)
+        if self.tile_shape is not None:
+            object.__setattr__(
+                self,
+                "tile_shape",
+                tuple(check_int("tile_shape entry (pixels)", v, 1, 65536) for v in self.tile_shape),
+            )
+        for name in ("cache_weights", "channels_last", "deterministic", "compile", "val_tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a name such as 'cpu' or 'cuda', got {self.device!r}")
 
     def model_config(self, in_channels: int, num_classes: int) -> UNetConfig:
         """The network of this run for the given data."""
@@ -625,8 +651,20 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
             f"{path}: weights do not fit this configuration ({str(error).splitlines()[0]})"
         ) from None
     optimizer_state = unflatten_optimizer_state(tensors, state.pop("optimizer"))
+    stored_keys = [set(group) - {"params"} for group in optimizer_state["param_groups"]]
+    own_keys = [set(group) - {"params"} for group in optimizer.state_dict()["param_groups"]]
+    if stored_keys != own_keys:
+        raise io.InputError(
+            f"{path}: was written by another optimiser than --optimizer "
+            f"{type(optimizer).__name__.lower()}; resume with the run's own options "
+            "(leave --optimizer out) or start a new run"
+        )
     # load_state_dict moves the moments to the parameters' device.
-    optimizer.load_state_dict(optimizer_state)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise io.InputError(f"{path}: optimiser state does not fit ({reason})") from None
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
@@ -975,8 +1013,13 @@ def train(
     progress: bool = True,
     data: TrainingData | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train a U-Net as configured; return the run summary.
+
+    The run folder is locked while training (a second process training into
+    it gets :class:`unetile.io.InputError` naming this one's PID); a new run
+    refuses a folder that holds a run's files unless ``overwrite``.
 
     Parameters
     ----------
@@ -993,6 +1036,9 @@ def train(
     stop_after : int or None
         Stop (with a checkpoint, as on Ctrl-C) once this step is reached,
         without changing the schedule (tests of resume).
+    overwrite : bool
+        Start afresh in a folder that holds another run or model, removing
+        its files (:data:`RUN_FILES`) first.
 
     Returns
     -------
@@ -1011,32 +1057,75 @@ def train(
     if config.out is None:
         raise io.InputError("no run folder: give --out")
     run_dir = Path(config.out)
-    checkpoint_path = run_dir / CHECKPOINT
-    if not resume and checkpoint_path.exists():
-        raise io.InputError(
-            f"{run_dir}: already holds a training run; add --resume to continue it "
-            f"or give another --out"
-        )
-    if resume and not checkpoint_path.is_file():
-        raise io.InputError(f"{run_dir}: holds no checkpoint to resume; train without --resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise io.InputError(f"{run_dir}: exists and is not a folder; give a folder as --out")
     try:
         device = resolve_device(config.device)
     except ValueError as error:
         raise io.InputError(f"--device: {error}") from None
     if config.precision == "fp16" and device.type != "cuda":
         raise io.InputError(f"--precision fp16 needs a CUDA device, not {device.type}; use bf16")
-    # Process-wide torch settings of this run, restored when it ends.
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with io.folder_lock(run_dir, "trained"):
+        _claim_run_folder(run_dir, resume, overwrite)
+        # Process-wide torch settings of this run, restored when it ends.
+        threads = torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return _train(config, run_dir, device, resume, progress, data, stop_after, began)
+        except OSError as error:
+            if error.filename is not None and run_dir.resolve() not in (
+                Path(error.filename).resolve().parents
+            ):
+                raise  # reading the data, not writing the run
+            # A full disk, a vanished folder: writes are atomic, the last checkpoint is intact.
+            raise io.InputError(_save_failure(run_dir, error)) from None
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+
+
+RUN_FILES = (io.MODEL_WEIGHTS, io.MODEL_CONFIG, LAST_WEIGHTS, CHECKPOINT, LOG, SUMMARY, CURVES)
+"""The files a training run writes; a new run never replaces them unless told to."""
+
+
+def _claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a run (or a model) this one did not make; with overwrite, clear it."""
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume:
+        if not checkpoint_path.is_file():
+            raise io.InputError(f"{run_dir}: holds no checkpoint to resume; train without --resume")
+        return
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        what = "a training run" if CHECKPOINT in found else "a model"
+        raise io.InputError(
+            f"{run_dir}: already holds {what}; add --resume to continue it, --overwrite to "
+            f"replace it, or give another --out (found {', '.join(found)})"
+        )
+    for name in found:
+        (run_dir / name).unlink()
+
+
+def _save_failure(run_dir: Path, error: OSError) -> str:
+    """One line for a failed write during training: what failed and what is kept."""
+    from safetensors import safe_open
+
     try:
-        return _train(config, run_dir, device, resume, progress, data, stop_after, began)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        with safe_open(str(run_dir / CHECKPOINT), framework="pt") as handle:
+            saved_step = json.loads(handle.metadata()["state"])["step"]
+    except Exception:  # noqa: BLE001 - no readable checkpoint: say so
+        return f"could not save the run ({io.describe_os_error(error)}); no checkpoint was kept"
+    return (
+        f"could not save the run ({io.describe_os_error(error)}); the checkpoint of step "
+        f"{saved_step} is kept in {run_dir / CHECKPOINT}: fix this and continue with "
+        f"'unetile train --out {run_dir} --resume'"
+    )
 
 
 def _train(config, run_dir, device, resume, progress, data, stop_after, began) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..numbers import real_option, whole_option
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,12 +22,20 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument(
-        "--minutes", type=float, default=2.0, help="training time of both runs together"
+        "--minutes",
+        type=real_option(0, 10**5, open_minimum=True),
+        default=2.0,
+        help="training time of both runs together",
     )
     parser.add_argument(
-        "--size", type=int, default=2048, help="height and width of the test image (pixels)"
+        "--size",
+        type=whole_option(64, 65536),
+        default=2048,
+        help="height and width of the test image (pixels)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    parser.add_argument(
+        "--seed", type=whole_option(0, 2**32 - 1), default=0, help="seed of data and training"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..numbers import real_option, whole_option
 
 # Suffixes that 'unetile predict' appends to an input's stem.
 PREDICTION_SUFFIXES = ("_labels", "_probabilities", "_instances")
@@ -70,7 +71,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--csv", type=Path, metavar="FILE", help="write the table as CSV")
     parser.add_argument(
         "--cell-value",
-        type=float,
+        type=real_option(),
         metavar="V",
         help="value of the cell class in two-valued maps (default: the larger value)",
     )
@@ -88,7 +89,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--cell-class",
-        type=int,
+        type=whole_option(0, 65535),
         default=1,
         metavar="K",
         help="channel of the cell class in a (classes, H, W) probability file (default 1)",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import io
+from ..numbers import real_option, whole_option
 
 
 def add_parser(subparsers) -> None:
@@ -32,12 +33,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--tile",
-        type=int,
+        type=whole_option(1, 65536),
         metavar="N",
         help="output tile size in pixels (default: the largest that fits the memory budget)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1, metavar="B", help="tiles per forward pass"
+        "--batch-size",
+        type=whole_option(1, 4096),
+        default=1,
+        metavar="B",
+        help="tiles per forward pass",
     )
     parser.add_argument(
         "--tta", action="store_true", help="average over the 8 flips and rotations of the plane"
@@ -52,7 +57,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--grow",
-        type=int,
+        type=whole_option(0, 10000),
         default=0,
         metavar="PX",
         help=(
@@ -74,7 +79,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--memory-budget",
-        type=float,
+        type=real_option(0, 10**6, open_minimum=True),
         metavar="GB",
         help="memory for activations when the tile size is automatic (GiB)",
     )
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..data import channels_first
+    from ..data import channels_first, fit_channels
     from ..predict import GIB, check_tile_shape, predict_to_files, resolve_device
     from ..scale import predict_rescaled_to_files
 
@@ -180,14 +185,11 @@ def run(args: argparse.Namespace) -> int:
         )
     paths = io.expand_inputs(args.inputs)
     suffix = ".zarr" if args.format == "zarr" else ".tif"
+    jobs = planned_outputs(paths, args.out, suffix, args.save_probabilities, args.instances)
+    if args.out.exists() and not args.out.is_dir():
+        raise io.InputError(f"{args.out}: exists and is not a folder; give a folder as --out")
     failed = 0
-    for path in paths:
-        stem = io.image_stem(path)
-        outputs = {"labels": args.out / f"{stem}_labels{suffix}"}
-        if args.save_probabilities:
-            outputs["probabilities"] = args.out / f"{stem}_probabilities{suffix}"
-        if args.instances:
-            outputs["instances"] = args.out / f"{stem}_instances{suffix}"
+    for path, outputs in jobs:
         try:
             image = io.read_image(path, memmap=True)
             try:
@@ -196,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
                     image = channels_first(
                         image, model.config.dims, channels_last=path.suffix.lower() == ".png"
                     )
+                if image.ndim == model.config.dims + 1 or model.config.in_channels > 1:
+                    image = fit_channels(image, model.config.dims, model.config.in_channels)
                 pixel_size = stated_pixel_size or io.read_pixel_size(path, model.config.dims)
                 rescale = _needs_rescaling(args, path, pixel_size, model_pixel_size)
                 predict = predict_to_files
@@ -235,3 +239,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"unetile predict: {failed} of {len(paths)} input(s) failed", file=sys.stderr)
         return 2
     return 0
+
+
+def planned_outputs(
+    paths: list[Path], out: Path, suffix: str, probabilities: bool, instances: bool
+) -> list[tuple[Path, dict[str, Path]]]:
+    """Each input with its output paths; InputError before any work if two would collide.
+
+    Two inputs of the same stem (``a/x.png``, ``b/x.tif``) would write the
+    same outputs, and an output may not replace one of the inputs.
+    """
+    jobs = []
+    writers: dict[Path, Path] = {}
+    inputs = {path.resolve(): path for path in paths}
+    for path in paths:
+        stem = io.image_stem(path)
+        outputs = {"labels": out / f"{stem}_labels{suffix}"}
+        if probabilities:
+            outputs["probabilities"] = out / f"{stem}_probabilities{suffix}"
+        if instances:
+            outputs["instances"] = out / f"{stem}_instances{suffix}"
+        for output in outputs.values():
+            key = output.resolve()
+            if key in writers and writers[key] != path:
+                raise io.InputError(
+                    f"{path}: would write {output} as {writers[key]} does (same file stem); "
+                    "rename one of them or predict them into different --out folders"
+                )
+            if key in inputs:
+                raise io.InputError(
+                    f"{inputs[key]}: is an input and would be overwritten by the output of "
+                    f"{path}; give another --out"
+                )
+            writers[key] = path
+        jobs.append((path, outputs))
+    return jobs

@@ -112,6 +112,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="TOML file of options; the command line overrides it (default: none)",
     )
     run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds another run or model, replacing its files",
+    )
+    run.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint, with its stored options",
@@ -395,6 +400,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
 def resolve_options(args: argparse.Namespace) -> dict:
     """The --init run's network < stored options (on --resume) < TOML file < command line."""
     options: dict = {}
+    if args.resume and args.overwrite:
+        raise io.InputError("--resume continues a run and --overwrite replaces it: give one")
     if args.resume:
         if args.out is None:
             raise io.InputError("--resume needs --out, the run folder to continue")
@@ -435,7 +442,9 @@ def run_command(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise io.InputError(f"{flag} is required (on the command line or in --config)")
     try:
-        summary = train(config, resume=args.resume, progress=not args.quiet)
+        summary = train(
+            config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+        )
     except FloatingPointError as error:  # diverged: say what to change, no traceback
         print(f"unetile train: error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,422 @@
+"""The files and mistakes real users bring, against every command.
+
+Each case runs the CLI in-process and asserts the exit status, ONE line on
+stderr that names what is wrong (never a traceback), and that nothing under a
+final name was lost or half-written. Training cases fail before the first
+step. The faults (kill -9, a full disk, two processes on one folder) are at
+the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from unetile import io
+from unetile.cli import main
+from unetile.model import UNet
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of ``unetile ARGV`` (option errors exit through SystemExit)."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def assert_one_line(error: str, *fragments: str) -> None:
+    """Exactly one error line (warnings may precede it) holding every fragment, no traceback."""
+    assert "Traceback" not in error, error
+    lines = [line for line in error.strip().splitlines() if ": error: " in line]
+    assert len(lines) == 1, error
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its content hash (hidden ones included)."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def visible(folder: Path) -> list[str]:
+    """Names in ``folder`` that are not hidden (final names only)."""
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def tiny_model(**options) -> UNet:
+    torch.manual_seed(0)
+    model = UNet(base_channels=2, depth=2, dropout=0.0, **options)
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def save_run(run_dir: Path, model: UNet | None = None, **entries) -> Path:
+    model = model or tiny_model()
+    config = {
+        "model": model.config.to_dict(),
+        "normalization": {"mean": [0.5], "std": [0.25]},
+        "classes": {"foreground": 1, "num_classes": 2},
+        "tile": {"input_shape": [68, 68], "output_shape": [52, 52]},
+    }
+    config.update(entries)
+    io.save_model(run_dir, model, config)
+    return run_dir
+
+
+def write_training_set(root: Path, size=(40, 40), names=("a", "b")) -> tuple[Path, Path]:
+    """Tiny PNG pairs: bright 8-px squares (cells, 255) on dark 2-px membranes (0)."""
+    for index, name in enumerate(names):
+        membrane = np.zeros(size, np.uint8)
+        for top in range(index % 2, size[0], 10):
+            for left in range(index % 2, size[1], 10):
+                membrane[top : top + 8, left : left + 8] = 255
+        image = (membrane * 0.7 + 20).astype(np.uint8)
+        io.write_image(root / "images" / f"{name}.png", image)
+        io.write_image(root / "labels" / f"{name}.png", membrane)
+    return root / "images", root / "labels"
+
+
+TINY = ["--depth", "2", "--base-channels", "2", "--steps", "2", "--tile", "52", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A training set, a trained-looking run folder and a prediction input, shared read-only."""
+    root = tmp_path_factory.mktemp("adversarial")
+    write_training_set(root)
+    save_run(root / "run")
+    tifffile.imwrite(root / "input.tif", np.random.default_rng(0).random((24, 30), np.float32))
+    return root
+
+
+def train_argv(data: Path, out: Path, *options) -> list:
+    return ["train", "--images", data / "images", "--labels", data / "labels", "--out", out]
+
+
+# --------------------------------------------------------------------------
+# Bad numbers on the command line: refused before any work, with the range.
+# --------------------------------------------------------------------------
+
+TRAIN_NUMBERS = [
+    ("--sigma", "nan", "sigma must be a finite number in (0, 1000]"),
+    ("--sigma", "inf", "sigma must be a finite number"),
+    ("--sigma", "-2", "sigma must be a finite number"),
+    ("--w0", "nan", "w0 must be a finite number in [0, 1000]"),
+    ("--w0", "-inf", "w0 must be a finite number"),
+    ("--lr", "nan", "learning_rate must be a finite number in (0, 10]"),
+    ("--lr", "inf", "learning_rate must be a finite number"),
+    ("--lr", "0", "learning_rate must be a finite number"),
+    ("--lr", "1e9", "learning_rate must be a finite number"),
+    ("--momentum", "1", "momentum must be in [0, 1)"),
+    ("--momentum", "nan", "momentum must be a finite number"),
+    ("--momentum", "-0.5", "momentum must be a finite number"),
+    ("--weight-decay", "nan", "weight_decay must be a finite number"),
+    ("--weight-decay", "-1", "weight_decay must be a finite number"),
+    ("--dice-weight", "inf", "dice_weight must be a finite number"),
+    ("--clip-grad-norm", "nan", "clip_grad_norm must be a finite number > 0"),
+    ("--clip-grad-norm", "0", "clip_grad_norm must be a finite number > 0"),
+    ("--max-minutes", "nan", "max_minutes must be a finite number"),
+    ("--max-minutes", "0", "max_minutes must be a finite number"),
+    ("--max-minutes", "inf", "max_minutes must be a finite number"),
+    ("--dropout", "1", "dropout must be in [0, 1)"),
+    ("--dropout", "nan", "dropout must be a finite number"),
+    ("--dropout", "-0.1", "dropout must be a finite number"),
+    ("--depth", "30", "depth must be a whole number in [1, 10]"),
+    ("--depth", "0", "depth must be a whole number in [1, 10]"),
+    ("--depth", "2.5", "argument --depth"),
+    ("--base-channels", "0", "base_channels must be a whole number in [1, 1024]"),
+    ("--base-channels", "100000", "base_channels must be a whole number in [1, 1024]"),
+    ("--batch-size", "0", "batch_size must be a whole number in [1, 4096]"),
+    ("--batch-size", "1.5", "argument --batch-size"),
+    ("--batch-size", "1000000", "batch_size must be a whole number in [1, 4096]"),
+    ("--steps", "0", "steps must be a whole number in [1, 1000000000]"),
+    ("--steps", "-3", "steps must be a whole number"),
+    ("--steps", "ten", "argument --steps"),
+    ("--warmup-steps", "-1", "warmup_steps must be a whole number"),
+    ("--seed", "-1", "seed must be a whole number"),
+    ("--threads", "0", "threads must be a whole number in [1, 1024]"),
+    ("--validate-every", "0", "validate_every must be a whole number"),
+    ("--checkpoint-every", "0", "checkpoint_every must be a whole number"),
+    ("--log-every", "-5", "log_every must be a whole number"),
+    ("--max-tile", "0", "max_tile must be a whole number"),
+    ("--num-classes", "1", "num_classes must be a whole number in [2, 65536]"),
+    ("--num-classes", "100000", "num_classes must be a whole number"),
+    ("--foreground", "-1", "foreground must be a whole number"),
+    ("--tile", "0", "tile_shape entry (pixels) must be a whole number in [1, 65536]"),
+    ("--tile", "1.5", "tile"),
+    ("--tile", "99999999", "tile_shape entry (pixels) must be a whole number"),
+    ("--device", "mps", "mps"),
+    ("--device", "cuda:7", "cuda"),
+    ("--device", "tpu", "--device"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), TRAIN_NUMBERS)
+def test_train_refuses_a_bad_number_before_any_work(data, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "run"
+    argv = train_argv(data, out) + TINY + [f"{flag}={value}"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+PREDICT_NUMBERS = [
+    (["--tile", "0"], "--tile: must be a whole number in [1, 65536]"),
+    (["--tile", "-4"], "--tile"),
+    (["--tile", "nan"], "--tile"),
+    (["--tile", "1.5"], "--tile"),
+    (["--tile", "1000000"], "--tile"),
+    (["--tile", "60000"], "GiB for activations"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "nan"], "--batch-size"),
+    (["--batch-size", "4096", "--tile", "4000"], "use a smaller --tile or --batch-size"),
+    (["--grow", "-1"], "--grow"),
+    (["--grow", "2.5"], "--grow"),
+    (["--memory-budget", "0"], "--memory-budget"),
+    (["--memory-budget", "-1"], "--memory-budget"),
+    (["--memory-budget", "nan"], "--memory-budget"),
+    (["--memory-budget", "inf"], "--memory-budget"),
+    (["--memory-budget", "1e300"], "--memory-budget"),
+    (["--memory-budget", "900000"], "lower --memory-budget"),
+    (["--device", "mps"], "--device"),
+    (["--format", "png"], "--format"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), PREDICT_NUMBERS)
+def test_predict_refuses_a_bad_number_before_any_work(data, tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv + options, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+EVALUATE_NUMBERS = [
+    (["--cell-class", "-1", "--probabilities"], "--cell-class"),
+    (["--cell-class", "1.5"], "--cell-class"),
+    (["--cell-value", "nan"], "--cell-value"),
+    (["--cell-value", "inf"], "--cell-value"),
+    (["--connectivity", "5"], "--connectivity"),
+    (["--metrics", "accuracy"], "--metrics"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), EVALUATE_NUMBERS)
+def test_evaluate_refuses_a_bad_number(data, tmp_path, capsys, options, message):
+    labels = data / "labels" / "a.png"
+    argv = ["evaluate", labels, labels, "--json", tmp_path / "s.json"]
+    status, error = run_cli(argv + options, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert not (tmp_path / "s.json").exists()
+
+
+DEMO_NUMBERS = [
+    (["--minutes", "0"], "--minutes"),
+    (["--minutes", "nan"], "--minutes"),
+    (["--minutes", "inf"], "--minutes"),
+    (["--minutes", "-1"], "--minutes"),
+    (["--size", "10"], "--size"),
+    (["--size", "nan"], "--size"),
+    (["--size", "100000000"], "--size"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "0.5"], "--seed"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), DEMO_NUMBERS)
+def test_demo_refuses_a_bad_number_before_any_work(tmp_path, capsys, options, message):
+    out = tmp_path / "demo"
+    status, error = run_cli(["demo", "--out", out, "--quiet"] + options, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+# --------------------------------------------------------------------------
+# Bad TOML files: every value checked for its type and range.
+# --------------------------------------------------------------------------
+
+TOML_CASES = [
+    ("batch_size = 1.5", "batch_size must be a whole number"),
+    ("depth = 2.5", "depth must be a whole number"),
+    ("depth = 30", "depth must be a whole number in [1, 10]"),
+    ("steps = 'ten'", "steps must be a whole number"),
+    ("steps = true", "steps must be a whole number"),
+    ("learning_rate = nan", "learning_rate must be a finite number"),
+    ("sigma = inf", "sigma must be a finite number"),
+    ("w0 = -1e400", "w0 must be a finite number"),
+    ("compile = 'yes'", "compile must be true or false"),
+    ("cache_weights = 1", "cache_weights must be true or false"),
+    ("tile_shape = [0, 52]", "tile_shape entry (pixels) must be a whole number"),
+    ("tile_shape = [52.5]", "tile_shape entry (pixels) must be a whole number"),
+    ("device = 3", "device must be a name"),
+    ("[augment]\nshift = -1", "shift (pixels) must be a finite number"),
+    ("[augment]\nelastic_sigma = nan", "elastic_sigma (pixels) must be a finite number"),
+    ("[augment]\nelastic_grid = 2.5", "elastic_grid (control points) must be a whole number"),
+    ("[augment]\ncontrast = [1]", "contrast must be a range [low, high]"),
+    ("[augment]\ngamma = [nan, 2]", "gamma bound must be a finite number"),
+    ("[augment]\nflip = 'no'", "flip must be true or false"),
+    ("[augment]\nzoom = 2", "unknown option 'zoom' in [augment]"),
+    ("learning-rat = 0.1", "unknown option 'learning-rat'"),
+    ("steps = [", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), TOML_CASES)
+def test_train_refuses_a_bad_toml_value(data, tmp_path, capsys, text, message):
+    options = tmp_path / "options.toml"
+    options.write_text(text + "\n")
+    out = tmp_path / "run"
+    status, error = run_cli(train_argv(data, out) + ["--config", options, "--quiet"], capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+def test_train_config_that_is_a_folder_or_missing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, error = run_cli(train_argv(data, out) + ["--config", tmp_path], capsys)
+    assert status == 2
+    assert_one_line(error, str(tmp_path), "folder")
+    status, error = run_cli(train_argv(data, out) + ["--config", tmp_path / "no.toml"], capsys)
+    assert status == 2
+    assert_one_line(error, "no.toml: no such file")
+    assert visible(out) == []
+
+
+# --------------------------------------------------------------------------
+# Bad model folders: checked before the network is allocated.
+# --------------------------------------------------------------------------
+
+
+def _edit_config(run: Path, edit) -> None:
+    config = json.loads((run / io.MODEL_CONFIG).read_text())
+    edit(config)
+    (run / io.MODEL_CONFIG).write_text(json.dumps(config))
+
+
+def _set(path: tuple, value):
+    def edit(config):
+        entry = config
+        for key in path[:-1]:
+            entry = entry[key]
+        entry[path[-1]] = value
+
+    return edit
+
+
+MODEL_FOLDER_CASES = [
+    (_set(("model", "base_channels"), 1000), "weights do not fit config.json"),
+    (_set(("model", "base_channels"), 10**9), "base_channels must be a whole number in [1, 1024]"),
+    (_set(("model", "depth"), 30), "depth must be a whole number in [1, 10]"),
+    (_set(("model", "depth"), 2.5), "depth must be a whole number"),
+    (_set(("model", "depth"), 3), "weights do not fit config.json"),
+    (_set(("model", "in_channels"), 3), "weights do not fit config.json"),
+    (_set(("model", "num_classes"), "2"), "num_classes must be a whole number"),
+    (_set(("model", "dropout"), float("nan")), "dropout must be a finite number"),
+    (_set(("model", "padding"), "reflect"), "padding must be one of"),
+    (_set(("model", "colour"), 1), "bad 'model' entry"),
+    (_set(("normalization", "mean"), [float("nan")]), "normalization mean must be a finite"),
+    (_set(("normalization", "std"), [0.0]), "normalization std must be a finite number > 0"),
+    (_set(("normalization", "std"), [-1.0]), "normalization std must be a finite number > 0"),
+    (_set(("normalization", "std"), [1e400]), "normalization std must be a finite number"),
+    (_set(("normalization", "mean"), [0.1, 0.2, 0.3]), "has 3 values"),
+    (_set(("normalization",), "zscore"), "'normalization' must hold"),
+    (_set(("classes",), "cells"), "'classes' must be a table"),
+    (_set(("classes", "foreground"), 7), "classes foreground must be a whole number in [0, 1]"),
+    (_set(("classes", "foreground"), 1.5), "classes foreground must be a whole number"),
+    (_set(("classes", "num_classes"), 3), "differs from the model's 2"),
+    (lambda config: config.pop("model"), "has no 'model' entry"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), MODEL_FOLDER_CASES)
+def test_predict_refuses_a_bad_model_folder(data, tmp_path, capsys, edit, message):
+    run = save_run(tmp_path / "run")
+    _edit_config(run, edit)
+    out = tmp_path / "out"
+    argv = ["predict", run, data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+def _nan_weight(run: Path) -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    io.save_model(run, model, json.loads((run / io.MODEL_CONFIG).read_text()))
+
+
+def _pickle_weights(run: Path) -> None:
+    import pickle
+
+    marker = run / "pwned"
+    payload = pickle.dumps({"x": 1}) + f"os.system('touch {marker}')".encode()
+    (run / io.MODEL_WEIGHTS).write_bytes(payload)
+
+
+def _torch_saved_weights(run: Path) -> None:
+    torch.save(tiny_model().state_dict(), run / io.MODEL_WEIGHTS)
+
+
+WEIGHT_CASES = [
+    (_nan_weight, "holds NaN or infinite values"),
+    (lambda run: (run / io.MODEL_WEIGHTS).write_bytes(b""), "not a safetensors weights file"),
+    (lambda run: (run / io.MODEL_WEIGHTS).write_bytes(b"\x00" * 7), "not a safetensors"),
+    (_pickle_weights, "not a safetensors weights file"),
+    (_torch_saved_weights, "not a safetensors weights file"),
+    (lambda run: (run / io.MODEL_WEIGHTS).unlink(), "no such file"),
+    (lambda run: (run / io.MODEL_CONFIG).write_text("{not json"), "not valid JSON"),
+    (lambda run: (run / io.MODEL_CONFIG).write_text("[1, 2]"), "has no 'model' entry"),
+    (lambda run: (run / io.MODEL_CONFIG).unlink(), "config.json: no such file"),
+    (lambda run: (run / io.MODEL_CONFIG).write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), WEIGHT_CASES)
+def test_predict_refuses_damaged_weights(data, tmp_path, capsys, damage, message):
+    run = save_run(tmp_path / "run")
+    damage(run)
+    out = tmp_path / "out"
+    argv = ["predict", run, data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+    assert not (run / "pwned").exists()
+
+
+def test_predict_model_folder_that_is_a_file_or_missing(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    for run in (data / "input.tif", tmp_path / "nowhere"):
+        argv = ["predict", run, data / "input.tif", "--out", out, "--no-progress"]
+        status, error = run_cli(argv, capsys)
+        assert status == 2
+        assert_one_line(error, "not a run folder")
+    assert visible(out) == []
