@@ -248,6 +248,7 @@ class TrainConfig:
         whole("warmup_steps", 0, 10**9)
         whole("seed", 0, 2**63 - 1)
         whole("cell_value", None)
+        whole("ignore_value", None, optional=True)
         whole("num_classes", 2, MAX_CLASSES, optional=True)
         whole("foreground", 0, MAX_CLASSES - 1)
         whole("threads", 1, 1024, optional=True)
@@ -270,7 +271,8 @@ class TrainConfig:
                 "tile_shape",
                 tuple(check_int("tile_shape entry (pixels)", v, 1, 65536) for v in self.tile_shape),
             )
-        for name in ("cache_weights", "channels_last", "deterministic", "compile", "val_tta"):
+        switches = ("cache_weights", "channels_last", "deterministic", "compile", "val_tta")
+        for name in (*switches, "freeze_encoder"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.device, str):
