@@ -46,13 +46,13 @@ def assert_one_line(error: str, *fragments: str) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with its content hash (hidden ones included)."""
+    """Every file under a final name in ``folder`` with its content hash (hidden ones left out)."""
     if not folder.exists():
         return {}
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     }
 
 
@@ -420,3 +420,373 @@ def test_predict_model_folder_that_is_a_file_or_missing(data, tmp_path, capsys):
         assert status == 2
         assert_one_line(error, "not a run folder")
     assert visible(out) == []
+
+
+# --------------------------------------------------------------------------
+# Bad input files for predict: reported one by one, nothing half-written.
+# --------------------------------------------------------------------------
+
+
+def _float_image(values):
+    def write(path: Path) -> Path:
+        image = np.random.default_rng(1).random((24, 30)).astype(np.float32)
+        for index, value in values:
+            image[index] = value
+        tifffile.imwrite(path.with_suffix(".tif"), image)
+        return path.with_suffix(".tif")
+
+    return write
+
+
+def _write_bytes(content: bytes, suffix: str):
+    def write(path: Path) -> Path:
+        path = path.with_suffix(suffix)
+        path.write_bytes(content)
+        return path
+
+    return write
+
+
+def _array(array: np.ndarray, suffix: str = ".tif"):
+    def write(path: Path) -> Path:
+        path = path.with_suffix(suffix)
+        if suffix == ".tif":
+            tifffile.imwrite(path, array)
+        else:
+            io.write_image(path, array)
+        return path
+
+    return write
+
+
+PREDICT_INPUTS = [
+    (_float_image([((3, 4), np.nan)]), "NaN or infinite"),
+    (_float_image([((slice(None), slice(None)), np.nan)]), "NaN or infinite"),
+    (_float_image([((0, 0), np.inf)]), "NaN or infinite"),
+    (_float_image([((23, 29), -np.inf)]), "NaN or infinite"),
+    (_array(np.full((24, 30), 1e300, np.float64)), "too large for float32"),
+    (_write_bytes(b"", ".tif"), "cannot be read as an image"),
+    (_write_bytes(b"II*\x00garbage", ".tif"), "cannot be read as an image"),
+    (_write_bytes(b"\x89PNG\r\n\x1a\nbroken", ".png"), "cannot be read as an image"),
+    (_write_bytes(b"hello", ".png"), "cannot be read as an image"),
+    (_array(np.zeros((2, 24, 30), np.float32)), "2 channel(s); the model expects 1"),
+    (_array(np.random.default_rng(0).integers(0, 255, (24, 30, 3), np.uint8), ".png"), "3 chan"),
+    (_array(np.zeros((2, 3, 24, 30), np.float32)), "does not fit a model"),
+    (_array(np.zeros((24,), np.float32)), "does not fit a model"),
+    (_array(np.zeros((4, 0), np.float32)), ""),
+]
+
+
+@pytest.mark.parametrize(("write", "message"), PREDICT_INPUTS)
+def test_predict_reports_a_bad_input_and_writes_nothing_for_it(
+    data, tmp_path, capsys, write, message
+):
+    bad = write(tmp_path / "bad")
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", bad, data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, bad.name, message)
+    assert "1 of 2 input(s) failed" in error
+    # The good input is still predicted; the bad one leaves nothing, not even scratch.
+    assert visible(out) == ["input_labels.tif"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_predict_refuses_colliding_outputs_before_any_work(data, tmp_path, capsys):
+    for folder, suffix in (("a", ".tif"), ("b", ".png")):
+        (tmp_path / folder).mkdir()
+        io.write_image(tmp_path / folder / f"x{suffix}", np.zeros((24, 30), np.uint8))
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", tmp_path / "a" / "x.tif", tmp_path / "b" / "x.png"]
+    status, error = run_cli(argv + ["--out", out, "--no-progress"], capsys)
+    assert status == 2
+    assert_one_line(error, "x.png: would write", "x_labels.tif", "same file stem")
+    assert not out.exists()
+
+
+def test_predict_refuses_an_output_that_would_replace_an_input(data, tmp_path, capsys):
+    io.write_image(tmp_path / "x.tif", np.zeros((24, 30), np.uint8))
+    io.write_image(tmp_path / "x_labels.tif", np.ones((24, 30), np.uint8))
+    before = snapshot(tmp_path)
+    argv = ["predict", data / "run", tmp_path, "--out", tmp_path, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "x_labels.tif: is an input and would be overwritten")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "missing", "empty folder"])
+def test_predict_bad_out_or_inputs(data, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    inputs = [data / "input.tif"]
+    expected = ""
+    if kind == "file":
+        out.write_text("a file")
+        expected = "exists and is not a folder"
+    elif kind == "missing":
+        inputs = [tmp_path / "nothing.tif"]
+        expected = "nothing.tif: no such file"
+    else:
+        (tmp_path / "empty").mkdir()
+        inputs = [tmp_path / "empty"]
+        expected = "no .tif/.tiff/.png images"
+    status, error = run_cli(["predict", data / "run", *inputs, "--out", out], capsys)
+    assert status == 2
+    assert_one_line(error, expected)
+    assert kind != "file" or out.read_text() == "a file"
+
+
+def test_predict_of_a_bad_model_output_is_refused(data, tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():
+        model.classifier.weight.fill_(1e38)
+        model.classifier.bias.fill_(-1e38)
+    run = save_run(tmp_path / "run", model, normalization={"mean": [0.0], "std": [1e-30]})
+    out = tmp_path / "out"
+    argv = ["predict", run, data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "input.tif")
+    assert visible(out) == []
+
+
+# --------------------------------------------------------------------------
+# Files that image editors write: read as meant.
+# --------------------------------------------------------------------------
+
+
+def _save_pil(path: Path, array: np.ndarray, mode: str, palette=None) -> Path:
+    from PIL import Image
+
+    picture = Image.fromarray(array, mode)
+    if palette is not None:
+        picture.putpalette(palette)
+    picture.save(path)
+    return path
+
+
+def test_gray_png_with_constant_alpha_is_one_channel_with_a_note(tmp_path):
+    gray = np.arange(20 * 20, dtype=np.uint8).reshape(20, 20)
+    path = _save_pil(tmp_path / "la.png", np.stack([gray, np.full_like(gray, 255)], -1), "LA")
+    with pytest.warns(UserWarning, match="constant alpha channel"):
+        read = io.read_image(path)
+    assert read.shape == (20, 20) and np.array_equal(read, gray)
+    rgba = np.stack([gray, gray, gray, np.full_like(gray, 255)], -1)
+    with pytest.warns(UserWarning, match="constant alpha"):
+        assert np.array_equal(io.read_image(_save_pil(tmp_path / "rgba.png", rgba, "RGBA")), gray)
+
+
+def test_alpha_that_varies_is_kept_and_colour_stays_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 255, (12, 12, 3), np.uint8)
+    assert io.read_image(_save_pil(tmp_path / "rgb.png", colour, "RGB")).shape == (12, 12, 3)
+    masked = np.concatenate([colour, rng.integers(0, 255, (12, 12, 1), np.uint8)], -1)
+    assert io.read_image(_save_pil(tmp_path / "rgba.png", masked, "RGBA")).shape == (12, 12, 4)
+
+
+def test_palette_labels_give_their_indices_and_colour_labels_are_refused(tmp_path):
+    indices = np.zeros((10, 10), np.uint8)
+    indices[2:5, 2:5] = 1
+    indices[6:9, 6:9] = 2
+    palette = [0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759
+    path = _save_pil(tmp_path / "p.png", indices, "P", palette)
+    assert np.array_equal(io.read_labels(path), indices)
+    colour = np.random.default_rng(0).integers(0, 255, (10, 10, 3), np.uint8)
+    with pytest.raises(io.InputError, match="is a colour image"):
+        io.read_labels(_save_pil(tmp_path / "c.png", colour, "RGB"))
+
+
+def test_16_bit_and_float_images_keep_their_range(tmp_path):
+    deep = np.array([[0, 40000], [65535, 7]], np.uint16)
+    io.write_image(tmp_path / "deep.png", deep)
+    assert io.read_image(tmp_path / "deep.png").dtype == np.uint16
+    assert np.array_equal(io.read_image(tmp_path / "deep.png"), deep)
+    values = np.array([[-3.5, 1e6], [0.25, 2.0]], np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", values)
+    assert np.array_equal(io.read_image(tmp_path / "f.tif"), values)
+
+
+def test_training_on_editor_pngs_alpha_images_and_palette_labels(tmp_path, capsys):
+    images, labels = write_training_set(tmp_path, size=(32, 32))
+    for image_path, label_path in zip(
+        sorted(images.iterdir()), sorted(labels.iterdir()), strict=True
+    ):
+        gray = io.read_image(image_path)
+        _save_pil(image_path, np.stack([gray, np.full_like(gray, 255)], -1), "LA")
+        indices = (io.read_image(label_path) > 0).astype(np.uint8) * 255
+        _save_pil(label_path, indices, "P", [0, 0, 0] + [9, 9, 9] * 255)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY, "--tile", "44"]
+    status, error = run_cli(argv, capsys)
+    assert status == 0, error
+    assert "constant alpha channel" in error and "Traceback" not in error
+    config = json.loads((out / io.MODEL_CONFIG).read_text())
+    assert config["model"]["in_channels"] == 1
+
+
+# --------------------------------------------------------------------------
+# Bad training data: refused before the first step, naming the file.
+# --------------------------------------------------------------------------
+
+
+def _replace(kind: str, name: str, array: np.ndarray, suffix: str = ".png"):
+    def damage(images: Path, labels: Path) -> None:
+        folder = images if kind == "image" else labels
+        (folder / f"{name}.png").unlink()
+        path = folder / f"{name}{suffix}"
+        tifffile.imwrite(path, array) if suffix == ".tif" else io.write_image(path, array)
+
+    return damage
+
+
+def _tiny_pair(images: Path, labels: Path) -> None:
+    io.write_image(images / "a.png", np.zeros((3, 5), np.uint8))
+    io.write_image(labels / "a.png", np.full((3, 5), 255, np.uint8))
+
+
+def _instances_label(images: Path, labels: Path) -> None:
+    ids = np.zeros((40, 40), np.uint8)
+    for index, top in enumerate(range(0, 40, 10)):
+        ids[top : top + 8, 0:8] = index + 1
+    io.write_image(labels / "a.png", ids)
+
+
+TRAIN_DATA_CASES = [
+    (_replace("image", "a", np.full((40, 40), np.nan, np.float32), ".tif"), "a.tif", "NaN"),
+    (_replace("label", "a", np.zeros((30, 40), np.uint8)), "a.png", "shape (30, 40) differs"),
+    (_replace("label", "a", np.arange(1600, dtype=np.uint16).reshape(40, 40)), "a.png", "values"),
+    (_instances_label, "a.png", "looks like instance labels"),
+    (
+        _replace(
+            "label", "a", np.repeat([0, 128, 255], 14)[:40].astype(np.uint8)[None].repeat(40, 0)
+        ),
+        "a.png",
+        "found 3 value(s) (0, 128, 255)",
+    ),
+    (_replace("label", "a", np.full((40, 40), 0.5, np.float32), ".tif"), "a", "label"),
+    (_tiny_pair, "a", "3 x 5 px is too small to train on: height and width need at least 16"),
+    (_replace("label", "a", np.zeros((3, 5), np.uint8)), "a.png", "differs"),
+    (lambda images, labels: (labels / "b.png").unlink(), "b.png", "has no label"),
+    (lambda images, labels: (images / "b.png").unlink(), "b.png", "has no image"),
+    (lambda images, labels: (images / "b.png").write_bytes(b"junk"), "b.png", "cannot be read"),
+    (lambda images, labels: (labels / "b.png").write_bytes(b""), "b.png", "cannot be read"),
+    (_replace("image", "a", np.zeros((2, 40, 40), np.uint8), ".tif"), "channels", "same channels"),
+]
+
+
+@pytest.mark.parametrize(("damage", "name", "message"), TRAIN_DATA_CASES)
+def test_train_refuses_bad_data_before_the_first_step(tmp_path, capsys, damage, name, message):
+    images, labels = write_training_set(tmp_path)
+    damage(images, labels)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, name, message)
+    assert set(visible(out)) <= {"cache"}  # at most weight maps of the images read
+
+
+@pytest.mark.parametrize(
+    ("mode", "label", "message"),
+    [
+        ("instances", "binary", "looks like a binary map"),
+        ("classes", "binary", "for a binary map use --label-mode membrane --cell-value 255"),
+        ("membrane", "ones", "give --cell-value 1"),
+    ],
+)
+def test_labels_that_look_like_another_mode_say_what_was_found(
+    tmp_path, capsys, mode, label, message
+):
+    images, labels = write_training_set(tmp_path)
+    if label == "ones":
+        for path in labels.iterdir():
+            io.write_image(path, (io.read_image(path) > 0).astype(np.uint8))
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv + ["--label-mode", mode], capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out) == []
+
+
+@pytest.mark.parametrize("folder", ["images", "labels"])
+def test_train_refuses_an_empty_or_missing_folder(tmp_path, capsys, folder):
+    images, labels = write_training_set(tmp_path)
+    for path in (images if folder == "images" else labels).iterdir():
+        path.unlink()
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, folder, "no .tif/.tiff/.png images")
+    argv[2 if folder == "images" else 4] = tmp_path / "missing"
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "missing: not a folder")
+
+
+def test_tiles_without_labels_warn(tmp_path, capsys):
+    images, labels = write_training_set(tmp_path, size=(16, 16))
+    for path in labels.iterdir():
+        io.write_image(path, np.full((16, 16), 255, np.uint8))  # one cell: a few labelled pixels
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    argv += ["--tile", "44", "--steps", "8", "--log-every", "8"]
+    options = tmp_path / "far.toml"
+    options.write_text("[augment]\nshift = 400.0\n")  # every tile shifted out of view
+    status, error = run_cli(argv + ["--config", options], capsys)
+    assert status == 0, error
+    assert "training tiles held no labelled pixel" in error
+
+
+# --------------------------------------------------------------------------
+# Run folders are owned: no run or model is replaced unasked.
+# --------------------------------------------------------------------------
+
+
+def test_train_never_replaces_a_model_it_did_not_make(data, tmp_path, capsys):
+    out = save_run(tmp_path / "run")
+    before = snapshot(out)
+    status, error = run_cli(train_argv(data, out) + TINY, capsys)
+    assert status == 2
+    assert_one_line(error, "already holds a model", "--overwrite")
+    assert snapshot(out) == before
+    status, error = run_cli(train_argv(data, out) + TINY + ["--overwrite"], capsys)
+    assert status == 0, error
+    assert snapshot(out)[io.MODEL_WEIGHTS] != before[io.MODEL_WEIGHTS]
+    assert (out / "checkpoint.safetensors").is_file()
+
+
+def test_train_refuses_a_finished_run_and_resume_with_overwrite(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(train_argv(data, out) + TINY, capsys)[0] == 0
+    before = snapshot(out)
+    status, error = run_cli(train_argv(data, out) + TINY, capsys)
+    assert status == 2
+    assert_one_line(error, "already holds a training run")
+    status, error = run_cli(train_argv(data, out) + TINY + ["--resume", "--overwrite"], capsys)
+    assert status == 2
+    assert_one_line(error, "give one")
+    status, error = run_cli(
+        train_argv(data, out) + TINY + ["--resume", "--optimizer", "adam"], capsys
+    )
+    assert status == 2
+    assert_one_line(error, "another optimiser")
+    assert snapshot(out) == before
+
+
+def test_train_out_that_is_a_file(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.write_text("notes")
+    status, error = run_cli(train_argv(data, out) + TINY, capsys)
+    assert status == 2
+    assert_one_line(error, "exists and is not a folder")
+    assert out.read_text() == "notes"
+
+
+def test_resume_without_a_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, error = run_cli(train_argv(data, out) + TINY + ["--resume"], capsys)
+    assert status == 2
+    assert_one_line(error, "holds no checkpoint")

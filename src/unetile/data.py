@@ -48,6 +48,8 @@ from . import io
 
 LABEL_MODES = ("membrane", "instances", "classes")
 IGNORE = -1
+MIN_TRAINING_EXTENT = 16
+"""Smallest height and width (pixels) of a training image: the default shift alone is 16 px."""
 """Label of pixels without annotation (outside the image); the loss skips them."""
 
 
@@ -114,13 +116,30 @@ def fit_channels(image, dims: int, channels: int):
         first = np.asarray(image[0])
         if all(np.array_equal(first, np.asarray(image[c])) for c in range(1, 3)):
             return image[:1]  # gray stored as RGB(A): every colour channel the same
-    if have == 1:
+    if have == 1 and channels == 3:
         # A gray image into a colour model: R = G = B, as a gray picture is in colour.
         return np.broadcast_to(image, (channels, *image.shape[1:]))
     raise ValueError(
         f"has {have} channel(s); the model expects {channels} "
         f"({'gray' if channels == 1 else 'colour or multi-channel'} images)"
     )
+
+
+def describe_values(values: np.ndarray) -> str:
+    """The distinct values of a label image in a few words: ``3 value(s) (0, 1, 255)``."""
+    values = np.asarray(values)
+    if values.size <= 4:
+        return f"{values.size} value(s) ({', '.join(str(v) for v in values.tolist())})"
+    return f"{values.size} values ({values[0]}..{values[-1]})"
+
+
+def label_mode_hint(label: np.ndarray, values: np.ndarray, cell_value) -> str:
+    """What a membrane map that is not one looks like, as advice (``; use ...``)."""
+    if values.size == 2:
+        return f"; no pixel has --cell-value {cell_value}: give --cell-value {values[-1]}"
+    if values.size > 2 and values[0] == 0 and label.dtype.kind in "ui":
+        return "; it looks like instance labels (0 = background): use --label-mode instances"
+    return "; check --cell-value and --label-mode"
 
 
 def labels_to_classes(
@@ -225,8 +244,9 @@ def _annotated_classes(label, mode, num_classes, cell_value):
         if len(others) > 1:
             raise ValueError(
                 f"label values {others[:4].tolist()} outside a binary membrane map "
-                f"(cell value {cell_value}, one membrane value); check --cell-value "
-                f"(unannotated pixels: --ignore-value)"
+                f"(cell value {cell_value}, one membrane value); found {describe_values(values)}"
+                f"{label_mode_hint(label, values, cell_value)} (unannotated pixels: "
+                "--ignore-value)"
             )
         from .weights import instances_from_membrane_map
 
@@ -239,6 +259,15 @@ def _annotated_classes(label, mode, num_classes, cell_value):
         if num_classes != 2:
             raise ValueError(f"instance labels give 2 classes, got num_classes={num_classes}")
         from .weights import touching_borders
+
+        if values.size == 2 and values[0] == 0:
+            count = connected_components(label > 0, connectivity=1).max()
+            if count > 1:
+                raise ValueError(
+                    f"holds one id ({values[1]}) for {count} separate regions: it looks like a "
+                    f"binary map, not instance labels; use --label-mode membrane "
+                    f"--cell-value {values[1]}"
+                )
 
         # Where two cells touch, a background line separates them, as in the
         # paper's annotations: the network can only learn gaps it is shown.
@@ -528,6 +557,12 @@ def _labeled_images(
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     if not entries:
         raise ValueError("no images given")
+    if {entry[3].shape[0] for entry in entries} == {1, 3}:
+        # Gray pictures among colour ones (gray stored as RGB is read as gray): R = G = B.
+        entries = [
+            (*entry[:3], fit_channels(entry[3], entry[3].ndim - 1, 3), *entry[4:])
+            for entry in entries
+        ]
     checked = []
     for name, image_source, label_source, image, label in entries:
         image_name = getattr(image_source, "name", image_source)
@@ -536,7 +571,7 @@ def _labeled_images(
         if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
             raise error_type(f"{image_source}: holds NaN or infinite pixels; fix or drop it")
         if label is None:
-            label = io.read_image(label_source)
+            label = io.read_labels(label_source)
         if label.shape != image.shape[1:]:
             raise error_type(
                 f"{label_source}: shape {label.shape} differs from image "
@@ -552,9 +587,17 @@ def _labeled_images(
         checked.append((name, image_source, label_source, image, label))
     if num_classes is None:
         if label_mode == "classes":
-            num_classes = count_classes(
-                [np.unique(entry[4][entry[4] != ignore_value]) for entry in checked]
-            )
+            uniques = [np.unique(entry[4][entry[4] != ignore_value]) for entry in checked]
+            num_classes = count_classes(uniques)
+            used = np.unique(np.concatenate(uniques))
+            if num_classes > 2 and used.size <= num_classes // 2:
+                # {0, 255} would silently make a 256-class network.
+                raise error_type(
+                    f"{checked[0][2]}: the labels use {describe_values(used)} of the "
+                    f"{num_classes} class ids their largest value implies; for a binary map "
+                    f"use --label-mode membrane --cell-value {used[-1]}, or give --num-classes "
+                    f"{num_classes} if you mean it"
+                )
         else:
             num_classes = 2
     result = []

@@ -121,7 +121,11 @@ def match_by_stem(
 
 
 def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
-    """Read a TIFF or PNG image as a numpy array, as stored (no conversion).
+    """Read a TIFF or PNG image as a numpy array, its values as stored.
+
+    16-bit and float images keep their type and range. Colour channels are
+    read as a user means them (:func:`plain_channels`): a constant alpha
+    channel is dropped with a warning and gray stored as RGB is one channel.
 
     A zarr store (a folder ending in .zarr) is opened lazily as a zarr array.
     With ``memmap=True`` an uncompressed TIFF is memory-mapped instead of read,
@@ -137,14 +141,17 @@ def read_image(path: str | os.PathLike, memmap: bool = False) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
+            array = None
             if memmap:
                 with contextlib.suppress(ValueError):
-                    return tifffile.memmap(path, mode="r")
-            return tifffile.imread(path)
+                    array = tifffile.memmap(path, mode="r")
+            if array is None:
+                array = tifffile.imread(path)
+            return plain_channels(array, path) if _is_rgb_tiff(path) else array
         if suffix == ".png":
             from skimage import io as skio
 
-            return np.asarray(skio.imread(path))
+            return plain_channels(np.asarray(skio.imread(path)), path)
     except InputError:
         raise
     except Exception as error:  # any decoder failure is the file's fault here
@@ -249,6 +256,65 @@ def _ome_pixel_size(xml: str | None, dims: int) -> tuple[float, ...] | None:
             return None
         sizes.append(float(value) * scale)
     return tuple(sizes)
+
+
+def _is_rgb_tiff(path: Path) -> bool:
+    import tifffile
+
+    with contextlib.suppress(Exception), tifffile.TiffFile(path) as tiff:
+        return tiff.series[0].axes.endswith("S")
+    return False
+
+
+def plain_channels(array, path: str | os.PathLike):
+    """Colour channels as a user means them: constant alpha dropped, gray stored as RGB as gray.
+
+    ``array`` is channels last (``(H, W, C)``, C = 2 to 4: gray + alpha, RGB,
+    RGBA), as PNG and RGB TIFF files store them. Image editors save gray
+    pictures as RGB or with an opaque alpha channel; read as they are, the
+    alpha would become an input channel and a label would not fit its image.
+    A constant alpha is dropped with a warning; an alpha that varies is kept.
+    """
+    import warnings
+
+    if array.ndim != 3 or array.shape[-1] not in (2, 3, 4):
+        return array
+    if array.shape[-1] in (2, 4):
+        alpha = np.asarray(array[..., -1])
+        if alpha.min() != alpha.max():
+            return array  # a real mask: the user decides what it means
+        warnings.warn(f"{path}: constant alpha channel ({alpha.flat[0]}) dropped", stacklevel=3)
+        array = array[..., :-1]
+    if array.shape[-1] == 3:
+        red = np.asarray(array[..., 0])
+        if np.array_equal(red, array[..., 1]) and np.array_equal(red, array[..., 2]):
+            return array[..., 0]
+    if array.shape[-1] == 1:
+        return array[..., 0]
+    return array
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image: an indexed (palette) PNG gives its indices, colour is refused.
+
+    Image editors save label maps as palette PNGs, whose colours are only a
+    display of the class or cell indices stored in the file.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".png" and path.is_file():
+        from PIL import Image
+
+        with contextlib.suppress(Exception), Image.open(path) as picture:
+            if picture.mode == "P":
+                return np.asarray(picture)
+    array = read_image(path)
+    colour = path.suffix.lower() == ".png" or (not is_zarr_path(path) and _is_rgb_tiff(path))
+    if colour and array.ndim == 3 and array.shape[-1] in (2, 3, 4):
+        raise InputError(
+            f"{path}: is a colour image ({array.shape[-1]} channels); labels need one value "
+            "per pixel: save it as a gray or an indexed (palette) image"
+        )
+    return array
 
 
 def _temporary_path(path: Path) -> Path:

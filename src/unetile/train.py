@@ -46,6 +46,7 @@ from .augment import AugmentParams
 from .data import (
     IGNORE,
     LABEL_MODES,
+    MIN_TRAINING_EXTENT,
     LabeledImage,
     TileSampler,
     default_tile_shape,
@@ -803,6 +804,14 @@ def prepare_arrays(
 
 
 def _assemble(config, train_images, validation, num_classes, validation_source, error_type):
+    for item in train_images:
+        plane = item.classes.shape[-2:]
+        if min(plane) < MIN_TRAINING_EXTENT:
+            raise error_type(
+                f"{config.images or 'images'}/{item.name}: {plane[0]} x {plane[1]} px is too "
+                f"small to train on: height and width need at least {MIN_TRAINING_EXTENT} px "
+                "(its few labelled pixels would mostly fall outside the training tiles)"
+            )
     channels = train_images[0].image.shape[0]
     for item in validation:
         if item.image.shape[0] != channels:
@@ -1090,6 +1099,9 @@ def train(
             torch.use_deterministic_algorithms(deterministic)
 
 
+EMPTY_TILE_SHARE = 0.25
+"""Share of training tiles without a labelled pixel above which a run warns (once)."""
+
 RUN_FILES = (io.MODEL_WEIGHTS, io.MODEL_CONFIG, LAST_WEIGHTS, CHECKPOINT, LOG, SUMMARY, CURVES)
 """The files a training run writes; a new run never replaces them unless told to."""
 
@@ -1219,6 +1231,10 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     last_metrics: dict[str, float] = {}
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    # Tiles without a weighted pixel add nothing to learn: counted on the device, read when logging.
+    empty_tiles = torch.zeros((), dtype=torch.long, device=device)
+    tiles_seen = 0
+    warned_empty = False
     last_loss = float("nan")
     interrupted = False
     # A resumed run whose budget is spent takes no further step.
@@ -1232,6 +1248,8 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
                 weights = weights.to(device, non_blocking=True)
+                empty_tiles += (weights.flatten(1).amax(1) <= 0).sum()
+                tiles_seen += weights.shape[0]
                 fetched = time.perf_counter()
                 time_fraction = 0.0 if budget is None else wall_seconds() / budget
                 lr = learning_rate_at(config, step, time_fraction)
@@ -1280,6 +1298,15 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                         )
                     loss_sum.zero_()
                     loss_count = 0
+                    if not warned_empty and int(empty_tiles) >= EMPTY_TILE_SHARE * tiles_seen:
+                        warned_empty = True
+                        warnings.warn(
+                            f"{int(empty_tiles)} of the first {tiles_seen} training tiles held no "
+                            "labelled pixel (augmentation moved the labels out of view, or the "
+                            "images are small), so they teach nothing; use larger images, a "
+                            "smaller [augment] shift or --augment none",
+                            stacklevel=1,
+                        )
                     row = {
                         "step": step,
                         "loss": last_loss,

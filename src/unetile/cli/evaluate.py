@@ -77,10 +77,19 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--ignore-value",
-        type=float,
+        type=real_option(),
         metavar="V",
         help="ground-truth value of unannotated pixels: they are not scored (sparse "
         "annotations; the warping error is then refused) (default: none)",
+    )
+    parser.add_argument(
+        "--truth-mode",
+        choices=("auto", "binary", "instances"),
+        default="auto",
+        help="how GT is read: 'binary' (two values, or --cell-value = cell and every other "
+        "value background), 'instances' (0 = background, one id per cell), or 'auto': two "
+        "values binary, more values instances, refused when all but two values are a few "
+        "stray pixels (default auto)",
     )
     parser.add_argument(
         "--probabilities",
@@ -165,6 +174,58 @@ def pair_files(
     return pairs
 
 
+STRAY_SHARE = 0.01
+"""Auto mode: a map whose values beyond its two commonest cover less than this share is refused."""
+
+
+def read_truth(path: Path, mode: str, cell_value=None, ignore_value=None) -> np.ndarray:
+    """Read a ground-truth file as ``mode`` says; InputError when it does not look like one.
+
+    ``auto`` never guesses silently: a map with two values is binary, one with
+    more values is instance labels (said once on stderr), unless all but two
+    values are stray pixels (under 1 %), which is refused as ambiguous.
+    """
+    import warnings
+
+    from ..data import describe_values
+
+    truth = np.asarray(io.read_labels(path))
+    annotated = truth if ignore_value is None else truth[truth != ignore_value]
+    values, counts = np.unique(annotated, return_counts=True)
+    if mode == "binary" or (mode == "auto" and values.size <= 2):
+        if values.size <= 2:
+            return truth
+        if cell_value is None:
+            raise io.InputError(
+                f"{path}: holds {describe_values(values)}, not two; give --cell-value to say "
+                "which is cell (every other value is then background)"
+            )
+        background = values[values != cell_value][0]
+        keep = (truth == cell_value) | (
+            truth == ignore_value if ignore_value is not None else False
+        )
+        return np.where(keep, truth, background).astype(truth.dtype)
+    if truth.dtype.kind not in "uib":
+        raise io.InputError(
+            f"{path}: holds {truth.dtype} values; instance labels are integers (0 = background)"
+        )
+    if mode == "auto":
+        share = 1.0 - np.sort(counts)[-2:].sum() / counts.sum()
+        if share < STRAY_SHARE:
+            raise io.InputError(
+                f"{path}: holds {describe_values(values)}, all but two of them on "
+                f"{100 * share:.2g}% of the pixels: a binary map with stray values or instance "
+                "labels? say which with --truth-mode binary (and --cell-value) or --truth-mode "
+                "instances"
+            )
+        warnings.warn(
+            "ground truth with more than two values is read as instance labels "
+            "(0 = background); --truth-mode binary reads it otherwise",
+            stacklevel=2,
+        )
+    return truth
+
+
 def read_prediction(path: Path, probabilities: bool, cell_class: int, shape) -> np.ndarray:
     """Read a prediction file as the metrics expect it; InputError naming the file."""
     array = np.asarray(io.read_image(path))
@@ -228,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     sweeps = []
     for prediction_path, truth_path in pairs:
-        truth = np.asarray(io.read_image(truth_path))
+        truth = read_truth(truth_path, args.truth_mode, args.cell_value, args.ignore_value)
         prediction = read_prediction(
             prediction_path, args.probabilities, args.cell_class, truth.shape
         )
