@@ -9,8 +9,10 @@ the end.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -790,3 +792,304 @@ def test_resume_without_a_checkpoint(data, tmp_path, capsys):
     status, error = run_cli(train_argv(data, out) + TINY + ["--resume"], capsys)
     assert status == 2
     assert_one_line(error, "holds no checkpoint")
+
+
+# --------------------------------------------------------------------------
+# evaluate: ground truth is read as said, never guessed silently.
+# --------------------------------------------------------------------------
+
+
+def _cells() -> np.ndarray:
+    cells = np.zeros((16, 16), np.uint8)
+    cells[1:-1, 1:-1] = 255
+    cells[:, 7] = 0
+    return cells
+
+
+def test_a_binary_truth_with_one_stray_value_is_refused_not_read_as_instances(tmp_path, capsys):
+    truth = _cells()
+    truth[3, 3] = 254  # one stray value, as a lossy editor leaves it
+    io.write_image(tmp_path / "truth.png", truth)
+    io.write_image(tmp_path / "prediction.png", _cells())
+    argv = ["evaluate", tmp_path / "prediction.png", tmp_path / "truth.png"]
+    status, error = run_cli(argv + ["--json", tmp_path / "s.json"], capsys)
+    assert status == 2
+    assert_one_line(error, "truth.png: holds 3 value(s) (0, 254, 255)", "--truth-mode binary")
+    assert not (tmp_path / "s.json").exists()
+    status, error = run_cli(argv + ["--truth-mode", "binary"], capsys)
+    assert status == 2
+    assert_one_line(error, "give --cell-value")
+    status, error = run_cli(
+        argv + ["--truth-mode", "binary", "--cell-value", "255", "--json", tmp_path / "s.json"],
+        capsys,
+    )
+    assert status == 0, error
+    scores = json.loads((tmp_path / "s.json").read_text())["mean"]
+    assert scores["rand_error"] < 0.01 and scores["pixel_error"] == pytest.approx(1 / 256)
+
+
+def test_instance_truth_is_said_once(tmp_path, capsys):
+    ids = np.zeros((16, 16), np.uint16)
+    ids[1:8, 1:8], ids[9:15, 1:8], ids[1:15, 9:15] = 1, 2, 3
+    io.write_image(tmp_path / "truth.tif", ids)
+    io.write_image(tmp_path / "prediction.tif", ids)
+    status, error = run_cli(
+        ["evaluate", tmp_path / "prediction.tif", tmp_path / "truth.tif"], capsys
+    )
+    assert status == 0
+    assert error.count("read as instance labels") == 1
+
+
+def _evaluate_files(truth: np.ndarray, prediction: np.ndarray, suffix=(".tif", ".tif")):
+    def write(folder: Path) -> tuple[Path, Path]:
+        paths = folder / f"p{suffix[0]}", folder / f"t{suffix[1]}"
+        for path, array in zip(paths, (prediction, truth), strict=True):
+            tifffile.imwrite(path, array) if path.suffix == ".tif" else io.write_image(path, array)
+        return paths
+
+    return write
+
+
+EVALUATE_FILES = [
+    (_evaluate_files(_cells(), _cells()[:10]), [], "differs from ground_truth shape"),
+    (_evaluate_files(_cells(), _cells().astype(np.float32)), [], "pass --probabilities"),
+    (
+        _evaluate_files(_cells(), np.full((16, 16), np.nan, np.float32)),
+        ["--probabilities"],
+        "must be finite and lie in [0, 1]",
+    ),
+    (
+        _evaluate_files(_cells(), np.full((16, 16), 3.0, np.float32)),
+        ["--probabilities"],
+        "must be finite and lie in [0, 1]",
+    ),
+    (
+        _evaluate_files(_cells().astype(np.float32) / 3, _cells()),
+        ["--truth-mode", "instances"],
+        "instance labels are integers",
+    ),
+    (
+        _evaluate_files(
+            np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8),
+            _cells(),
+            (".tif", ".png"),
+        ),
+        [],
+        "is a colour image",
+    ),
+    (_evaluate_files(_cells(), _cells()), ["--cell-value", "7"], "no pixel of the cell value 7"),
+]
+
+
+@pytest.mark.parametrize(("write", "options", "message"), EVALUATE_FILES)
+def test_evaluate_refuses_files_it_cannot_score(tmp_path, capsys, write, options, message):
+    prediction, truth = write(tmp_path)
+    argv = [
+        "evaluate",
+        prediction,
+        truth,
+        "--json",
+        tmp_path / "s.json",
+        "--csv",
+        tmp_path / "s.csv",
+    ]
+    status, error = run_cli(argv + options, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("target", ["json folder", "csv under a file", "missing truth"])
+def test_evaluate_output_paths_and_missing_files(tmp_path, capsys, target):
+    prediction, truth = _evaluate_files(_cells(), _cells())(tmp_path)
+    argv = ["evaluate", prediction, truth]
+    if target == "json folder":
+        (tmp_path / "scores").mkdir()
+        argv += ["--json", tmp_path / "scores"]
+        expected = "scores: Is a directory"
+    elif target == "csv under a file":
+        argv += ["--csv", tmp_path / "p.tif" / "s.csv"]
+        expected = "exists and is not a folder"
+    else:
+        argv[2] = tmp_path / "gone.tif"
+        expected = "gone.tif: no such file"
+    before = snapshot(tmp_path)
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, expected)
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------
+# export: the same model-folder checks, nothing written on failure.
+# --------------------------------------------------------------------------
+
+EXPORT_CASES = [
+    (_set(("model", "depth"), 30), [], "depth must be a whole number in [1, 10]"),
+    (_set(("model", "base_channels"), 1000), [], "weights do not fit config.json"),
+    (_set(("normalization", "std"), [0.0]), [], "normalization std must be a finite number > 0"),
+    (_set(("classes", "foreground"), 9), [], "classes foreground must be a whole number"),
+    (lambda config: None, ["--format", "tflite"], "--format"),
+    (lambda config: None, ["--check", "--image", "/nonexistent.tif"], "no such file"),
+]
+
+
+@pytest.mark.parametrize(("edit", "options", "message"), EXPORT_CASES)
+def test_export_refuses_a_bad_model_folder(tmp_path, capsys, edit, options, message):
+    run = save_run(tmp_path / "run")
+    _edit_config(run, edit)
+    out = tmp_path / "exported" / "model.onnx"
+    argv = ["export", run, "--out", out]
+    argv += options if "--format" in options else ["--format", "onnx", *options]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, message)
+    assert visible(out.parent) == []
+
+
+def test_export_to_a_folder_or_under_a_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "taken", "Is a directory"), (tmp_path / "file" / "m.pt", "")):
+        status, error = run_cli(["export", run, "--format", "torchscript", "--out", out], capsys)
+        assert status == 2
+        assert_one_line(error, message)
+    assert visible(tmp_path / "taken") == [] and (tmp_path / "file").read_text() == "x"
+
+
+# --------------------------------------------------------------------------
+# Faults: two processes on one folder, a full disk, kill -9.
+# --------------------------------------------------------------------------
+
+
+def test_second_training_on_a_folder_refuses_with_the_first_ones_pid(data, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from unetile import io\n"
+            f"with io.folder_lock({str(out)!r}):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(io.__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, error = run_cli(train_argv(data, out) + TINY, capsys)
+        assert status == 2
+        assert_one_line(error, f"is being trained by another process (PID {holder.pid}")
+        assert visible(out) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel freed the killed holder's lock: the folder is usable, with a note.
+    status, error = run_cli(train_argv(data, out) + TINY, capsys)
+    assert status == 0, error
+    assert f"process {holder.pid} was stopped while it held this folder" in error
+
+
+def test_a_lock_held_in_this_process_also_refuses(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with io.folder_lock(out):
+        status, error = run_cli(train_argv(data, out) + TINY, capsys)
+    assert status == 2
+    assert_one_line(error, f"PID {os.getpid()}")
+
+
+def _no_space(path):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_full_disk_while_predicting_leaves_no_output_and_no_scratch(
+    data, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(tifffile, "imwrite", lambda path, *a, **k: _no_space(path))
+    argv = ["predict", data / "run", data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "No space left on device (the disk is full")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_full_disk_at_the_final_save_keeps_the_checkpoint_and_says_where(
+    data, tmp_path, capsys, monkeypatch
+):
+    from unetile import train as training
+
+    out = tmp_path / "run"
+    real_save = io.save_model
+
+    def failing_save(run_dir, model, config, name=io.MODEL_WEIGHTS):
+        if name == training.LAST_WEIGHTS:
+            _no_space(Path(run_dir) / name)
+        real_save(run_dir, model, config, name)
+
+    monkeypatch.setattr(io, "save_model", failing_save)
+    argv = train_argv(data, out) + TINY + ["--steps", "4", "--checkpoint-every", "2"]
+    argv += ["--augment", "none"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "No space left on device", "the checkpoint of step", "--resume")
+    assert (out / training.CHECKPOINT).is_file()
+    monkeypatch.setattr(io, "save_model", real_save)
+    status, error = run_cli(argv + ["--resume"], capsys)
+    assert status == 0, error
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+
+
+def test_scratch_of_a_killed_prediction_is_removed_by_the_next_run(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = out / f"{io.SCRATCH_PREFIX}killed"
+    stale.mkdir(parents=True)
+    (stale / io.LOCK_NAME).write_text("12345\n")
+    (stale / "labels.zarr").write_bytes(b"\0" * 4096)
+    live = out / f"{io.SCRATCH_PREFIX}live"
+    live.mkdir()
+    with io.folder_lock(live):  # another prediction still at work
+        argv = ["predict", data / "run", data / "input.tif", "--out", out, "--no-progress"]
+        status, error = run_cli(argv, capsys)
+    assert status == 0, error
+    assert "removed the scratch of an interrupted run" in error
+    assert not stale.exists() and live.exists()
+    assert visible(out) == ["input_labels.tif"]
+
+
+def test_kill_9_during_training_then_resume_gives_the_same_weights(data, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    options = TINY + ["--steps", "30", "--checkpoint-every", "2", "--threads", "1"]
+    options += ["--augment", "none", "--optimizer", "adam", "--lr", "0.01"]
+    straight = tmp_path / "straight"
+    assert run_cli(train_argv(data, straight) + options, capsys)[0] == 0
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unetile", *map(str, train_argv(data, out) + options)],
+        env={**os.environ, "PYTHONPATH": str(Path(io.__file__).parents[1])},
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists(), "the run ended before it was killed"
+    status, error = run_cli(train_argv(data, out) + options + ["--resume"], capsys)
+    assert status == 0, error
+    for name in ("last.safetensors", "model.safetensors"):
+        first, second = load_file(straight / name), load_file(out / name)
+        assert all(torch.equal(first[key], second[key]) for key in first), name

@@ -247,6 +247,12 @@ def read_prediction(path: Path, probabilities: bool, cell_class: int, shape) -> 
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535
     if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise io.InputError(
+                f"{path}: probabilities must be finite and lie in [0, 1]; found values in "
+                f"[{np.nanmin(array)}, {np.nanmax(array)}]"
+                + (" and NaN" if np.isnan(array).any() else "")
+            )
         return array.astype(np.float64, copy=False)
     raise io.InputError(
         f"{path}: --probabilities needs uint8, uint16 or float pixels, got {array.dtype}"
