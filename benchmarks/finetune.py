@@ -66,9 +66,7 @@ def evaluate(run_dir: Path, images, labels) -> dict[str, float]:
     model, config = io.load_model(run_dir)
     totals = dict.fromkeys(METRICS, 0.0)
     for image, label in zip(images, labels, strict=True):
-        probabilities = predict(
-            model, image, normalization=config["normalization"], progress=False
-        )
+        probabilities = predict(model, image, normalization=config["normalization"], progress=False)
         values = score(probabilities[1], label, METRICS, thresholds=(0.5,))
         for name in METRICS:
             totals[name] += float(values[name])
