@@ -167,6 +167,8 @@ TRAIN_NUMBERS = [
     ("--tile", "0", "tile_shape entry (pixels) must be a whole number in [1, 65536]"),
     ("--tile", "1.5", "tile"),
     ("--tile", "99999999", "tile_shape entry (pixels) must be a whole number"),
+    ("--channels", "0", "channels must be a whole number in [1, 1024]"),
+    ("--channels", "2.5", "argument --channels"),
     ("--device", "mps", "mps"),
     ("--device", "cuda:7", "cuda"),
     ("--device", "tpu", "--device"),
@@ -1093,3 +1095,41 @@ def test_kill_9_during_training_then_resume_gives_the_same_weights(data, tmp_pat
     for name in ("last.safetensors", "model.safetensors"):
         first, second = load_file(straight / name), load_file(out / name)
         assert all(torch.equal(first[key], second[key]) for key in first), name
+
+
+def test_channels_states_what_the_model_expects(tmp_path, capsys):
+    images, labels = write_training_set(tmp_path)
+    out = tmp_path / "rgb"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv + ["--channels", "3"], capsys)
+    assert status == 0, error
+    assert json.loads((out / io.MODEL_CONFIG).read_text())["model"]["in_channels"] == 3
+    # A gray image feeds the colour model as R = G = B; colour into a gray model is refused.
+    predicted = tmp_path / "predicted"
+    argv = ["predict", out, images / "a.png", "--out", predicted, "--no-progress"]
+    assert run_cli(argv, capsys)[0] == 0
+    colour = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
+    io.write_image(tmp_path / "colour" / "a.png", colour)
+    gray_run = tmp_path / "gray"
+    argv = ["train", "--images", tmp_path / "colour", "--labels", labels, "--out", gray_run]
+    argv += [*TINY, "--channels", "1"]
+    (labels / "b.png").unlink()
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "a: has 3 channel(s); the model expects 1", "--channels")
+    assert visible(gray_run) in ([], ["cache"])
+    argv = ["predict", tmp_path / "rgb", tmp_path / "colour" / "a.png", "--out", predicted]
+    assert run_cli(argv + ["--no-progress"], capsys)[0] == 0
+    status, error = run_cli(
+        [
+            "predict",
+            save_run(tmp_path / "run"),
+            tmp_path / "colour" / "a.png",
+            "--out",
+            predicted,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert status == 2
+    assert_one_line(error, "has 3 channel(s); the model expects 1")

@@ -513,11 +513,6 @@ def _check_run_entries(path: Path, config: dict, model_config) -> None:
             )
         if "foreground" in classes:
             check_int("classes foreground", classes["foreground"], 0, model_config.num_classes - 1)
-        channels = config.get("channels")
-        if channels is not None and check_int("channels", channels, 1) != model_config.in_channels:
-            raise ValueError(
-                f"channels {channels} differs from the model's {model_config.in_channels} inputs"
-            )
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
 

@@ -88,6 +88,9 @@ class TrainConfig:
         ignore_value : label value of unannotated pixels (sparse labels): no
             loss, no weight, not scored in validation; None = every pixel annotated.
         dims : 2 for images, 3 for stacks.
+        channels : input channels the model expects (1 = gray, 3 = RGB); None:
+            those of the images. Gray stored as RGB counts as gray; gray images
+            feed an RGB model as R = G = B.
         pixel_size : micrometres per pixel, one value or one per spatial axis;
             overrides the images' TIFF metadata. None: read from the metadata
             (stored in ``config.json`` as ``pixel_size_um``, null when unknown).
@@ -142,6 +145,7 @@ class TrainConfig:
     foreground: int = 1
     ignore_value: int | None = None
     dims: int = 2
+    channels: int | None = None
     pixel_size: tuple[float, ...] | None = None
     w0: float = 10.0
     sigma: float = 5.0
@@ -253,6 +257,7 @@ class TrainConfig:
         whole("num_classes", 2, MAX_CLASSES, optional=True)
         whole("foreground", 0, MAX_CLASSES - 1)
         whole("threads", 1, 1024, optional=True)
+        whole("channels", 1, 1024, optional=True)
         whole("max_tile", 1, 65536, optional=True)
         if self.dims not in (2, 3) or isinstance(self.dims, bool):
             raise ValueError(f"dims must be 2 or 3, got {self.dims!r}")
@@ -812,6 +817,20 @@ def _assemble(config, train_images, validation, num_classes, validation_source, 
                 f"small to train on: height and width need at least {MIN_TRAINING_EXTENT} px "
                 "(its few labelled pixels would mostly fall outside the training tiles)"
             )
+    if config.channels is not None:
+        from .data import fit_channels
+
+        for source, items in (
+            (config.images or "images", train_images),
+            (validation_source, validation),
+        ):
+            for item in items:
+                try:
+                    item.image = np.ascontiguousarray(
+                        fit_channels(item.image, config.dims, config.channels)
+                    )
+                except ValueError as error:
+                    raise error_type(f"{source}/{item.name}: {error} (--channels)") from None
     channels = train_images[0].image.shape[0]
     for item in validation:
         if item.image.shape[0] != channels:

@@ -171,6 +171,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     option(labels, "--dims", "dims", "2 for images, 3 for stacks", type=int, choices=(2, 3))
     option(
         labels,
+        "--channels",
+        "channels",
+        "input channels the model expects: 1 (gray; gray stored as RGB is gray) or 3 (RGB; "
+        "gray images become R = G = B); predict checks images against it",
+        type=int,
+        shown="those of the images",
+    )
+    option(
+        labels,
         "--pixel-size",
         "pixel_size",
         "micrometres per pixel of the training images, one value or one per axis (z,y,x); "
