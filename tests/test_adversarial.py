@@ -251,6 +251,15 @@ DEMO_NUMBERS = [
 ]
 
 
+def test_demo_out_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.write_text("notes")
+    status, error = run_cli(["demo", "--out", out, "--quiet", "--minutes", "0.01"], capsys)
+    assert status == 2
+    assert_one_line(error, "demo")
+    assert out.read_text() == "notes"
+
+
 @pytest.mark.parametrize(("options", "message"), DEMO_NUMBERS)
 def test_demo_refuses_a_bad_number_before_any_work(tmp_path, capsys, options, message):
     out = tmp_path / "demo"
@@ -1005,21 +1014,30 @@ def test_a_lock_held_in_this_process_also_refuses(data, tmp_path, capsys):
     assert_one_line(error, f"PID {os.getpid()}")
 
 
-def _no_space(path):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+def _no_space(path, code=errno.ENOSPC):
+    raise OSError(code, os.strerror(code), str(path))
 
 
-def test_full_disk_while_predicting_leaves_no_output_and_no_scratch(
-    data, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.ENOSPC, "No space left on device (the disk is full"),
+        (errno.EROFS, "Read-only file system (read-only file system: choose a folder"),
+        (errno.EACCES, "Permission denied (no permission: choose a folder"),
+        (errno.EDQUOT, "(the disk quota is used up"),
+    ],
+)
+def test_write_errors_while_predicting_leave_no_output_and_no_scratch(
+    data, tmp_path, capsys, monkeypatch, code, message
 ):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr(tifffile, "imwrite", lambda path, *a, **k: _no_space(path))
+    monkeypatch.setattr(tifffile, "imwrite", lambda path, *a, **k: _no_space(path, code))
     argv = ["predict", data / "run", data / "input.tif", "--out", out, "--no-progress"]
     status, error = run_cli(argv, capsys)
     assert status == 2
-    assert_one_line(error, "No space left on device (the disk is full")
+    assert_one_line(error, message)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
