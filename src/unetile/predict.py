@@ -113,10 +113,12 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes this process can still take: free GPU memory, or the RAM Linux calls available."""
+    """Bytes this process can still take: free (and torch-cached) GPU memory, or the RAM
+    Linux calls available (MPS shares it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # Memory torch caches but does not use is free to this process.
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as handle:
             for line in handle:
