@@ -115,3 +115,27 @@ def test_evaluate_cli_ignores_the_value(tmp_path, capsys):
     assert code == 0
     mean = io.read_json(report)["mean"]
     assert mean["pixel_error"] == 0.0 and "warping_error" not in mean
+
+
+def test_validation_scores_only_the_annotated_pixels():
+    import torch
+
+    from unetile.data import LabeledImage
+    from unetile.model import UNet
+    from unetile.train import validate
+
+    model = UNet(depth=2, base_channels=2, dropout=0.0)
+    with torch.no_grad():
+        model.classifier.bias[1] = 100.0  # "cell" everywhere
+    classes = np.full((44, 44), IGNORE, np.int64)
+    classes[:, :22] = 1
+    classes[:, 0] = 0  # 44 membrane pixels among the 968 annotated ones
+    item = LabeledImage("v", np.zeros((1, 44, 44), np.float32), classes, classes.clip(0), None)
+    config = make_config(depth=2, base_channels=2, metrics="pixel_error", keep_best="pixel_error")
+    sparse = make_config(**{**config.to_dict(), "ignore_value": U})
+    values = validate(model, [item], sparse, None, (28, 28), torch.device("cpu"))
+    assert values["pixel_error"] == pytest.approx(44 / 968)
+    # Annotated as membrane instead, the right half counts.
+    complete = LabeledImage("v", item.image, classes.clip(0), classes.clip(0), None)
+    values = validate(model, [complete], config, None, (28, 28), torch.device("cpu"))
+    assert values["pixel_error"] == pytest.approx((44 + 44 * 22) / 44**2)
