@@ -233,3 +233,29 @@ def test_grown_instances_cover_the_gaps(tmp_path):
     grown = tifffile.imread(tmp_path / "o" / "a_instances.tif")
     assert relabel_equal(grown, instances_from_probabilities(expected, grow=2))
     assert 0 < (instances_from_probabilities(expected) > 0).sum() < (grown > 0).sum() < grown.size
+
+
+def test_instance_options_come_from_config_json_and_the_command_line_overrides_them(
+    tmp_path, capsys
+):
+    from unetile.instances import extract_instances
+
+    model = save_run(tmp_path / "run", cell_bias=0.5)
+    config = io.read_json(tmp_path / "run" / io.MODEL_CONFIG)
+    config["instances"] = {"method": "distance", "h": 1.0, "min_size": 4, "fill_holes": True}
+    io.write_json(tmp_path / "run" / io.MODEL_CONFIG, config)
+    image = np.random.default_rng(5).random((40, 48), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    expected = predict(model, image, tile_shape=12, normalization=([0.5], [0.25]), progress=False)
+    for extra, options in (
+        ([], dict(method="distance", h=1.0, min_size=4, fill_holes=True)),
+        (["--method", "components", "--min-size", "0", "--no-fill-holes"], {}),
+    ):
+        out = tmp_path / f"out{len(extra)}"
+        arguments = ["predict", str(tmp_path / "run"), str(tmp_path / "a.tif"), "--out", str(out)]
+        status = main([*arguments, "--tile", "12", "--instances", "--no-progress", *extra])
+        assert status == 0
+        written = tifffile.imread(out / "a_instances.tif")
+        assert relabel_equal(written, extract_instances(expected, **options))
+    assert main([*arguments, "--min-size", "3"]) == 2
+    assert "--min-size sets how --instances are extracted" in capsys.readouterr().err

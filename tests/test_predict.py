@@ -450,3 +450,41 @@ def test_zarr_input_by_path_and_rerun_replaces_a_zarr_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "labels.zarr"]
     with pytest.raises(io.InputError, match="no such zarr store"):
         io.open_zarr(tmp_path / "missing.zarr")
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_watershed_instance_files_equal_the_whole_image_across_regions(tmp_path, suffix):
+    from unetile.instances import InstanceOptions, extract_instances
+
+    model = small_model(depth=2, base=4, seed=11)
+    with torch.no_grad():
+        model.classifier.bias[1] -= 0.3  # cells of up to 16 px from an untrained network
+    image = np.random.default_rng(11).random((64, 80), dtype=np.float32)
+    tile = 14
+    probabilities = predict(model, image, tile_shape=tile, progress=False)
+    options = InstanceOptions(method="distance", h=1.0, min_size=3, fill_holes=True, max_extent=20)
+    expected = extract_instances(probabilities, options)
+    assert expected.max() > 100
+    written = predict_to_files(
+        model,
+        image,
+        instances=tmp_path / f"i{suffix}",
+        instance_options=options,
+        grow=2,
+        tile_shape=tile,
+        progress=False,
+    )
+    path = written["instances"]
+    stored = tifffile.imread(path) if suffix == ".tif" else zarr.open_array(str(path), mode="r")[:]
+    assert np.array_equal(stored, grow_cells(expected, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"i{suffix}"]
+    narrow = InstanceOptions(method="distance", max_extent=2)
+    with pytest.raises(ValueError, match="max_extent = 2 px"):
+        predict_to_files(
+            model,
+            image,
+            instances=tmp_path / f"n{suffix}",
+            instance_options=narrow,
+            tile_shape=tile,
+        )
+    assert not (tmp_path / f"n{suffix}").exists()

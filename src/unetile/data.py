@@ -17,7 +17,9 @@ Conventions (the README restates them):
   ``"instances"``: 0 = background, every other id is one cell; classes are
   0 = background, 1 = cell, and where two cells touch, the pixels along the
   contact (one on each side) become background, the thin line that the
-  paper's annotations draw between touching cells. ``"classes"``: the pixel value is the class id
+  paper's annotations draw between touching cells; with the ``"three-class"``
+  target those contact pixels are class 2 (border) instead, the common
+  target for touching nuclei (Caicedo et al. 2019). ``"classes"``: the pixel value is the class id
   (0 = background); the cells of the weight map's border term are the
   connected regions of equal non-zero class.
 - Normalisation. Every channel is shifted and scaled by the mean and standard
@@ -47,6 +49,9 @@ import torch
 from . import io
 
 LABEL_MODES = ("membrane", "instances", "classes")
+#: Training targets of instance labels: the paper's background / cell, or
+#: background / cell interior / border between touching cells (class 2).
+TARGETS = ("two-class", "three-class")
 IGNORE = -1
 MIN_TRAINING_EXTENT = 16
 """Smallest height and width (pixels) of a training image: the default shift alone is 16 px."""
@@ -148,6 +153,7 @@ def labels_to_classes(
     num_classes: int = 2,
     cell_value: int = 255,
     ignore_value: int | None = None,
+    target: str = "two-class",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class of every pixel and the cells as instance ids, from a label image.
 
@@ -165,6 +171,9 @@ def labels_to_classes(
         Label value of pixels without annotation (sparse labels): their class
         is :data:`IGNORE` and they are no cell (instance 0); the other pixels
         are read as ``mode`` says, as if the ignored ones were absent.
+    target : {"two-class", "three-class"}
+        For ``"instances"``: the pixels along a contact between two cells are
+        background (the paper) or class 2, border.
 
     Returns
     -------
@@ -181,6 +190,10 @@ def labels_to_classes(
     """
     if mode not in LABEL_MODES:
         raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target != "two-class" and mode != "instances":
+        raise ValueError(f"target {target!r} needs instance labels (label mode 'instances')")
     if label.dtype.kind == "f":
         if not np.all(np.isfinite(label)):
             raise ValueError("label holds NaN or infinite values")
@@ -189,7 +202,7 @@ def labels_to_classes(
     if label.dtype.kind not in "uifb":
         raise ValueError(f"label has dtype {label.dtype}; expected integers")
     if ignore_value is None:
-        return _annotated_classes(label, mode, num_classes, cell_value)
+        return _annotated_classes(label, mode, num_classes, cell_value, target)
     if mode == "membrane" and ignore_value == cell_value:
         raise ValueError(f"ignore value {ignore_value} equals the cell value; choose another")
     unknown = label == ignore_value
@@ -197,7 +210,7 @@ def labels_to_classes(
     # membrane value, background 0), then leave the classes and the cells.
     filler = 0 if mode != "membrane" else _membrane_value(label[~unknown], cell_value)
     classes, instances = _annotated_classes(
-        np.where(unknown, filler, label), mode, num_classes, cell_value
+        np.where(unknown, filler, label), mode, num_classes, cell_value, target
     )
     classes[unknown] = IGNORE
     if mode != "instances":
@@ -235,7 +248,7 @@ def _cells_through_unknown(classes: np.ndarray, unknown: np.ndarray) -> np.ndarr
     return instances
 
 
-def _annotated_classes(label, mode, num_classes, cell_value):
+def _annotated_classes(label, mode, num_classes, cell_value, target="two-class"):
     from skimage.measure import label as connected_components
 
     values = np.unique(label)
@@ -256,8 +269,11 @@ def _annotated_classes(label, mode, num_classes, cell_value):
     if values.size and values[0] < 0:
         raise ValueError(f"label value {values[0]} is negative; ids start at 0")
     if mode == "instances":
-        if num_classes != 2:
-            raise ValueError(f"instance labels give 2 classes, got num_classes={num_classes}")
+        expected = 3 if target == "three-class" else 2
+        if num_classes != expected:
+            raise ValueError(
+                f"instance labels give {expected} classes ({target}), got num_classes={num_classes}"
+            )
         from .weights import touching_borders
 
         if values.size == 2 and values[0] == 0:
@@ -271,8 +287,12 @@ def _annotated_classes(label, mode, num_classes, cell_value):
 
         # Where two cells touch, a background line separates them, as in the
         # paper's annotations: the network can only learn gaps it is shown.
-        instances = np.where(touching_borders(label), 0, label).astype(np.int32)
-        return (instances > 0).astype(np.int64), instances
+        borders = touching_borders(label)
+        instances = np.where(borders, 0, label).astype(np.int32)
+        classes = (instances > 0).astype(np.int64)
+        if target == "three-class":
+            classes[borders] = 2
+        return classes, instances
     if values.size and values[-1] >= num_classes:
         raise ValueError(
             f"label value {values[-1]} outside the classes 0..{num_classes - 1}; "
@@ -423,6 +443,7 @@ def load_labeled_images(
     label_mode: str = "membrane",
     num_classes: int | None = None,
     cell_value: int = 255,
+    target: str = "two-class",
     w0: float = 10.0,
     sigma: float = 5.0,
     class_weights: str = "balanced",
@@ -451,6 +472,8 @@ def load_labeled_images(
         class id + 1 for ``"classes"``.
     cell_value : int
         Cell value of a membrane map.
+    target : {"two-class", "three-class"}
+        Classes made from instance labels (:func:`labels_to_classes`).
     w0, sigma : float
         Weight map border term: amplitude and width (pixels).
     class_weights : {"balanced", "none"}
@@ -482,6 +505,7 @@ def load_labeled_images(
         label_mode=label_mode,
         num_classes=num_classes,
         cell_value=cell_value,
+        target=target,
         w0=w0,
         sigma=sigma,
         class_weights=class_weights,
@@ -499,6 +523,7 @@ def labeled_images_from_arrays(
     label_mode: str = "membrane",
     num_classes: int | None = None,
     cell_value: int = 255,
+    target: str = "two-class",
     w0: float = 10.0,
     sigma: float = 5.0,
     class_weights: str = "balanced",
@@ -525,6 +550,7 @@ def labeled_images_from_arrays(
         label_mode=label_mode,
         num_classes=num_classes,
         cell_value=cell_value,
+        target=target,
         w0=w0,
         sigma=sigma,
         class_weights=class_weights,
@@ -541,6 +567,7 @@ def _labeled_images(
     label_mode,
     num_classes,
     cell_value,
+    target,
     w0,
     sigma,
     class_weights,
@@ -599,12 +626,12 @@ def _labeled_images(
                     f"{num_classes} if you mean it"
                 )
         else:
-            num_classes = 2
+            num_classes = 3 if target == "three-class" else 2
     result = []
     for name, _, label_source, image, label in checked:
         try:
             classes, instances = labels_to_classes(
-                label, label_mode, num_classes, cell_value, ignore_value
+                label, label_mode, num_classes, cell_value, ignore_value, target
             )
         except ValueError as error:
             raise error_type(f"{label_source}: {error}") from None

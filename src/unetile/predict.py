@@ -31,6 +31,15 @@ import numpy as np
 import torch
 
 from . import io
+from .instances import (
+    InstanceOptions,
+    _check_grow,
+    grow_cells,
+    instances_from_probabilities,  # noqa: F401 - importable from here as before
+    keys_by_region,
+    rank_keys,
+    region_grid,
+)
 from .model import UNet, is_valid_input_size, size_multiple
 from .tiling import (
     axis_origins,
@@ -675,49 +684,6 @@ def _label_foreground(foreground: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.uint32), int(count)
 
 
-def _check_grow(grow) -> int:
-    if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) or grow < 0:
-        raise ValueError(f"grow must be a whole number of pixels >= 0, got {grow!r}")
-    return int(grow)
-
-
-def grow_cells(instances: np.ndarray, grow: int) -> np.ndarray:
-    """Grow each cell by up to ``grow`` pixels into the background, never into another cell.
-
-    Each background pixel within ``grow`` px (Euclidean) of a cell joins the
-    nearest one (``skimage.segmentation.expand_labels``). On EM membrane maps
-    this gives cells that meet at the membranes, as a full segmentation does;
-    the network's gaps still decide which cells are apart.
-    """
-    grow = _check_grow(grow)
-    if grow == 0:
-        return instances
-    from skimage.segmentation import expand_labels
-
-    return expand_labels(instances, grow)
-
-
-def instances_from_probabilities(
-    probabilities: np.ndarray, foreground_class: int = 1, grow: int = 0
-) -> np.ndarray:
-    """Instance labels (uint32, 0 = background): connected components of the foreground class.
-
-    Touching cells are separated by the background gaps the network predicts
-    between them (the paper's weight map trains exactly those); components
-    are face-connected (4-connected in 2D). ``grow`` > 0 then grows them
-    over the background (:func:`grow_cells`).
-    """
-    probabilities = np.asarray(probabilities)
-    if not 0 <= foreground_class < probabilities.shape[0]:
-        raise ValueError(
-            f"foreground_class {foreground_class} is not one of the "
-            f"{probabilities.shape[0]} classes"
-        )
-    grow = _check_grow(grow)
-    labels, _ = _label_foreground(probabilities.argmax(axis=0) == foreground_class)
-    return grow_cells(labels, grow)
-
-
 def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: int) -> np.ndarray:
     """Lookup table joining labels of tile pieces that touch across tile borders.
 
@@ -764,8 +730,11 @@ def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: i
     return lut.astype(np.uint32)
 
 
-def final_instances(provisional, lut: np.ndarray, region: tuple[slice, ...], grow: int = 0):
+def final_instances(provisional, lut, region: tuple[slice, ...], grow: int = 0):
     """The final ids of ``region``: ``lut`` of the per-tile labels, cells grown by ``grow`` px.
+
+    ``lut`` is an array indexed by the provisional labels, or a function of a
+    block of them.
 
     The region is read with a ``grow``-px margin, which holds every cell a
     pixel of the region can be grown from, so region by region the result is
@@ -773,7 +742,8 @@ def final_instances(provisional, lut: np.ndarray, region: tuple[slice, ...], gro
     cells included).
     """
     window = widened_box(region, _check_grow(grow), provisional.shape)
-    labels = grow_cells(lut[np.asarray(provisional[window])], grow)
+    block = np.asarray(provisional[window])
+    labels = grow_cells(lut(block) if callable(lut) else lut[block], grow)
     return labels[
         tuple(
             slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
@@ -802,6 +772,7 @@ def predict_to_files(
     instances: str | os.PathLike | None = None,
     foreground_class: int = 1,
     grow: int = 0,
+    instance_options: InstanceOptions | None = None,
     tile_shape: int | Sequence[int] | None = None,
     batch_size: int = 1,
     tta: bool = False,
@@ -826,13 +797,20 @@ def predict_to_files(
     ----------
     labels, probabilities, instances : path, optional
         Where to write the class map (argmax, uint8), the ``(K, *spatial)``
-        float32 probabilities and the instance labels (uint32, connected
-        components of ``foreground_class``, one id per cell across tiles).
+        float32 probabilities and the instance labels (uint32, one id per cell
+        across tiles, the same as :func:`unetile.instances.extract_instances`
+        of the whole image).
     foreground_class : int
-        Class index of the cells, for ``instances``.
+        Class index of the cells, for ``instances`` without ``instance_options``.
     grow : int
         Pixels by which each cell of ``instances`` grows into the background
-        (:func:`grow_cells`); 0 keeps the connected components as they are.
+        (:func:`grow_cells`); 0 keeps the cells as they are.
+    instance_options : InstanceOptions, optional
+        How ``instances`` are extracted; default the paper's connected
+        components of ``foreground_class``. The paper's components are joined
+        across tiles without bound; the other methods read each region with a
+        margin of ``max_extent`` px and raise ValueError when a connected group
+        of cells is wider.
     Others
         As for :func:`predict`.
 
@@ -861,10 +839,11 @@ def predict_to_files(
     if grow and instances is None:
         raise ValueError("grow grows the cells of instances: give an instances path")
     num_classes = model.config.num_classes
-    if instances is not None and not 0 <= foreground_class < num_classes:
-        raise ValueError(
-            f"foreground_class {foreground_class} is not one of the {num_classes} classes"
-        )
+    if instance_options is None:
+        instance_options = InstanceOptions(foreground_classes=(foreground_class,))
+    if instances is not None:
+        instance_options.check_classes(num_classes)
+    by_region = instances is not None and instance_options.needs_whole_objects
     spatial, _ = _spatial_shape(model, image)
     device = resolve_device(device)
     if tile_shape is None:
@@ -901,6 +880,13 @@ def predict_to_files(
             )
         if "labels" in requested:
             arrays["labels"] = store("labels", spatial, _class_dtype(num_classes), chunks)
+        if by_region and "probabilities" not in arrays:
+            arrays["probabilities"] = store(
+                "scratch_probabilities",
+                (num_classes, *spatial),
+                np.float32,
+                (num_classes, *chunks),
+            )
         if "instances" in requested:
             provisional = store("provisional", spatial, np.uint64, chunks)
         count = 0
@@ -922,16 +908,32 @@ def predict_to_files(
             classes = block.argmax(axis=0)
             if "labels" in arrays:
                 arrays["labels"][region] = classes.astype(_class_dtype(num_classes))
-            if "instances" in requested:
-                pieces, found = _label_foreground(classes == foreground_class)
+            if "instances" in requested and not by_region:
+                foreground = np.isin(classes, instance_options.foreground_classes)
+                pieces, found = _label_foreground(foreground)
                 pieces = pieces.astype(np.uint64)
                 pieces[pieces > 0] += count
                 count += found
                 provisional[region] = pieces
                 for axis, r in enumerate(region):
                     boundaries[axis].add(r.start)
-        if "instances" in requested:
+        if by_region:
+            extent = instance_options.extent(len(spatial))
+            regions = region_grid(spatial, chunks, extent)
+            if progress:
+                from tqdm.auto import tqdm
+
+                regions = tqdm(regions, desc="instances", unit="region", dynamic_ncols=True)
+            sorted_keys = keys_by_region(
+                arrays["probabilities"], provisional, regions, instance_options
+            )
+
+            def lut(block):
+                return rank_keys(block, sorted_keys)
+
+        elif "instances" in requested:
             lut = merge_tile_labels(provisional, [sorted(b) for b in boundaries], count)
+        if "instances" in requested:
             arrays["instances"] = store("instances", spatial, np.uint32, chunks)
             for region in _chunk_regions(spatial, chunks):
                 arrays["instances"][region] = final_instances(provisional, lut, region, grow)

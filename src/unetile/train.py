@@ -47,6 +47,7 @@ from .data import (
     IGNORE,
     LABEL_MODES,
     MIN_TRAINING_EXTENT,
+    TARGETS,
     LabeledImage,
     TileSampler,
     default_tile_shape,
@@ -54,6 +55,7 @@ from .data import (
     load_labeled_images,
     normalization_statistics,
 )
+from .instances import default_options
 from .model import UNet, UNetConfig, output_size
 from .predict import mps_available, resolve_device
 
@@ -83,6 +85,9 @@ class TrainConfig:
         label_mode : "membrane" (binary map, ``cell_value`` = cell), "instances"
             (0 = background, one id per cell) or "classes" (pixel = class id).
         cell_value : the cell value of a membrane map (255 on ISBI 2012).
+        target : "two-class" (the paper: background / cell) or "three-class"
+            (instance labels only: background / cell interior / border between
+            touching cells, class 2; its instances grow from the interiors).
         num_classes : classes of the network; None: 2, or the largest class id + 1.
         foreground : class whose probability is scored in validation (1 = cell).
         ignore_value : label value of unannotated pixels (sparse labels): no
@@ -141,6 +146,7 @@ class TrainConfig:
     out: str | None = None
     label_mode: str = "membrane"
     cell_value: int = 255
+    target: str = "two-class"
     num_classes: int | None = None
     foreground: int = 1
     ignore_value: int | None = None
@@ -195,6 +201,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {
             "label_mode": LABEL_MODES,
+            "target": TARGETS,
             "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES,
             "loss": LOSSES,
@@ -224,6 +231,10 @@ class TrainConfig:
             raise ValueError("the warping error needs complete labels; drop it with ignore_value")
         if self.freeze_encoder and self.init is None:
             raise ValueError("freeze_encoder keeps trained weights; give init, the run to start")
+        if self.target != "two-class" and self.label_mode != "instances":
+            raise ValueError(
+                f"target {self.target!r} needs instance labels: use label_mode 'instances'"
+            )
         if (self.val_images is None) != (self.val_labels is None):
             raise ValueError("val_images and val_labels go together; give both or neither")
         if self.pixel_size is not None:
@@ -702,6 +713,7 @@ def _label_options(config: TrainConfig) -> dict:
         label_mode=config.label_mode,
         cell_value=config.cell_value,
         ignore_value=config.ignore_value,
+        target=config.target,
         w0=config.w0,
         sigma=config.sigma,
         class_weights=config.class_weights,
@@ -873,9 +885,11 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
             "foreground": config.foreground,
             "label_mode": config.label_mode,
             "cell_value": config.cell_value,
+            "target": config.target,
         },
         "tile": {"input_shape": list(data.input_shape), "output_shape": list(data.output_shape)},
         "pixel_size_um": None if data.pixel_size is None else list(data.pixel_size),
+        "instances": default_options(config.label_mode, config.target, config.foreground).to_dict(),
         "training": config.to_dict(),
     }
 

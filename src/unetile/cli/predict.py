@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import io
 from ..numbers import real_option, whole_option
+from ..instances import METHODS
 
 
 def add_parser(subparsers) -> None:
@@ -53,7 +54,50 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--instances",
         action="store_true",
-        help="also write instance labels (connected cells of the foreground class)",
+        help=(
+            "also write instance labels (one id per cell), extracted as the model's "
+            "config.json says (its 'instances' entry, written by training) unless the "
+            "options below say otherwise; models without one: the paper's connected components"
+        ),
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        help=(
+            "with --instances: 'components' (the paper: connected components of the class "
+            "map), 'watershed' (seeded by probability cores) or 'distance' (seeded by "
+            "maxima of the distance to the background)"
+        ),
+    )
+    parser.add_argument(
+        "--seed-threshold",
+        type=float,
+        metavar="P",
+        help="watershed: probability of the seed class that makes a core (0 < P <= 1)",
+    )
+    parser.add_argument(
+        "--h",
+        type=float,
+        metavar="PX",
+        help="distance: height (px) a distance maximum must have to seed a cell",
+    )
+    parser.add_argument(
+        "--min-size", type=int, metavar="PX", help="remove cells of fewer pixels (0: keep all)"
+    )
+    parser.add_argument(
+        "--fill-holes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fill the background holes inside each cell",
+    )
+    parser.add_argument(
+        "--max-extent",
+        type=int,
+        metavar="PX",
+        help=(
+            "largest extent of a group of touching cells that the tiled watershed accepts "
+            "(its margin; default 512 in 2D, 64 in 3D); larger groups stop with an error"
+        ),
     )
     parser.add_argument(
         "--grow",
@@ -98,6 +142,37 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+
+
+INSTANCE_FLAGS = {
+    "method": "--method",
+    "seed_threshold": "--seed-threshold",
+    "h": "--h",
+    "min_size": "--min-size",
+    "fill_holes": "--fill-holes",
+    "max_extent": "--max-extent",
+}
+
+
+def instance_options(args: argparse.Namespace, config: dict):
+    """The model's stored instance options, overridden by the command line."""
+    from ..instances import InstanceOptions
+
+    given = {name: getattr(args, name) for name in INSTANCE_FLAGS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and not args.instances:
+        flag = INSTANCE_FLAGS[next(iter(given))]
+        raise io.InputError(f"{flag} sets how --instances are extracted: add --instances")
+    stored = dict(config.get("instances") or {})
+    if not stored:
+        classes = config.get("classes", {})
+        stored["foreground_classes"] = classes.get(
+            "foreground_classes", [int(classes.get("foreground", 1))]
+        )
+    try:
+        return InstanceOptions.from_dict({**stored, **given})
+    except ValueError as error:
+        raise io.InputError(f"instance options: {error}") from None
 
 
 def _stated_pixel_size(text: str | None, dims: int) -> tuple[float, ...] | None:
@@ -165,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
                 f"({trained} px): leave --tile out to use the largest tile that fits",
                 file=sys.stderr,
             )
-    foreground = int(config.get("classes", {}).get("foreground", 1))
+    options = instance_options(args, config)
     normalization = config.get("normalization")
     if args.grow < 0:
         raise io.InputError(f"--grow must be >= 0 pixels, got {args.grow}")
@@ -214,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
                     model,
                     image,
                     **outputs,
-                    foreground_class=foreground,
+                    instance_options=options,
                     grow=args.grow,
                     tile_shape=args.tile,
                     batch_size=args.batch_size,

@@ -146,6 +146,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     option(labels, "--cell-value", "cell_value", "cell value of a membrane map", type=int)
     option(
         labels,
+        "--target",
+        "target",
+        "with --label-mode instances: 'two-class' (the paper: background / cell, a background "
+        "line where cells touch) or 'three-class' (that line is class 2, border; instances "
+        "grow from the cell interiors)",
+        choices=("two-class", "three-class"),
+    )
+    option(
+        labels,
         "--num-classes",
         "num_classes",
         "classes of the network",
