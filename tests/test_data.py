@@ -176,6 +176,14 @@ def test_label_modes_by_hand():
     classes, instances = labels_to_classes(touching, "instances")
     assert classes.tolist() == [[1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
     assert instances.tolist() == [[3, 0, 0, 5, 0], [3, 0, 0, 5, 0]]
+    # The three-class target makes that line class 2 (border); the weight map's cells stay.
+    classes, border_instances = labels_to_classes(touching, "instances", 3, target="three-class")
+    assert classes.tolist() == [[1, 2, 2, 1, 0], [1, 2, 2, 1, 0]]
+    assert border_instances.tolist() == instances.tolist()
+    with pytest.raises(ValueError, match="give 3 classes"):
+        labels_to_classes(touching, "instances", 2, target="three-class")
+    with pytest.raises(ValueError, match="needs instance labels"):
+        labels_to_classes(touching, "classes", 6, target="three-class")
 
     # Two regions of class 1 apart and one of class 2 touching: three cells.
     class_map = np.array([[1, 0, 1, 2], [1, 0, 1, 2]])

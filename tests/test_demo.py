@@ -16,13 +16,16 @@ def test_merged_touching_pairs_by_hand():
 
 def test_demo_writes_figures_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--minutes", "0.05", "--size", "256", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "3", "--size", "256", "--quiet"]) == 0
     for name in ("figure3_weight_map.png", "prediction_overlay.png", "input.png", "curves.png"):
         assert (out / name).stat().st_size > 1000
     report = json.loads((out / "metrics.json").read_text())
     for run in ("weighted", "unweighted"):
-        assert 0.0 <= report[run]["f1@0.5"] <= 1.0
-        assert report[run]["training_steps"] >= 1
+        for pipeline in ("components", "watershed"):
+            assert 0.0 <= report[run][pipeline]["f1@0.5"] <= 1.0
+            assert report[run][pipeline]["touching_pairs"] > 0
+        assert report[run]["watershed"]["options"]["method"] != "components"
+        assert report[run]["training_steps"] == 3
         assert report[run]["cells_true"] > 0
     assert report["weighted"]["w0"] == 10.0 and report["unweighted"]["w0"] == 0.0
     assert "F1@0.5" in capsys.readouterr().out

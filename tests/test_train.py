@@ -227,7 +227,9 @@ def test_run_folder_holds_what_predict_needs(tmp_path):
         "foreground": 1,
         "label_mode": "membrane",
         "cell_value": 255,
+        "target": "two-class",
     }
+    assert saved["instances"]["method"] == "components"  # the paper's, for membrane maps
     assert saved["tile"] == {"input_shape": [60, 60], "output_shape": [44, 44]}
     assert saved["normalization"] == data.normalization
     assert TrainConfig.from_dict(saved["training"]) == config
@@ -311,3 +313,35 @@ def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); training"):
         summary = train(config, progress=False, data=stripes_data())
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
+
+
+def test_three_class_target_trains_and_the_model_carries_instance_options_tuned_on_validation(
+    tmp_path,
+):
+    from unetile.instances import InstanceOptions
+    from unetile.synthetic import cells_like
+
+    samples = [cells_like((96, 96), 3, touching_fraction=1.0, rng=seed) for seed in range(3)]
+    config = tiny_config(
+        tmp_path / "run",
+        steps=3,
+        tile_shape=(92,),
+        label_mode="instances",
+        target="three-class",
+        metrics=("f1",),
+        keep_best="f1",
+    )
+    images = [sample.image for sample in samples]
+    labels = [sample.instances for sample in samples]
+    data = prepare_arrays(config, images[:2], labels[:2], images[2:], labels[2:])
+    assert data.num_classes == 3
+    assert set(np.unique(data.train[0].classes)) == {0, 1, 2}
+    summary = train(config, progress=False, data=data)
+    _, saved = io.load_model(tmp_path / "run")
+    assert saved["model"]["num_classes"] == 3
+    options = InstanceOptions.from_dict(saved["instances"])
+    assert options.foreground_classes == (1, 2) and options.seed == 1
+    assert summary["instances"]["options"] == saved["instances"]
+    assert 0.0 <= summary["instances"]["validation"]["f1@0.5"] <= 1.0
+    with pytest.raises(ValueError, match="target 'three-class' needs instance labels"):
+        tiny_config(tmp_path / "other", target="three-class")

@@ -31,6 +31,8 @@ first pixel, the same order whichever regions computed them.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -141,6 +143,7 @@ class InstanceOptions:
         return cls(**options)
 
 
+@functools.cache
 def _face_structure(ndim: int) -> np.ndarray:
     # Face connectivity: cells that only touch diagonally stay apart, so the
     # one-pixel gaps the weight map teaches the network separate cells.
@@ -168,7 +171,10 @@ def _split_component(
         relief = -seed_probability
     else:
         distance = ndimage.distance_transform_edt(component)
-        # The distance is a multiple of sqrt(integers); h-maxima on it is stable.
+        # Inside a component the distance is >= 1, so two maxima each rising
+        # h above the pass between them need a value of at least 1 + h.
+        if distance.max() < 1 + options.h:
+            return component.astype(np.int32)
         cores = h_maxima(distance, options.h, footprint=structure).astype(bool) & component
         relief = -distance
     markers, count = ndimage.label(cores, structure=structure)
@@ -182,23 +188,34 @@ def _finish_objects(
 ) -> np.ndarray:
     """Fill each object's background holes, then drop objects under ``min_size`` px."""
     if options.fill_holes:
+        structure = _face_structure(objects.ndim)
         for index in range(1, int(objects.max()) + 1):
             own = objects == index
-            holes, count = ndimage.label(
-                ndimage.binary_fill_holes(own) & ~own, structure=_face_structure(own.ndim)
-            )
-            if count == 0:
+            # Holes: background pieces that do not reach the crop's border.
+            pieces, count = ndimage.label(~own, structure=structure)
+            if count <= 1:
                 continue
+            open_pieces = np.unique(_border_values(pieces))
+            hole = np.ones(count + 1, dtype=bool)
+            hole[open_pieces] = False
+            hole[0] = False
             # A hole that holds any foreground (another cell) is left as it is.
-            occupied = ndimage.maximum(foreground, holes, np.arange(1, count + 1))
-            fill = np.concatenate([[False], ~np.asarray(occupied, dtype=bool)])
-            objects[fill[holes]] = index
+            occupied = ndimage.maximum(foreground, pieces, np.arange(count + 1))
+            hole &= ~np.asarray(occupied, dtype=bool)
+            objects[hole[pieces]] = index
     if options.min_size > 0:
         sizes = np.bincount(objects.ravel())
         small = sizes < options.min_size
         small[0] = False
         objects[small[objects]] = 0
     return objects
+
+
+def _border_values(array: np.ndarray) -> np.ndarray:
+    """The values on the faces of an array."""
+    return np.concatenate(
+        [np.take(array, i, axis=a).ravel() for a in range(array.ndim) for i in (0, -1)]
+    )
 
 
 def _crop_around(box: Sequence[slice], shape: Sequence[int]) -> tuple[slice, ...]:
@@ -255,7 +272,10 @@ def region_instances(
     boxes = ndimage.find_objects(components)
     strides = np.cumprod((1,) + tuple(image_shape[:0:-1]))[::-1].astype(np.uint64)
     for label in reaching.tolist():
-        crop = _crop_around(boxes[label - 1], foreground.shape)
+        box = boxes[label - 1]
+        if math.prod(b.stop - b.start for b in box) < options.min_size:
+            continue  # even with its holes filled it would be too small
+        crop = _crop_around(box, foreground.shape)
         component = components[crop] == label
         objects = _split_component(seed_probability[crop], component, options)
         objects = _finish_objects(objects, foreground[crop], options)
@@ -472,3 +492,82 @@ def default_options(label_mode: str, target: str = "two-class", foreground: int 
     if label_mode == "instances":
         return InstanceOptions(foreground_classes=(foreground,), **MEASURED_DEFAULTS[target])
     return InstanceOptions(foreground_classes=(foreground,))
+
+
+def candidate_options(
+    truths: Sequence[np.ndarray], base: InstanceOptions, methods: Sequence[str] = METHODS
+) -> list[InstanceOptions]:
+    """Options to try on validation images, scaled by the size of their true cells.
+
+    ``h`` spans 0.1-0.45 of the median cell radius, ``min_size`` 0, 10 % and
+    25 % of the median cell size; ``seed_threshold`` 0.5-0.9. The paper's
+    components come first, so they win ties.
+    """
+    sizes = np.concatenate([np.bincount(np.asarray(t).ravel())[1:] for t in truths])
+    sizes = sizes[sizes > 0]
+    area = float(np.median(sizes)) if sizes.size else 1.0
+    dims = np.asarray(truths[0]).ndim
+    radius = (area / math.pi) ** 0.5 if dims == 2 else (3 * area / (4 * math.pi)) ** (1 / 3)
+    min_sizes = sorted({0, int(0.1 * area), int(0.25 * area)})
+    heights = sorted({max(1.0, round(f * radius)) for f in (0.1, 0.2, 0.3, 0.45)})
+    common = dict(
+        foreground_classes=base.foreground_classes,
+        seed_class=base.seed_class,
+        max_extent=base.max_extent,
+    )
+    grid = {
+        "components": [InstanceOptions(min_size=m, fill_holes=m > 0, **common) for m in min_sizes],
+        "watershed": [
+            InstanceOptions(
+                method="watershed", seed_threshold=t, min_size=m, fill_holes=True, **common
+            )
+            for t in (0.5, 0.7, 0.8, 0.9)
+            for m in min_sizes
+        ],
+        "distance": [
+            InstanceOptions(method="distance", h=h, min_size=m, fill_holes=True, **common)
+            for h in heights
+            for m in min_sizes
+        ],
+    }
+    return [options for method in methods for options in grid[method]]
+
+
+def tune_options(
+    probabilities: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    candidates: Sequence[InstanceOptions],
+) -> tuple[InstanceOptions, dict]:
+    """The candidate with the best mean F1 at IoU 0.5 (then SEG) over validation images.
+
+    Parameters
+    ----------
+    probabilities : sequence of ndarray ``(K, *spatial)``
+        The network's probabilities of each validation image.
+    truths : sequence of ndarray
+        Their true instance labels.
+    candidates : sequence of InstanceOptions
+        Options to try (:func:`candidate_options`); ties go to the first.
+
+    Returns
+    -------
+    best : InstanceOptions
+    scores : dict
+        ``{"f1@0.5": ..., "seg": ...}`` of the best, means over the images.
+    """
+    from .metrics import match_objects, seg_score
+
+    best, best_scores = None, None
+    for options in candidates:
+        f1, seg = [], []
+        for probability, truth in zip(probabilities, truths, strict=True):
+            instances = extract_instances(probability, options)
+            f1.append(match_objects(instances, truth, (0.5,))[0].f1)
+            seg.append(seg_score(instances, truth))
+        scores = {"f1@0.5": float(np.mean(f1)), "seg": float(np.mean(seg))}
+        if best is None or (scores["f1@0.5"], scores["seg"]) > (
+            best_scores["f1@0.5"],
+            best_scores["seg"],
+        ):
+            best, best_scores = options, scores
+    return best, best_scores

@@ -945,6 +945,36 @@ def validate(
     return {name: value / len(images) for name, value in totals.items()}
 
 
+def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> dict:
+    """Pick the kept model's instance extraction on the validation images; store it.
+
+    The options (:func:`unetile.instances.candidate_options`, scaled by the
+    true cells' size) with the best F1 at IoU 0.5 go into ``config.json``
+    (``"instances"``), so the model carries its own post-processing.
+    """
+    from .instances import InstanceOptions, candidate_options, tune_options
+    from .predict import predict
+
+    model, stored = io.load_model(run_dir)
+    probabilities = [
+        predict(
+            model,
+            item.image,
+            tile_shape=data.output_shape,
+            device=device,
+            normalization=data.normalization,
+            progress=False,
+        )
+        for item in data.validation
+    ]
+    truths = [item.instances for item in data.validation]
+    base = InstanceOptions.from_dict(stored["instances"])
+    best, scores = tune_options(probabilities, truths, candidate_options(truths, base))
+    stored["instances"] = best.to_dict()
+    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    return {"options": best.to_dict(), "validation": scores}
+
+
 class CsvLog:
     """``log.csv`` written row by row (append + flush); a resumed run drops later rows."""
 
@@ -1386,6 +1416,9 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     if best_step is None:
         io.save_model(run_dir, model, saved_config)
     plot_curves(log.rows, config.metrics, run_dir / CURVES)
+    tuned = None
+    if config.label_mode == "instances" and data.validation and not interrupted:
+        tuned = tune_instances(run_dir, data, device)
     summary = {
         "run_dir": str(run_dir),
         "step": step,
@@ -1404,6 +1437,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
         "input_shape": list(data.input_shape),
         "output_shape": list(data.output_shape),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "instances": tuned,
     }
     io.write_json(run_dir / SUMMARY, summary)
     return summary
