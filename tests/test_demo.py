@@ -24,7 +24,9 @@ def test_demo_writes_figures_and_metrics(tmp_path, capsys):
         for pipeline in ("components", "watershed"):
             assert 0.0 <= report[run][pipeline]["f1@0.5"] <= 1.0
             assert report[run][pipeline]["touching_pairs"] > 0
-        assert report[run]["watershed"]["options"]["method"] != "components"
+        carried = json.loads((out / "runs" / run / "config.json").read_text())["instances"]
+        assert report[run]["watershed"]["options"] == carried  # what training picked
+        assert report[run]["components"]["options"]["method"] == "components"
         assert report[run]["training_steps"] == 3
         assert report[run]["cells_true"] > 0
     assert report["weighted"]["w0"] == 10.0 and report["unweighted"]["w0"] == 0.0

@@ -474,12 +474,13 @@ def instances_from_probabilities(
     return grow_cells(extract_instances(probabilities, options, **kwargs), grow)
 
 
-#: Post-processing a model trained on instance labels carries by default, per
-#: target (measured: README, benchmarks/instances.py). Membrane maps and class
-#: maps keep the paper's connected components.
+#: Post-processing a model trained on instance labels carries when it has no
+#: validation images to pick its own: probability cores, which need no cell
+#: size, and a 16-px floor against specks (README, benchmarks/instances.py).
+#: Membrane maps and class maps keep the paper's connected components.
 MEASURED_DEFAULTS = {
-    "two-class": dict(method="distance", h=2.0, min_size=0, fill_holes=True),
-    "three-class": dict(method="watershed", seed_threshold=0.5, min_size=0, fill_holes=True),
+    "two-class": dict(method="watershed", seed_threshold=0.9, min_size=16, fill_holes=True),
+    "three-class": dict(method="watershed", seed_threshold=0.5, min_size=16, fill_holes=True),
 }
 
 
