@@ -152,8 +152,16 @@ def _face_structure(ndim: int) -> np.ndarray:
 
 def foreground_mask(probabilities: np.ndarray, options: InstanceOptions) -> np.ndarray:
     """Pixels whose most probable class is one of ``options.foreground_classes``."""
-    classes = np.asarray(probabilities).argmax(axis=0)
-    return np.isin(classes, options.foreground_classes)
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape[0] == 2 and len(set(options.foreground_classes)) == 1:
+        # argmax of two classes, ties to the first, without the K-axis pass.
+        cell = options.foreground_classes[0]
+        return (
+            probabilities[cell] > probabilities[1 - cell]
+            if cell
+            else (probabilities[0] >= probabilities[1])
+        )
+    return np.isin(probabilities.argmax(axis=0), options.foreground_classes)
 
 
 def _split_component(
@@ -261,12 +269,12 @@ def region_instances(
     window = tuple(window)
     foreground = foreground_mask(probabilities, options)
     seed_probability = probabilities[options.seed]
-    components, _ = ndimage.label(foreground, structure=_face_structure(foreground.ndim))
+    components, count = ndimage.label(foreground, structure=_face_structure(foreground.ndim))
     inner = tuple(
         slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
     )
-    reaching = np.unique(components[inner])
-    reaching = reaching[reaching > 0]
+    present = np.bincount(components[inner].ravel(), minlength=count + 1)
+    reaching = np.flatnonzero(present[1:]) + 1
     _check_inside(components, reaching, window, image_shape, options.extent(len(image_shape)))
     keys = np.zeros(foreground.shape, dtype=np.uint64)
     boxes = ndimage.find_objects(components)
