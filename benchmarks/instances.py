@@ -21,7 +21,7 @@ Scores: F1 at IoU 0.5, mean average precision over IoU 0.5-0.95
 (TP / (TP + FP + FN), as StarDist reports it), SEG, touching pairs merged,
 true cells split, and the post-processing time per megapixel.
 
-Full run (about 9 minutes on 2 cores):
+Full run (the demo's 600 steps per 2D network; about 10 minutes on 2 cores):
     flock /tmp/unetile-heavy.lock python benchmarks/instances.py
 Quick check:
     python benchmarks/instances.py --steps 5 --steps-3d 5 --size 256 --out /tmp/i.json
@@ -40,7 +40,7 @@ import numpy as np
 from machine import machine_info
 from scipy import ndimage
 
-from unetile.demo import DEMO_TRAINING, merged_touching_pairs
+from unetile.demo import DEMO_STEPS, DEMO_TRAINING, merged_touching_pairs
 from unetile.instances import (
     InstanceOptions,
     candidate_options,
@@ -320,9 +320,11 @@ def run(dims, configurations, steps, size, seed, folder) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="training steps of each 2D network")
     parser.add_argument(
-        "--steps-3d", type=int, default=300, help="training steps of each 3D network"
+        "--steps", type=int, default=DEMO_STEPS, help="training steps of each 2D network"
+    )
+    parser.add_argument(
+        "--steps-3d", type=int, default=200, help="training steps of each 3D network"
     )
     parser.add_argument("--size", type=int, default=256, help="training image side (px); "
                         "validation 2x, test images 4x")  # fmt: skip

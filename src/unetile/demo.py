@@ -32,7 +32,7 @@ from .synthetic import cells_like, touching_pairs
 from .train import make_config, prepare_data, train
 
 #: Training steps of each demo network (measured: README, The demo).
-DEMO_STEPS = 400
+DEMO_STEPS = 600
 #: The two instance pipelines the demo scores.
 PIPELINES = ("components", "watershed")
 
