@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import io
-from ..numbers import real_option, whole_option
 from ..instances import METHODS
+from ..numbers import real_option, whole_option
 
 
 def add_parser(subparsers) -> None:
@@ -71,18 +71,21 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--seed-threshold",
-        type=float,
+        type=real_option(0, 1, open_minimum=True),
         metavar="P",
         help="watershed: probability of the seed class that makes a core (0 < P <= 1)",
     )
     parser.add_argument(
         "--h",
-        type=float,
+        type=real_option(0, None, open_minimum=True),
         metavar="PX",
         help="distance: height (px) a distance maximum must have to seed a cell",
     )
     parser.add_argument(
-        "--min-size", type=int, metavar="PX", help="remove cells of fewer pixels (0: keep all)"
+        "--min-size",
+        type=whole_option(0),
+        metavar="PX",
+        help="remove cells of fewer pixels (0: keep all)",
     )
     parser.add_argument(
         "--fill-holes",
@@ -92,7 +95,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--max-extent",
-        type=int,
+        type=whole_option(1),
         metavar="PX",
         help=(
             "largest extent of a group of touching cells that the tiled watershed accepts "
