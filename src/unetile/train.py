@@ -945,14 +945,27 @@ def validate(
     return {name: value / len(images) for name, value in totals.items()}
 
 
+#: Foreground pieces per true cell above which training does not tune the
+#: instance extraction (an untrained network's speckle).
+UNTRAINED_PIECES = 10
+
+
 def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> dict:
     """Pick the kept model's instance extraction on the validation images; store it.
 
     The options (:func:`unetile.instances.candidate_options`, scaled by the
     true cells' size) with the best F1 at IoU 0.5 go into ``config.json``
-    (``"instances"``), so the model carries its own post-processing.
+    (``"instances"``), so the model carries its own post-processing. A
+    foreground in more than ``UNTRAINED_PIECES`` pieces per true cell keeps
+    the defaults (``"validation": None``).
     """
-    from .instances import InstanceOptions, candidate_options, tune_options
+    from .instances import (
+        InstanceOptions,
+        candidate_options,
+        count_objects,
+        foreground_mask,
+        tune_options,
+    )
     from .predict import predict
 
     model, stored = io.load_model(run_dir)
@@ -969,6 +982,11 @@ def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> d
     ]
     truths = [item.instances for item in data.validation]
     base = InstanceOptions.from_dict(stored["instances"])
+    pieces = sum(count_objects(foreground_mask(p, base)) for p in probabilities)
+    cells = sum(count_objects(truth > 0) for truth in truths)
+    if pieces > UNTRAINED_PIECES * max(cells, 1):
+        # A network this far from cells has nothing to tune on; it keeps the defaults.
+        return {"options": base.to_dict(), "validation": None}
     best, scores = tune_options(probabilities, truths, candidate_options(truths, base))
     stored["instances"] = best.to_dict()
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
