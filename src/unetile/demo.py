@@ -212,8 +212,10 @@ def run_demo(
         shutil.rmtree(out / child, ignore_errors=True)
     data_dir = out / "data"
     write_dataset(data_dir / "train", train_images, (train_size, train_size), seed)
-    # Twice the side: the model's instance options are picked on it (about 30 cells).
-    write_dataset(data_dir / "val", 1, (2 * train_size, 2 * train_size), seed + 1000)
+    # Twice the side, up to the test image's: the model's instance options are
+    # picked on it (about 30 cells).
+    val_size = min(2 * train_size, test_size)
+    write_dataset(data_dir / "val", 1, (val_size, val_size), seed + 1000)
     test = cells_like((test_size, test_size), touching_fraction=0.7, rng=seed + 2000)
     io.write_image(data_dir / "test" / "image.tif", test.image)
     io.write_image(data_dir / "test" / "instances.tif", test.instances.astype(np.uint32))

@@ -496,7 +496,7 @@ def instances_from_probabilities(
 
 #: Post-processing a model trained on instance labels carries when it has no
 #: validation images to pick its own: probability cores, which need no cell
-#: size, and a 16-px floor against specks (README, benchmarks/instances.py).
+#: size, and a 16-px floor against specks (chosen on the demo's data, README).
 #: Membrane maps and class maps keep the paper's connected components.
 MEASURED_DEFAULTS = {
     "two-class": dict(method="watershed", seed_threshold=0.9, min_size=16, fill_holes=True),
