@@ -165,7 +165,8 @@ TRAIN_NUMBERS = [
     ("--num-classes", "100000", "num_classes must be a whole number"),
     ("--foreground", "-1", "foreground must be a whole number"),
     ("--tile", "0", "tile_shape entry (pixels) must be a whole number in [1, 65536]"),
-    ("--tile", "1.5", "tile"),
+    ("--tile", "1.5", "tile_shape must be whole pixel sizes such as 572 or 16,132,132"),
+    ("--tile", "abc", "tile_shape must be whole pixel sizes"),
     ("--tile", "99999999", "tile_shape entry (pixels) must be a whole number"),
     ("--channels", "0", "channels must be a whole number in [1, 1024]"),
     ("--channels", "2.5", "argument --channels"),
@@ -286,6 +287,7 @@ TOML_CASES = [
     ("cache_weights = 1", "cache_weights must be true or false"),
     ("tile_shape = [0, 52]", "tile_shape entry (pixels) must be a whole number"),
     ("tile_shape = [52.5]", "tile_shape entry (pixels) must be a whole number"),
+    ("tile_shape = '52;60'", "tile_shape must be whole pixel sizes"),
     ("device = 3", "device must be a name"),
     ("[augment]\nshift = -1", "shift (pixels) must be a finite number"),
     ("[augment]\nelastic_sigma = nan", "elastic_sigma (pixels) must be a finite number"),
@@ -1151,3 +1153,17 @@ def test_channels_states_what_the_model_expects(tmp_path, capsys):
     )
     assert status == 2
     assert_one_line(error, "has 3 channel(s); the model expects 1")
+
+
+def test_evaluate_reads_palette_predictions_as_their_indices(tmp_path, capsys):
+    from PIL import Image
+
+    cells = (_cells() > 0).astype(np.uint8)
+    picture = Image.fromarray(cells, "P")
+    picture.putpalette([0, 0, 0, 255, 255, 0] + [0] * 762)
+    picture.save(tmp_path / "prediction.png")
+    io.write_image(tmp_path / "truth.png", _cells())
+    argv = ["evaluate", tmp_path / "prediction.png", tmp_path / "truth.png"]
+    status, error = run_cli(argv + ["--json", tmp_path / "s.json"], capsys)
+    assert status == 0, error
+    assert json.loads((tmp_path / "s.json").read_text())["mean"]["pixel_error"] == 0.0

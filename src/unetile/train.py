@@ -374,7 +374,14 @@ def _coerce(name: str, value):
             return (value,)
         if isinstance(value, str):
             if name == "tile_shape":  # "572", "572,572" or "16x132x132"
-                value = [int(part) for part in value.replace("x", ",").split(",") if part]
+                parts = [part.strip() for part in value.replace("x", ",").split(",")]
+                parts = [part for part in parts if part]
+                if not parts or not all(part.isdigit() for part in parts):
+                    raise ValueError(
+                        f"tile_shape must be whole pixel sizes such as 572 or 16,132,132, "
+                        f"got {value!r}"
+                    )
+                value = [int(part) for part in parts]
             else:
                 value = [part.strip() for part in value.split(",") if part.strip()]
         return tuple(value)

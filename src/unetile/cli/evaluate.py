@@ -228,7 +228,7 @@ def read_truth(path: Path, mode: str, cell_value=None, ignore_value=None) -> np.
 
 def read_prediction(path: Path, probabilities: bool, cell_class: int, shape) -> np.ndarray:
     """Read a prediction file as the metrics expect it; InputError naming the file."""
-    array = np.asarray(io.read_image(path))
+    array = np.asarray(io.read_labels(path) if not probabilities else io.read_image(path))
     if not probabilities:
         if np.issubdtype(array.dtype, np.floating):
             raise io.InputError(
