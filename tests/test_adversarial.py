@@ -1167,3 +1167,18 @@ def test_evaluate_reads_palette_predictions_as_their_indices(tmp_path, capsys):
     status, error = run_cli(argv + ["--json", tmp_path / "s.json"], capsys)
     assert status == 0, error
     assert json.loads((tmp_path / "s.json").read_text())["mean"]["pixel_error"] == 0.0
+
+
+def test_init_from_a_model_with_nan_weights_is_refused(data, tmp_path, capsys):
+    init = tmp_path / "init"
+    assert run_cli(train_argv(data, init) + TINY, capsys)[0] == 0
+    config = json.loads((init / io.MODEL_CONFIG).read_text())
+    model = UNet.from_config(config["model"])
+    with torch.no_grad():
+        model.classifier.bias[0] = float("inf")
+    io.save_model(init, model, config)
+    out = tmp_path / "tuned"
+    status, error = run_cli(train_argv(data, out) + TINY + ["--init", init], capsys)
+    assert status == 2
+    assert_one_line(error, "holds NaN or infinite values", "--init")
+    assert set(visible(out)) <= {"cache"}

@@ -504,6 +504,12 @@ def load_init(
     except (SafetensorError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise io.InputError(f"{weights_path}: cannot be read as weights ({reason})") from None
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise io.InputError(
+                f"{weights_path}: weight {key!r} holds NaN or infinite values; --init needs "
+                "a model that trained without diverging"
+            )
     if config.init_normalization == "keep":
         stored_channels = len((stored.get("normalization") or {}).get("mean", []))
         if stored_channels != in_channels:
