@@ -703,9 +703,6 @@ def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: i
         ``lut`` of length ``count + 1``, uint32: ``lut[provisional]`` has one
         consecutive id per connected cell and 0 for background.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     pairs = [np.zeros((0, 2), dtype=np.int64)]
     for axis, coordinates in enumerate(boundaries):
         for boundary in coordinates:
@@ -717,7 +714,30 @@ def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: i
             before, after = np.take(slab, 0, axis=axis), np.take(slab, 1, axis=axis)
             touching = (before > 0) & (after > 0)
             pairs.append(np.stack([before[touching], after[touching]], axis=1).astype(np.int64))
-    edges = np.unique(np.concatenate(pairs), axis=0)
+    return join_labels(np.concatenate(pairs), count)
+
+
+def join_labels(pairs: np.ndarray, count: int) -> np.ndarray:
+    """Lookup table giving the labels ``1..count`` one consecutive id per joined group.
+
+    Parameters
+    ----------
+    pairs : numpy.ndarray
+        ``(N, 2)`` labels that belong to the same cell (pieces touching across
+        a tile border).
+    count : int
+        Number of labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``lut`` of length ``count + 1``, uint32; groups are numbered in the
+        order of their smallest label, and ``lut[0] = 0`` (background).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
     graph = coo_matrix(
         (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
         shape=(count + 1, count + 1),

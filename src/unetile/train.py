@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, io
+from . import __version__, io, parallel
 from .augment import AugmentParams
 from .data import (
     IGNORE,
@@ -57,6 +57,7 @@ from .data import (
 )
 from .instances import default_options
 from .model import UNet, UNetConfig, output_size
+from .parallel import Ranks
 from .predict import mps_available, resolve_device
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -561,15 +562,17 @@ def training_mode(model: UNet, config: TrainConfig) -> None:
         model.contracting.eval()
 
 
-def build_sampler(config: TrainConfig, data: TrainingData, device: torch.device) -> TileSampler:
-    """The run's tile sampler: its geometry, normalisation, augmentation and seed."""
+def build_sampler(
+    config: TrainConfig, data: TrainingData, device: torch.device, ranks: Ranks | None = None
+) -> TileSampler:
+    """The run's tile sampler: its geometry, normalisation, augmentation and seed (per rank)."""
     return TileSampler(
         data.train,
         data.input_shape,
         data.output_shape,
         data.normalization,
         config.augment,
-        np.random.default_rng(config.seed),
+        parallel.sampler_rng(config.seed, ranks or Ranks()),
         device=device,
     )
 
@@ -1007,12 +1010,18 @@ def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> d
 
 
 class CsvLog:
-    """``log.csv`` written row by row (append + flush); a resumed run drops later rows."""
+    """``log.csv`` written row by row (append + flush); a resumed run drops later rows.
 
-    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
+    Without a ``path`` (the ranks other than 0) the rows are kept in memory only.
+    """
+
+    def __init__(self, path: Path | None, columns: list[str], resume_step: int | None):
         self.path = path
         self.columns = columns
         self.rows: list[dict] = []
+        self.handle = None
+        if path is None:
+            return
         if resume_step is not None and path.is_file():
             with open(path, newline="") as handle:
                 reader = csv.DictReader(handle)
@@ -1029,12 +1038,14 @@ class CsvLog:
             key: (f"{value:.6g}" if isinstance(value, float) else value)
             for key, value in row.items()
         }
-        self.writer.writerow(row)
-        self.handle.flush()
+        if self.handle is not None:
+            self.writer.writerow(row)
+            self.handle.flush()
         self.rows.append(row)
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def plot_curves(rows: list[dict], metrics: tuple[str, ...], path: Path) -> None:
@@ -1170,8 +1181,13 @@ def train(
         raise io.InputError(f"--device: {error}") from None
     if config.precision == "fp16" and device.type != "cuda":
         raise io.InputError(f"--precision fp16 needs a CUDA device, not {device.type}; use bf16")
-    with io.folder_lock(run_dir, "trained"):
-        _claim_run_folder(run_dir, resume, overwrite)
+    # Under torchrun: one process per GPU or CPU share (parallel.py); rank 0 owns the folder.
+    ranks = parallel.ranks_from_environment()
+    device = parallel.device_for(ranks, device)
+    owner = io.folder_lock(run_dir, "trained") if ranks.writes else contextlib.nullcontext()
+    with owner:
+        if ranks.writes or resume:
+            _claim_run_folder(run_dir, resume, overwrite)
         # Process-wide torch settings of this run, restored when it ends.
         threads = torch.get_num_threads()
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -1180,7 +1196,8 @@ def train(
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return _train(config, run_dir, device, resume, progress, data, stop_after, began)
+            ranks = parallel.start(ranks, device)
+            return _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks)
         except OSError as error:
             if error.filename is not None and run_dir.resolve() not in (
                 Path(error.filename).resolve().parents
@@ -1189,6 +1206,7 @@ def train(
             # A full disk, a vanished folder: writes are atomic, the last checkpoint is intact.
             raise io.InputError(_save_failure(run_dir, error)) from None
         finally:
+            parallel.stop(ranks)
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic)
 
@@ -1236,11 +1254,16 @@ def _save_failure(run_dir: Path, error: OSError) -> str:
     )
 
 
-def _train(config, run_dir, device, resume, progress, data, stop_after, began) -> dict:
+def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks) -> dict:
     checkpoint_path = run_dir / CHECKPOINT
+    writes = ranks.writes  # only rank 0 writes the run folder
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
+        if not writes:
+            parallel.barrier(ranks)  # rank 0 fills the weight-map cache first
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
+        if writes:
+            parallel.barrier(ranks)
     init_weights, init_record = None, None
     if resume and (run_dir / io.MODEL_CONFIG).is_file():
         # The network was trained on the stored normalisation; keep it even if the images changed.
@@ -1256,8 +1279,11 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     saved_config = run_config(config, data)
     if init_record is not None:
         saved_config["init"] = init_record
+    if ranks.distributed:
+        saved_config["processes"] = ranks.describe(config.batch_size, config.learning_rate)
 
-    torch.manual_seed(config.seed)  # drop-out draws from torch's global generator
+    # Drop-out draws from torch's global generator.
+    torch.manual_seed(parallel.torch_seed(config.seed, ranks))
     model = build_model(config, data.in_channels, data.num_classes)
     if init_weights is not None:
         start_from(model, init_weights, str(Path(config.init) / io.MODEL_WEIGHTS))
@@ -1269,10 +1295,11 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
         memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=memory_format)
     training_mode(model, config)
-    forward = _compiled(model) if config.compile else model
+    wrapped = parallel.wrap(model, ranks, device)  # the model itself in one process
+    forward = _compiled(wrapped) if config.compile else wrapped
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    sampler = build_sampler(config, data, device)
+    sampler = build_sampler(config, data, device, ranks)
 
     step = 0
     best_value = None
@@ -1283,7 +1310,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     if resume:
         state = load_checkpoint(checkpoint_path, model, optimizer)
         step = state["step"]
-        sampler.set_state(state["sampler"])
+        parallel.restore_generators(ranks, state, sampler, checkpoint_path)
         best_value, best_step = state["best_value"], state["best_step"]
         data_seconds, step_seconds = state["data_seconds"], state["step_seconds"]
         earlier_wall_seconds = state["wall_seconds"]
@@ -1292,8 +1319,9 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
 
     metric_columns = [f"val_{name}" for name in config.metrics]
     columns = ["step", "loss", "lr", "seconds", "data_fraction", *metric_columns]
-    log = CsvLog(run_dir / LOG, columns, step if resume else None)
-    io.write_json(run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **saved_config})
+    log = CsvLog(run_dir / LOG if writes else None, columns, step if resume else None)
+    if writes:
+        io.write_json(run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **saved_config})
 
     def wall_seconds() -> float:
         return earlier_wall_seconds + time.perf_counter() - began
@@ -1301,6 +1329,10 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     budget = None if config.max_minutes is None else 60.0 * config.max_minutes
 
     def checkpoint():
+        # Every rank's generators, so that each continues its own stream.
+        states = parallel.gather_states(ranks, parallel.generator_state(sampler))
+        if not writes:
+            return
         save_checkpoint(
             checkpoint_path,
             model,
@@ -1308,6 +1340,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
             {
                 "step": step,
                 "sampler": sampler.state(),
+                **({"ranks": states} if ranks.distributed else {}),
                 "best_value": best_value,
                 "best_step": best_step,
                 "data_seconds": data_seconds,
@@ -1320,7 +1353,11 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
+        total=config.steps,
+        initial=step,
+        disable=not (progress and writes),
+        unit="step",
+        dynamic_ncols=True,
     )
     last_metrics: dict[str, float] = {}
     loss_sum = torch.zeros((), device=device)
@@ -1353,15 +1390,17 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                     try:
                         logits = forward(images)
                     except Exception as error:  # noqa: BLE001 - any compiler failure
-                        if forward is model or step != first_step:
+                        if forward is wrapped or step != first_step:
                             raise  # compiling happens in the first call only
                         warnings.warn(
                             f"torch.compile failed ({type(error).__name__}); training uncompiled",
                             stacklevel=1,
                         )
-                        forward = model
-                        logits = model(images)
+                        forward = wrapped
+                        logits = wrapped(images)
                 loss = compute_loss(config, logits, labels, weights)
+                if config.loss == "ce":
+                    loss = parallel.scale_loss(ranks, loss, (labels != IGNORE).sum())
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.clip_grad_norm is not None:
@@ -1379,12 +1418,13 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
 
                 out_of_time = budget is not None and wall_seconds() >= budget
                 stopping = stop.is_set() or (stop_after is not None and step >= stop_after)
+                out_of_time, stopping = parallel.agree(ranks, out_of_time, stopping)
                 finishing = step >= config.steps or out_of_time
                 validating = bool(data.validation) and (
                     step % config.validate_every == 0 or finishing
                 )
                 if step % config.log_every == 0 or validating or finishing or stopping:
-                    last_loss = float(loss_sum) / loss_count
+                    last_loss = float(parallel.mean_over_ranks(ranks, loss_sum)) / loss_count
                     if not math.isfinite(last_loss):
                         raise FloatingPointError(
                             f"training loss became {last_loss} at step {step}; "
@@ -1409,7 +1449,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                         "data_fraction": data_seconds / max(step_seconds, 1e-12),
                     }
                     bar.set_postfix(loss=f"{last_loss:.4f}")
-                    if validating:
+                    if validating and writes:
                         last_metrics = validate(
                             model,
                             data.validation,
@@ -1430,7 +1470,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
                             best_value, best_step = value, step
                             io.save_model(run_dir, model, saved_config)
                     log.write(row)
-                    if validating:
+                    if validating and writes:
                         plot_curves(log.rows, config.metrics, run_dir / CURVES)
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     checkpoint()
@@ -1443,13 +1483,14 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
         bar.close()
         log.close()
     checkpoint()
-    io.save_model(run_dir, model, saved_config, name=LAST_WEIGHTS)
-    if best_step is None:
-        io.save_model(run_dir, model, saved_config)
-    plot_curves(log.rows, config.metrics, run_dir / CURVES)
     tuned = None
-    if config.label_mode == "instances" and data.validation and not interrupted:
-        tuned = tune_instances(run_dir, data, device)
+    if writes:
+        io.save_model(run_dir, model, saved_config, name=LAST_WEIGHTS)
+        if best_step is None:
+            io.save_model(run_dir, model, saved_config)
+        plot_curves(log.rows, config.metrics, run_dir / CURVES)
+        if config.label_mode == "instances" and data.validation and not interrupted:
+            tuned = tune_instances(run_dir, data, device)
     summary = {
         "run_dir": str(run_dir),
         "step": step,
@@ -1470,5 +1511,8 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began) -
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "instances": tuned,
     }
-    io.write_json(run_dir / SUMMARY, summary)
+    if ranks.distributed:
+        summary["processes"] = ranks.describe(config.batch_size, config.learning_rate)
+    if writes:
+        io.write_json(run_dir / SUMMARY, summary)
     return summary

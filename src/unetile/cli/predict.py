@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -144,6 +145,34 @@ def add_parser(subparsers) -> None:
         "holds the image in memory",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cluster = parser.add_argument_group(
+        "beyond one process (dask.distributed: pip install 'unetile[distributed]')"
+    )
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="predict on a local Dask cluster of N single-thread worker processes",
+    )
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="predict on a running Dask cluster (e.g. tcp://10.0.0.1:8786); inputs and --out "
+        "must be on a file system every worker sees",
+    )
+    cluster.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a prediction that was stopped: regions already written are kept "
+        "(works with or without a cluster)",
+    )
+    cluster.add_argument(
+        "--region-tiles",
+        type=int,
+        default=1,
+        metavar="K",
+        help="tiles per task along each axis, K**dims tiles a task (default 1)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -266,6 +295,35 @@ def run(args: argparse.Namespace) -> int:
     jobs = planned_outputs(paths, args.out, suffix, args.save_probabilities, args.instances)
     if args.out.exists() and not args.out.is_dir():
         raise io.InputError(f"{args.out}: exists and is not a folder; give a folder as --out")
+    by_regions = args.workers is not None or args.scheduler is not None or args.resume
+    if args.workers is not None and args.scheduler is not None:
+        raise io.InputError("give --workers (a local cluster) or --scheduler, not both")
+    if args.workers is not None and args.workers < 1:
+        raise io.InputError(f"--workers must be >= 1, got {args.workers}")
+    if args.region_tiles < 1:
+        raise io.InputError(f"--region-tiles must be >= 1, got {args.region_tiles}")
+    if by_regions and model.config.padding != "valid":
+        raise io.InputError(
+            f"{args.model}: --workers, --scheduler and --resume need a 'valid' model; "
+            "a 'same' model's blended tiles depend on their neighbours"
+        )
+    if by_regions:
+        if args.rescale:
+            raise io.InputError(
+                "--rescale holds the image in memory and cannot run region by region; "
+                "leave out --workers, --scheduler and --resume, or --rescale"
+            )
+        options = dict(
+            foreground_class=foreground,
+            grow=args.grow,
+            tile_shape=args.tile,
+            batch_size=args.batch_size,
+            tta=args.tta,
+            memory_budget=budget,
+            normalization=normalization,
+            progress=not args.no_progress,
+        )
+        return _predict_by_regions(args, model, jobs, options)
     failed = 0
     for path, outputs in jobs:
         try:
@@ -352,3 +410,48 @@ def planned_outputs(
             writers[key] = path
         jobs.append((path, outputs))
     return jobs
+
+
+def _predict_by_regions(args, model, jobs, options) -> int:
+    """Every input region by region: on a Dask cluster, or here one region after another."""
+    from ..distributed import dask_client, predict_regions
+
+    failed = 0
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.workers is not None or args.scheduler is not None:
+            client = stack.enter_context(dask_client(args.workers, args.scheduler))
+        for path, outputs in jobs:
+            try:
+                try:
+                    # Each worker opens the image itself, by path, and resolves the device.
+                    predict_regions(
+                        model,
+                        path,
+                        **outputs,
+                        device=args.device,
+                        client=client,
+                        resume=args.resume,
+                        region_tiles=args.region_tiles,
+                        **options,
+                    )
+                except ValueError as error:
+                    if isinstance(error, io.InputError):
+                        raise
+                    raise io.InputError(f"{path}: {error}") from None
+            except io.InputError as error:
+                print(f"unetile predict: error: {error}", file=sys.stderr)
+                failed += 1
+                continue
+            except KeyboardInterrupt:
+                print(
+                    f"unetile predict: {path}: the regions done so far are kept; add --resume "
+                    "to the same command to continue",
+                    file=sys.stderr,
+                )
+                raise
+            print(f"{path}: wrote {', '.join(str(p) for p in outputs.values())}")
+    if failed:
+        print(f"unetile predict: {failed} of {len(jobs)} input(s) failed", file=sys.stderr)
+        return 2
+    return 0

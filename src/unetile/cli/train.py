@@ -33,6 +33,11 @@ validation images), last.safetensors, checkpoint.safetensors (to --resume),
 log.csv, curves.png, summary.json and cache/ (weight maps). Ctrl-C stops after
 the current step with a checkpoint; --resume continues exactly where it stopped.
 
+On several processes: torchrun --nproc_per_node N -m unetile train ... trains
+with DistributedDataParallel (gloo on CPUs, NCCL on GPUs, one GPU a process);
+each process draws its own tiles, the effective batch is N x --batch-size at
+--lr as given, and only rank 0 writes the run folder.
+
 Every option can also be set in a TOML file given with --config, by its long
 name with '_' or '-' (e.g. learning_rate = 0.0001, tile_shape = [572, 572]) and
 an [augment] table (elastic, elastic_sigma, elastic_grid, rotation, flip,
@@ -459,6 +464,16 @@ def run_command(args: argparse.Namespace) -> int:
         if getattr(config, name) is None:
             flag = "--" + name.replace("_", "-")
             raise io.InputError(f"{flag} is required (on the command line or in --config)")
+    from ..parallel import ranks_from_environment
+
+    ranks = ranks_from_environment()
+    speaks = ranks.writes and not args.quiet  # under torchrun, rank 0 speaks for all
+    if ranks.distributed and speaks:
+        print(
+            f"training on {ranks.world_size} processes: {config.batch_size} tile(s) each, an "
+            f"effective batch of {ranks.world_size * config.batch_size} tiles at learning rate "
+            f"{config.learning_rate:g} (as given, not scaled with the processes)"
+        )
     try:
         summary = train(
             config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
@@ -467,13 +482,15 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"unetile train: error: {error}", file=sys.stderr)
         return 1
     if summary["interrupted"]:
+        if not ranks.writes:
+            return 130
         print(
             f"unetile train: stopped at step {summary['step']} of {summary['steps']}; "
             f"checkpoint saved; continue with: unetile train --out {config.out} --resume",
             file=sys.stderr,
         )
         return 130
-    if not args.quiet:
+    if speaks:
         if summary["out_of_time"]:
             print(f"stopped after --max-minutes {config.max_minutes} at step {summary['step']}")
         print(f"trained {summary['step']} steps in {summary['seconds']:.1f} s", end="")

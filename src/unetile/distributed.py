@@ -1,0 +1,772 @@
+"""Prediction region by region on a Dask cluster, resumable after a crash.
+
+The overlap-tile grid of :mod:`unetile.predict` is cut into *regions*: groups
+of output tiles whose owned pixels (:func:`unetile.tiling.owned_region`)
+cover whole chunks of the output zarr stores (the chunks are one tile step).
+Each region is one ``dask.distributed`` task: the worker reads the input
+windows of its tiles itself (a zarr store or a memory-mapped TIFF, by path),
+runs the network and writes its region straight into the stores, so no
+image crosses the network. The model reaches each worker once, as
+safetensors bytes and its config (no pickled module).
+
+Instances follow the single-process algorithm exactly: every tile's cells are
+numbered by themselves (face-connected components), each region records the
+one-pixel faces of its box, small tasks turn those faces into pairs of labels
+that touch across region borders, the client joins the pairs into one lookup
+table (:func:`unetile.predict.join_labels`) and a last pass writes the final
+ids, grown by ``grow`` px from a ``grow``-wide margin. The tiles, their order
+and the label numbering are those of :func:`unetile.predict.predict_to_files`,
+so both write the same bytes.
+
+A work folder beside the outputs (``.NAME.unetile-work``) holds the stores and
+one completion record per region, written atomically after the region's
+data; ``resume=True`` skips the regions that have one. Without a ``client``
+the same tasks run one after another in this process, which makes
+single-machine predictions resumable too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .model import UNet, size_multiple
+from .predict import (
+    _check_grow,
+    _class_dtype,
+    _forward,
+    _label_foreground,
+    _normalization,
+    _spatial_shape,
+    auto_tile_shape,
+    check_tile_shape,
+    grow_cells,
+    join_labels,
+    read_tile,
+    resolve_device,
+)
+from .tiling import grid_axes, input_window, owned_region, tile_step, widened_box
+
+KINDS = ("labels", "probabilities", "instances")
+WORK_SUFFIX = ".unetile-work"
+MANIFEST = "manifest.json"
+RECORDS = "regions"  # one .npz per predicted region: its completion record
+FINISHED = "final"  # one marker per region whose final instance ids are written
+TILE_BITS = 32  # provisional id = tile number << 32 | the cell's number within its tile
+INSTALL_HINT = "pip install 'unetile[distributed]'"
+IN_FLIGHT_PER_THREAD = 4  # tasks submitted ahead per worker thread
+IN_FLIGHT_MIN = 16
+
+
+def _distributed():
+    try:
+        import distributed
+    except ModuleNotFoundError:
+        raise io.InputError(
+            f"prediction on a Dask cluster needs dask.distributed: {INSTALL_HINT}"
+        ) from None
+    return distributed
+
+
+# --------------------------------------------------------------------------
+# Geometry: regions of whole chunks
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """A group of output tiles predicted by one task.
+
+    Attributes
+    ----------
+    index : int
+        Row-major number of the region.
+    position : tuple of int
+        Region index along each axis.
+    origins : tuple of tuple of int
+        Output tile origins (pixels), in the tile grid's row-major order.
+    tile_numbers : tuple of int
+        Row-major numbers of those tiles in the whole tile grid.
+    box : tuple of slice
+        Pixels the region writes: the union of its tiles' owned regions.
+    """
+
+    index: int
+    position: tuple[int, ...]
+    origins: tuple[tuple[int, ...], ...]
+    tile_numbers: tuple[int, ...]
+    box: tuple[slice, ...]
+
+
+def axis_groups(origins: Sequence[int], step: int, region_tiles: int = 1) -> list[list[int]]:
+    """Tile indices of one axis grouped so that each group's owned span is whole chunks.
+
+    Tiles are grouped by the chunk (``step`` px) their origin falls in, then
+    ``region_tiles`` chunks at a time. Every origin but the last is a multiple
+    of ``step``; the last one (moved back to end at the image border) joins
+    the group of the chunk it starts in, so no two groups write one chunk.
+
+    Examples
+    --------
+    >>> axis_groups([0, 384, 624], 384)
+    [[0], [1, 2]]
+    """
+    if step < 1 or region_tiles < 1:
+        raise ValueError(f"step and region_tiles must be >= 1, got {step} and {region_tiles}")
+    groups: dict[int, list[int]] = {}
+    for index, origin in enumerate(origins):
+        groups.setdefault(origin // step // region_tiles, []).append(index)
+    return list(groups.values())
+
+
+def region_grid(
+    image_shape: Sequence[int],
+    tile_shape: Sequence[int],
+    steps: Sequence[int],
+    alignment: int,
+    region_tiles: int = 1,
+) -> list[Region]:
+    """The regions of an image's tile grid, row-major; their boxes partition the image.
+
+    Parameters
+    ----------
+    image_shape, tile_shape, steps : sequence of int
+        Spatial shape of the image, output tile and tile step (pixels).
+    alignment : int
+        Tile origins are multiples of this (``2**(depth-1)``).
+    region_tiles : int
+        Tile steps per region along each axis (``region_tiles ** dims`` tiles a task).
+    """
+    per_axis = grid_axes(image_shape, tile_shape, steps, alignment)
+    counts = [len(origins) for origins in per_axis]
+    groups = [
+        axis_groups(origins, step, region_tiles)
+        for origins, step in zip(per_axis, steps, strict=True)
+    ]
+    regions = []
+    for index, position in enumerate(np.ndindex(*map(len, groups))):
+        members = [groups[axis][p] for axis, p in enumerate(position)]
+        tiles = list(np.ndindex(*map(len, members)))
+        indices = [tuple(members[a][t] for a, t in enumerate(tile)) for tile in tiles]
+        origins = tuple(tuple(per_axis[a][i] for a, i in enumerate(ix)) for ix in indices)
+        numbers = tuple(int(np.ravel_multi_index(ix, counts)) for ix in indices)
+        box = tuple(
+            slice(
+                owned_region(origins[0], per_axis, image_shape)[axis].start,
+                owned_region(origins[-1], per_axis, image_shape)[axis].stop,
+            )
+            for axis in range(len(image_shape))
+        )
+        regions.append(Region(index, tuple(position), origins, numbers, box))
+    return regions
+
+
+# --------------------------------------------------------------------------
+# What travels to the workers
+# --------------------------------------------------------------------------
+
+
+def model_payload(model: UNet) -> dict:
+    """The model as ``{"config": dict, "weights": safetensors bytes, "sha256": str}``."""
+    from safetensors.torch import save
+
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    weights = save(state)
+    return {
+        "config": model.config.to_dict(),
+        "weights": weights,
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
+
+
+_MODELS: dict[tuple[str, str], UNet] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _worker_model(payload: dict, device: torch.device) -> UNet:
+    """The payload's model, ready for inference on ``device``: built once per process.
+
+    It is shared read-only by the task threads, so its layout is fixed here
+    as :func:`unetile.predict.iter_predictions` sets it for one call.
+    """
+    from safetensors.torch import load
+
+    key = (payload["sha256"], str(device))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            model = UNet.from_config(payload["config"])
+            model.load_state_dict(load(payload["weights"]))
+            model.eval().to(device)
+            if _channels_last(model, device):
+                model.to(memory_format=torch.channels_last)
+            _MODELS[key] = model
+        return _MODELS[key]
+
+
+def _channels_last(model: UNet, device: torch.device) -> bool:
+    return device.type == "cpu" and model.config.dims == 2
+
+
+@dataclass(frozen=True)
+class ImagePath:
+    """An input image by path, opened lazily where it is read (zarr, memory-mapped TIFF)."""
+
+    path: str
+    dims: int
+    in_channels: int = 1
+
+    def open(self):
+        from .data import channels_first, fit_channels
+
+        image = io.read_image(self.path, memmap=True)
+        if image.ndim == self.dims + 1:
+            # The same layout rule as training (PNG and RGB TIFF channels last).
+            image = channels_first(
+                image, self.dims, channels_last=Path(self.path).suffix.lower() == ".png"
+            )
+        if image.ndim == self.dims + 1 or self.in_channels > 1:
+            image = fit_channels(image, self.dims, self.in_channels)
+        return image
+
+
+def _open_image(image):
+    return image.open() if isinstance(image, ImagePath) else image
+
+
+# --------------------------------------------------------------------------
+# The tasks
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a region task needs besides the model, the image and the region."""
+
+    work: str
+    spatial: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    steps: tuple[int, ...]
+    alignment: int
+    margin: int
+    has_channels: bool
+    kinds: tuple[str, ...]
+    foreground_class: int
+    grow: int
+    batch_size: int
+    tta: bool
+    device: str | None
+    normalization: tuple | None
+    num_classes: int
+
+
+def _store(plan: Plan, name: str):
+    import zarr
+
+    return zarr.open_array(store=str(Path(plan.work) / f"{name}.zarr"), mode="r+")
+
+
+def _local(box: Sequence[slice], within: Sequence[slice]) -> tuple[slice, ...]:
+    return tuple(
+        slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, within, strict=True)
+    )
+
+
+def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
+    """Predict one region into the work folder's stores and write its completion record.
+
+    Returns the region's index. The record (``regions/<index>.npz``, written
+    under a temporary name and renamed) holds the tiles' cell counts, the
+    label pairs touching across the region's inner tile borders and the
+    region's faces: what joining the cells later needs, and nothing larger.
+    """
+    device = resolve_device(plan.device)
+    model = _worker_model(payload, device)
+    image = _open_image(image)
+    per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, plan.alignment)
+    box_shape = tuple(b.stop - b.start for b in region.box)
+    classes = np.zeros(box_shape, dtype=_class_dtype(plan.num_classes))
+    probabilities = None
+    if "probabilities" in plan.kinds:
+        probabilities = np.zeros((plan.num_classes, *box_shape), dtype=np.float32)
+    provisional = np.zeros(box_shape, dtype=np.uint64)
+    counts = []
+    for origin, output in _tile_outputs(model, image, region.origins, plan, device):
+        owned = owned_region(origin, per_axis, plan.spatial)
+        block = output[(slice(None), *_local(owned, [slice(o, None) for o in origin]))]
+        where = _local(owned, region.box)
+        tile_classes = block.argmax(axis=0)
+        classes[where] = tile_classes
+        if probabilities is not None:
+            probabilities[(slice(None), *where)] = block
+        if "instances" in plan.kinds:
+            pieces, found = _label_foreground(tile_classes == plan.foreground_class)
+            number = region.tile_numbers[len(counts)]
+            provisional[where] = np.where(
+                pieces > 0, (np.uint64(number) << np.uint64(TILE_BITS)) | pieces, 0
+            )
+            counts.append(found)
+    if probabilities is not None:
+        _store(plan, "probabilities")[(slice(None), *region.box)] = probabilities
+    if "labels" in plan.kinds:
+        _store(plan, "labels")[region.box] = classes
+    record = {"tile_numbers": np.asarray(region.tile_numbers, dtype=np.int64)}
+    if "instances" in plan.kinds:
+        _store(plan, "provisional")[region.box] = provisional
+        record["counts"] = np.asarray(counts, dtype=np.int64)
+        record["pairs"] = _inner_pairs(provisional, region, per_axis)
+        for axis in range(len(box_shape)):
+            record[f"low{axis}"] = np.take(provisional, 0, axis=axis)
+            record[f"high{axis}"] = np.take(provisional, -1, axis=axis)
+    path = Path(plan.work) / RECORDS / f"{region.index}.npz"
+    with io.atomic_path(path) as temporary:
+        np.savez(temporary, **record)
+    return region.index
+
+
+def _tile_outputs(model, image, origins, plan: Plan, device):
+    """``(origin, probabilities)`` of each tile, in order; the next batch is read meanwhile."""
+    norm = _normalization(plan.normalization, model.config.in_channels)
+    batches = [origins[i : i + plan.batch_size] for i in range(0, len(origins), plan.batch_size)]
+    channels_last = _channels_last(model, device)
+
+    def load(batch):
+        return np.stack(
+            [
+                read_tile(
+                    image, input_window(o, plan.tile_shape, plan.margin), plan.has_channels, norm
+                )
+                for o in batch
+            ]
+        )
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load, batches[0])
+        for number, batch in enumerate(batches):
+            inputs = pending.result()
+            if number + 1 < len(batches):
+                pending = reader.submit(load, batches[number + 1])
+            outputs = _forward(model, inputs, device, plan.tta, channels_last)
+            yield from zip(batch, outputs, strict=True)
+
+
+def _touching(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    touching = (before > 0) & (after > 0)
+    return np.stack([before[touching], after[touching]], axis=1)
+
+
+def _inner_pairs(provisional: np.ndarray, region: Region, per_axis) -> np.ndarray:
+    """Label pairs touching across the tile borders inside the region box."""
+    pairs = [np.zeros((0, 2), dtype=np.uint64)]
+    for axis, axis_box in enumerate(region.box):
+        starts = sorted({o[axis] for o in region.origins})
+        for start in starts[1:]:
+            at = start - axis_box.start
+            pairs.append(
+                _touching(
+                    np.take(provisional, at - 1, axis=axis), np.take(provisional, at, axis=axis)
+                )
+            )
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def _read_record(work: str, index: int) -> dict:
+    with np.load(Path(work) / RECORDS / f"{index}.npz") as record:
+        return dict(record)
+
+
+def region_pairs(work: str, neighbours: tuple[Region, Sequence[tuple[int, int]]]) -> dict:
+    """The region's cell counts and the label pairs touching across its borders.
+
+    ``neighbours`` is the region and the ``(axis, index)`` of the regions just
+    before it along each axis; the pairs across those borders come from the
+    two faces in the records, so only faces are read, never the stores.
+    """
+    region, lower = neighbours
+    record = _read_record(work, region.index)
+    pairs = [record["pairs"]]
+    for axis, neighbour in lower:
+        before = _read_record(work, neighbour)[f"high{axis}"]
+        pairs.append(_touching(before, record[f"low{axis}"]))
+    return {
+        "tile_numbers": record["tile_numbers"],
+        "counts": record["counts"],
+        "pairs": np.unique(np.concatenate(pairs).astype(np.uint64), axis=0),
+    }
+
+
+def _dense(packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Provisional (tile, cell) ids to the consecutive numbering of the single-process run."""
+    packed = np.asarray(packed, dtype=np.uint64)
+    tiles = (packed >> np.uint64(TILE_BITS)).astype(np.int64)
+    cells = (packed & np.uint64(2**TILE_BITS - 1)).astype(np.int64)
+    return np.where(packed > 0, offsets[tiles] + cells, 0)
+
+
+def finish_region(plan: Plan, lut: np.ndarray, offsets: np.ndarray, region: Region) -> int:
+    """Write the final instance ids of one region, grown from a ``grow``-px margin."""
+    window = widened_box(region.box, plan.grow, plan.spatial)
+    provisional = np.asarray(_store(plan, "provisional")[window])
+    labels = grow_cells(lut[_dense(provisional, offsets)], plan.grow)
+    _store(plan, "instances")[region.box] = labels[_local(region.box, window)]
+    marker = Path(plan.work) / FINISHED / str(region.index)
+    with io.atomic_path(marker) as temporary:
+        temporary.write_text("")
+    return region.index
+
+
+# --------------------------------------------------------------------------
+# Running tasks: on a cluster, or one after another here
+# --------------------------------------------------------------------------
+
+
+def _run(
+    client, function: Callable, items: Sequence, shared: Sequence, desc: str, progress: bool
+) -> list:
+    """``function(*shared, item)`` for every item, results in item order.
+
+    On a client the shared arguments are scattered once to every worker and
+    the tasks run where the scheduler puts them (it retries those of workers
+    that die); the first failure cancels the rest and is raised here. At most
+    :data:`IN_FLIGHT_PER_THREAD` tasks per worker thread are submitted at a
+    time, so neither this process nor the scheduler holds millions of tasks.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), unit="region", disable=not progress, desc=desc)
+    try:
+        if client is None:
+            results = []
+            for item in items:
+                results.append(function(*shared, item))
+                bar.update(1)
+            return results
+        distributed = _distributed()
+        # In a list, so that a dict (the model payload) travels as one object
+        # rather than as one future per key, named by its keys.
+        scattered = [client.scatter([value], broadcast=True, hash=False)[0] for value in shared]
+        threads = sum(client.nthreads().values())
+        window = max(IN_FLIGHT_MIN, IN_FLIGHT_PER_THREAD * threads)
+        waiting = iter(enumerate(items))
+        running: dict[str, tuple[int, object]] = {}
+
+        def submit(number, item):
+            future = client.submit(function, *scattered, item, pure=False)
+            running[future.key] = (number, future)
+            return future
+
+        results: list = [None] * len(items)
+        finished = distributed.as_completed(
+            [submit(*entry) for entry in itertools.islice(waiting, window)]
+        )
+        try:
+            for future in finished:
+                number, _ = running.pop(future.key)
+                results[number] = future.result()  # raises the task's error here
+                bar.update(1)
+                entry = next(waiting, None)
+                if entry is not None:
+                    finished.add(submit(*entry))
+            return results
+        finally:
+            client.cancel([future for _, future in running.values()])
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------
+# The whole prediction
+# --------------------------------------------------------------------------
+
+
+def work_folder(first_output: str | os.PathLike) -> Path:
+    """The work folder of a prediction whose first output is ``first_output``."""
+    first_output = Path(first_output)
+    return first_output.parent / f".{first_output.name}{WORK_SUFFIX}"
+
+
+def _requested(labels, probabilities, instances) -> dict[str, Path]:
+    requested = {
+        kind: Path(path)
+        for kind, path in zip(KINDS, (labels, probabilities, instances), strict=True)
+        if path is not None
+    }
+    if not requested:
+        raise ValueError("give at least one of labels, probabilities, instances")
+    for kind, path in requested.items():
+        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
+    return requested
+
+
+def _create_stores(work: Path, plan: Plan, chunks: Sequence[int]) -> None:
+    import zarr
+
+    def store(name, shape, dtype, chunk_shape):
+        zarr.open_array(
+            store=str(work / f"{name}.zarr"),
+            mode="w",
+            shape=shape,
+            chunks=chunk_shape,
+            dtype=dtype,
+            fill_value=0,
+        )
+
+    spatial = plan.spatial
+    if "probabilities" in plan.kinds:
+        store(
+            "probabilities",
+            (plan.num_classes, *spatial),
+            np.float32,
+            (plan.num_classes, *chunks),
+        )
+    if "labels" in plan.kinds:
+        store("labels", spatial, _class_dtype(plan.num_classes), chunks)
+    if "instances" in plan.kinds:
+        store("provisional", spatial, np.uint64, chunks)
+        store("instances", spatial, np.uint32, chunks)
+    for folder in (RECORDS, FINISHED):
+        (work / folder).mkdir()
+
+
+def _prepare_work(work: Path, manifest: dict, plan: Plan, chunks, resume: bool) -> None:
+    """Create the work folder, or check that the one found belongs to this prediction."""
+    if (work / MANIFEST).is_file():
+        if not resume:
+            raise ValueError(
+                f"{work} holds an unfinished prediction of these outputs; continue it with "
+                "resume (--resume) or delete that folder"
+            )
+        found = io.read_json(work / MANIFEST)
+        differing = sorted(key for key in manifest if found.get(key) != manifest[key])
+        if differing:
+            raise ValueError(
+                f"{work} was started with another {', '.join(differing)}; resume with the "
+                "same model, image and options, or delete that folder to start afresh"
+            )
+        return
+    # A folder without its manifest was never started: nothing in it is kept.
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _create_stores(work, plan, chunks)
+    io.write_json(work / MANIFEST, manifest)
+
+
+def _region_shape(regions: Sequence[Region]) -> tuple[int, ...]:
+    return tuple(p + 1 for p in regions[-1].position)
+
+
+def _lower_neighbours(region: Region, shape: Sequence[int]) -> list[tuple[int, int]]:
+    lower = []
+    for axis, p in enumerate(region.position):
+        if p > 0:
+            before = list(region.position)
+            before[axis] -= 1
+            lower.append((axis, int(np.ravel_multi_index(before, shape))))
+    return lower
+
+
+def _join_instances(client, work: Path, plan: Plan, regions, tile_count: int, progress: bool):
+    """Join the cells across region borders and write their final ids, region by region."""
+    shape = _region_shape(regions)
+    jobs = [(region, _lower_neighbours(region, shape)) for region in regions]
+    found = _run(client, region_pairs, jobs, [str(work)], "join", progress)
+    counts = np.zeros(tile_count, dtype=np.int64)
+    for entry in found:
+        counts[entry["tile_numbers"]] = entry["counts"]
+    # Cells numbered consecutively in tile order, as the single-process run numbers them.
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pairs = np.concatenate([np.zeros((0, 2), np.uint64)] + [e["pairs"] for e in found])
+    lut = join_labels(_dense(pairs, offsets), int(counts.sum()))
+    finished = {int(p.name) for p in (work / FINISHED).iterdir() if p.name.isdigit()}
+    todo = [region for region in regions if region.index not in finished]
+    _run(client, finish_region, todo, [plan, lut, offsets], "instances", progress)
+
+
+def predict_regions(
+    model: UNet,
+    image,
+    *,
+    labels: str | os.PathLike | None = None,
+    probabilities: str | os.PathLike | None = None,
+    instances: str | os.PathLike | None = None,
+    foreground_class: int = 1,
+    grow: int = 0,
+    tile_shape: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    tta: bool = False,
+    device: str | None = None,
+    memory_budget: float | None = None,
+    normalization=None,
+    progress: bool = True,
+    client=None,
+    resume: bool = False,
+    region_tiles: int = 1,
+) -> dict[str, Path]:
+    """Predict an image into files region by region, on a Dask cluster or here; resumable.
+
+    Writes what :func:`unetile.predict.predict_to_files` writes, byte for
+    byte with the same tile and batch size (``valid`` models only: a ``same``
+    model's blending needs the whole image's sums).
+
+    Parameters
+    ----------
+    model : UNet
+        Sent to the workers once, as safetensors bytes and its config.
+    image : path or array-like
+        A path (zarr store, TIFF, PNG) is opened by each worker itself, lazily;
+        an array is sent to every worker once (give a path for an image larger
+        than memory). ``(C, *spatial)`` or ``spatial``, as for ``predict``.
+    labels, probabilities, instances, foreground_class, grow
+        As for :func:`unetile.predict.predict_to_files`.
+    client : distributed.Client, optional
+        Where the regions run; None runs them one after another here.
+    resume : bool
+        Continue the prediction of these outputs found in their work folder
+        (:func:`work_folder`): regions with a completion record are skipped.
+    region_tiles : int
+        Tile steps per region along each axis: larger regions mean fewer,
+        longer tasks for the scheduler.
+    Others
+        As for :func:`unetile.predict.predict`. ``device`` is resolved on each
+        worker (default: its GPU if it has one); the automatic tile is chosen
+        for this machine's device.
+
+    Returns
+    -------
+    dict
+        The written paths, keyed by "labels", "probabilities", "instances".
+    """
+    requested = _requested(labels, probabilities, instances)
+    grow = _check_grow(grow)
+    if grow and instances is None:
+        raise ValueError("grow grows the cells of instances: give an instances path")
+    if region_tiles < 1:
+        raise ValueError(f"region_tiles must be >= 1, got {region_tiles}")
+    config = model.config
+    if config.padding != "valid":
+        raise ValueError(
+            "region-by-region prediction needs a 'valid' model: a 'same' model's "
+            "blended tiles depend on their neighbours; predict it in one process"
+        )
+    if "instances" in requested and not 0 <= foreground_class < config.num_classes:
+        raise ValueError(
+            f"foreground_class {foreground_class} is not one of the {config.num_classes} classes"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(image, str | os.PathLike):
+        image = ImagePath(str(image), config.dims, config.in_channels)
+    spatial, has_channels = _spatial_shape(model, _open_image(image))
+    norm = _normalization(normalization, config.in_channels)
+    if tile_shape is None:
+        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
+    tile_shape = check_tile_shape(model, tile_shape, config.dims)
+    alignment = size_multiple(config.depth)
+    steps = tuple(tile_step(t, alignment) for t in tile_shape)
+    if grow > min(steps):
+        raise ValueError(
+            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
+            "use a smaller grow or a larger tile"
+        )
+    plan = Plan(
+        work=str(work_folder(next(iter(requested.values())))),
+        spatial=tuple(spatial),
+        tile_shape=tile_shape,
+        steps=steps,
+        alignment=alignment,
+        margin=model.context_margin,
+        has_channels=has_channels,
+        kinds=tuple(kind for kind in KINDS if kind in requested),
+        foreground_class=int(foreground_class),
+        grow=grow,
+        batch_size=int(batch_size),
+        tta=bool(tta),
+        device=None if device is None else str(device),
+        normalization=None if norm is None else (norm[0].tolist(), norm[1].tolist()),
+        num_classes=config.num_classes,
+    )
+    payload = model_payload(model)
+    manifest = {
+        "model_sha256": payload["sha256"],
+        "model": config.to_dict(),
+        "image_shape": list(spatial),
+        "tile_shape": list(tile_shape),
+        "region_tiles": region_tiles,
+        "outputs": list(plan.kinds),
+        "foreground_class": plan.foreground_class,
+        "grow": grow,
+        "batch_size": plan.batch_size,
+        "tta": plan.tta,
+        "normalization": None if norm is None else list(plan.normalization),
+    }
+    manifest = json.loads(json.dumps(manifest))
+    work = Path(plan.work)
+    chunks = tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
+    _prepare_work(work, manifest, plan, chunks, resume)
+
+    regions = region_grid(spatial, tile_shape, steps, alignment, region_tiles)
+    done = {int(p.stem) for p in (work / RECORDS).glob("*.npz") if p.stem.isdigit()}
+    todo = [region for region in regions if region.index not in done]
+    _run(client, predict_region, todo, [payload, image, plan], "predict", progress)
+    if "instances" in plan.kinds:
+        tile_count = math.prod(
+            len(origins) for origins in grid_axes(spatial, tile_shape, steps, alignment)
+        )
+        _join_instances(client, work, plan, regions, tile_count, progress)
+    _deliver(work, requested)
+    return requested
+
+
+def _deliver(work: Path, requested: dict[str, Path]) -> None:
+    """Put each finished store in place (zarr) or stream it into a tiled BigTIFF."""
+    for kind, path in requested.items():
+        if path.suffix.lower() == ".zarr":
+            io.move_directory(work / f"{kind}.zarr", path)
+        else:
+            io.write_tiled_tiff(path, io.open_zarr(work / f"{kind}.zarr"))
+    shutil.rmtree(work)
+
+
+@contextlib.contextmanager
+def dask_client(workers: int | None = None, scheduler: str | None = None):
+    """A ``distributed.Client``: of ``scheduler`` (an address), or of a new ``LocalCluster``.
+
+    The local cluster has ``workers`` single-thread worker processes (each
+    with one torch thread, dask's default for its workers).
+    """
+    distributed = _distributed()
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout="20s")
+        except OSError as error:
+            raise io.InputError(f"--scheduler {scheduler}: cannot connect ({error})") from None
+        with client:
+            yield client
+        return
+    with (
+        distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            dashboard_address=None,
+            # Its workers' start and stop notices are not the user's business.
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
