@@ -24,6 +24,7 @@ from unetile.distributed import (
     region_grid,
     work_folder,
 )
+from unetile.instances import InstanceOptions
 from unetile.model import UNet, input_size_for_output, size_multiple
 from unetile.predict import predict_to_files
 from unetile.tiling import grid_axes, owned_region, tile_step
@@ -252,6 +253,52 @@ def test_a_failed_run_resumes_from_its_records_to_the_same_files(client, tmp_pat
     resumed = predict_regions(model, image, **wanted, **options, resume=True)
     assert_same_files(reference, resumed)
     assert not work.exists()
+
+
+WATERSHED = InstanceOptions(method="watershed", seed_threshold=0.501, min_size=2, max_extent=16)
+DISTANCE = InstanceOptions(method="distance", h=1.0, min_size=3, fill_holes=True, max_extent=16)
+
+
+@pytest.mark.parametrize("options", [WATERSHED, DISTANCE], ids=["watershed", "distance"])
+def test_watershed_instances_on_a_cluster_are_the_single_process_ids_and_resume(
+    client, tmp_path, options
+):
+    # Seed 2 gives ~1,100 foreground components, none wider than 14 px: the
+    # 16-px margin holds them, and the 14-px tiles cut through many.
+    model = small_model(depth=2, base=4, seed=2)
+    image = np.random.default_rng(2).random((70, 90), dtype=np.float32)
+    common = dict(tile_shape=valid_tile(model, 6), grow=1, progress=False)
+    common["instance_options"] = options
+    kinds = ("labels", "instances")
+    single = predict_to_files(model, image, **outputs(tmp_path, "single", ".tif", kinds), **common)
+    assert read(single["instances"]).max() > 150
+    wanted = outputs(tmp_path, "spread", ".tif", kinds)
+    with pytest.raises(RuntimeError, match="lost"):
+        predict_regions(model, FailingImage(image, fail_from=50), **wanted, client=client, **common)
+    with pytest.raises(ValueError, match="another instances"):
+        changed = {**common, "instance_options": InstanceOptions(method="distance", h=2.0)}
+        predict_regions(model, image, **wanted, client=client, resume=True, **changed)
+    spread = predict_regions(model, image, **wanted, client=client, resume=True, **common)
+    assert_same_files(single, spread)
+    # The probabilities the watershed read were scratch: only what was asked for is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in [*single.values(), *spread.values()]
+    )
+
+
+def test_a_group_of_cells_wider_than_the_margin_is_refused_region_by_region(tmp_path):
+    model = small_model(depth=2, base=4, seed=2)
+    image = np.random.default_rng(2).random((70, 90), dtype=np.float32)
+    narrow = InstanceOptions(method="distance", max_extent=4)
+    with pytest.raises(ValueError, match="wider than max_extent = 4 px"):
+        predict_regions(
+            model,
+            image,
+            instances=tmp_path / "cells.zarr",
+            tile_shape=valid_tile(model, 6),
+            instance_options=narrow,
+            progress=False,
+        )
 
 
 def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(

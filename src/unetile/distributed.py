@@ -45,9 +45,16 @@ import numpy as np
 import torch
 
 from . import io
+from .instances import (
+    InstanceOptions,
+    _check_grow,
+    grow_cells,
+    rank_keys,
+    region_instances,
+)
+from .instances import region_grid as instance_regions
 from .model import UNet, size_multiple
 from .predict import (
-    _check_grow,
     _class_dtype,
     _forward,
     _label_foreground,
@@ -55,7 +62,6 @@ from .predict import (
     _spatial_shape,
     auto_tile_shape,
     check_tile_shape,
-    grow_cells,
     join_labels,
     read_tile,
     resolve_device,
@@ -67,6 +73,7 @@ WORK_SUFFIX = ".unetile-work"
 MANIFEST = "manifest.json"
 RECORDS = "regions"  # one .npz per predicted region: its completion record
 FINISHED = "final"  # one marker per region whose final instance ids are written
+KEYS = "keys"  # one .npy per extraction region: its object keys (methods beyond components)
 TILE_BITS = 32  # provisional id = tile number << 32 | the cell's number within its tile
 INSTALL_HINT = "pip install 'unetile[distributed]'"
 IN_FLIGHT_PER_THREAD = 4  # tasks submitted ahead per worker thread
@@ -265,7 +272,8 @@ class Plan:
     margin: int
     has_channels: bool
     kinds: tuple[str, ...]
-    foreground_class: int
+    instance_options: dict
+    by_region: bool
     grow: int
     batch_size: int
     tta: bool
@@ -301,7 +309,7 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
     box_shape = tuple(b.stop - b.start for b in region.box)
     classes = np.zeros(box_shape, dtype=_class_dtype(plan.num_classes))
     probabilities = None
-    if "probabilities" in plan.kinds:
+    if "probabilities" in plan.kinds or plan.by_region:
         probabilities = np.zeros((plan.num_classes, *box_shape), dtype=np.float32)
     provisional = np.zeros(box_shape, dtype=np.uint64)
     counts = []
@@ -313,8 +321,9 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
         classes[where] = tile_classes
         if probabilities is not None:
             probabilities[(slice(None), *where)] = block
-        if "instances" in plan.kinds:
-            pieces, found = _label_foreground(tile_classes == plan.foreground_class)
+        if "instances" in plan.kinds and not plan.by_region:
+            foreground = np.isin(tile_classes, plan.instance_options["foreground_classes"])
+            pieces, found = _label_foreground(foreground)
             number = region.tile_numbers[len(counts)]
             provisional[where] = np.where(
                 pieces > 0, (np.uint64(number) << np.uint64(TILE_BITS)) | pieces, 0
@@ -325,7 +334,7 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
     if "labels" in plan.kinds:
         _store(plan, "labels")[region.box] = classes
     record = {"tile_numbers": np.asarray(region.tile_numbers, dtype=np.int64)}
-    if "instances" in plan.kinds:
+    if "instances" in plan.kinds and not plan.by_region:
         _store(plan, "provisional")[region.box] = provisional
         record["counts"] = np.asarray(counts, dtype=np.int64)
         record["pairs"] = _inner_pairs(provisional, region, per_axis)
@@ -417,11 +426,39 @@ def _dense(packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.where(packed > 0, offsets[tiles] + cells, 0)
 
 
+def extraction_keys(plan: Plan, job: tuple[int, tuple[slice, ...]]) -> int:
+    """Object keys of one extraction region (watershed, size or hole rules), and its record.
+
+    The region is read from the probabilities with the margin of
+    :func:`unetile.instances.keys_by_region`, so its keys are those of the
+    whole image; they go to the ``provisional`` store and, as the region's
+    completion record, to ``keys/<index>.npy``.
+    """
+    index, region = job
+    options = InstanceOptions.from_dict(plan.instance_options)
+    window = widened_box(region, options.extent(len(plan.spatial)) + 1, plan.spatial)
+    block = np.asarray(_store(plan, "probabilities")[(slice(None), *window)])
+    keys = region_instances(block, region, window, plan.spatial, options)
+    _store(plan, "provisional")[region] = keys
+    with io.atomic_path(Path(plan.work) / KEYS / f"{index}.npy") as temporary:
+        with open(temporary, "wb") as file:
+            np.save(file, np.unique(keys[keys > 0]))
+    return index
+
+
 def finish_region(plan: Plan, lut: np.ndarray, offsets: np.ndarray, region: Region) -> int:
-    """Write the final instance ids of one region, grown from a ``grow``-px margin."""
+    """Write the final instance ids of one region, grown from a ``grow``-px margin.
+
+    ``lut`` maps the joined per-tile labels (components) or, with
+    ``plan.by_region``, is the image's sorted object keys.
+    """
     window = widened_box(region.box, plan.grow, plan.spatial)
     provisional = np.asarray(_store(plan, "provisional")[window])
-    labels = grow_cells(lut[_dense(provisional, offsets)], plan.grow)
+    if plan.by_region:
+        ids = rank_keys(provisional, lut)
+    else:
+        ids = lut[_dense(provisional, offsets)]
+    labels = grow_cells(ids, plan.grow)
     _store(plan, "instances")[region.box] = labels[_local(region.box, window)]
     marker = Path(plan.work) / FINISHED / str(region.index)
     with io.atomic_path(marker) as temporary:
@@ -539,7 +576,12 @@ def _create_stores(work: Path, plan: Plan, chunks: Sequence[int]) -> None:
     if "instances" in plan.kinds:
         store("provisional", spatial, np.uint64, chunks)
         store("instances", spatial, np.uint32, chunks)
-    for folder in (RECORDS, FINISHED):
+    if plan.by_region and "probabilities" not in plan.kinds:
+        # The watershed reads each region's probabilities with a margin.
+        store(
+            "probabilities", (plan.num_classes, *spatial), np.float32, (plan.num_classes, *chunks)
+        )
+    for folder in (RECORDS, FINISHED, KEYS):
         (work / folder).mkdir()
 
 
@@ -581,6 +623,25 @@ def _lower_neighbours(region: Region, shape: Sequence[int]) -> list[tuple[int, i
     return lower
 
 
+def _extract_by_region(client, work: Path, plan: Plan, chunks, regions, progress: bool):
+    """Object keys region by region with a margin, then their ranks as the final ids."""
+    options = InstanceOptions.from_dict(plan.instance_options)
+    boxes = instance_regions(plan.spatial, chunks, options.extent(len(plan.spatial)))
+    done = {int(p.stem) for p in (work / KEYS).glob("*.npy") if p.stem.isdigit()}
+    todo = [(index, box) for index, box in enumerate(boxes) if index not in done]
+    _run(client, extraction_keys, todo, [plan], "instances", progress)
+    found = [np.zeros(0, np.uint64)]
+    found += [np.load(work / KEYS / f"{index}.npy") for index in range(len(boxes))]
+    sorted_keys = np.unique(np.concatenate(found))
+    _finish(client, work, plan, regions, sorted_keys, None, progress)
+
+
+def _finish(client, work: Path, plan: Plan, regions, lut, offsets, progress: bool) -> None:
+    finished = {int(p.name) for p in (work / FINISHED).iterdir() if p.name.isdigit()}
+    todo = [region for region in regions if region.index not in finished]
+    _run(client, finish_region, todo, [plan, lut, offsets], "ids", progress)
+
+
 def _join_instances(client, work: Path, plan: Plan, regions, tile_count: int, progress: bool):
     """Join the cells across region borders and write their final ids, region by region."""
     shape = _region_shape(regions)
@@ -593,9 +654,7 @@ def _join_instances(client, work: Path, plan: Plan, regions, tile_count: int, pr
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     pairs = np.concatenate([np.zeros((0, 2), np.uint64)] + [e["pairs"] for e in found])
     lut = join_labels(_dense(pairs, offsets), int(counts.sum()))
-    finished = {int(p.name) for p in (work / FINISHED).iterdir() if p.name.isdigit()}
-    todo = [region for region in regions if region.index not in finished]
-    _run(client, finish_region, todo, [plan, lut, offsets], "instances", progress)
+    _finish(client, work, plan, regions, lut, offsets, progress)
 
 
 def predict_regions(
@@ -607,6 +666,7 @@ def predict_regions(
     instances: str | os.PathLike | None = None,
     foreground_class: int = 1,
     grow: int = 0,
+    instance_options: InstanceOptions | None = None,
     tile_shape: int | Sequence[int] | None = None,
     batch_size: int = 1,
     tta: bool = False,
@@ -632,8 +692,10 @@ def predict_regions(
         A path (zarr store, TIFF, PNG) is opened by each worker itself, lazily;
         an array is sent to every worker once (give a path for an image larger
         than memory). ``(C, *spatial)`` or ``spatial``, as for ``predict``.
-    labels, probabilities, instances, foreground_class, grow
-        As for :func:`unetile.predict.predict_to_files`.
+    labels, probabilities, instances, foreground_class, grow, instance_options
+        As for :func:`unetile.predict.predict_to_files`; with a method beyond
+        the paper's components the probabilities are kept in the work folder
+        and read again region by region with a margin of ``max_extent`` px.
     client : distributed.Client, optional
         Where the regions run; None runs them one after another here.
     resume : bool
@@ -664,10 +726,10 @@ def predict_regions(
             "region-by-region prediction needs a 'valid' model: a 'same' model's "
             "blended tiles depend on their neighbours; predict it in one process"
         )
-    if "instances" in requested and not 0 <= foreground_class < config.num_classes:
-        raise ValueError(
-            f"foreground_class {foreground_class} is not one of the {config.num_classes} classes"
-        )
+    if instance_options is None:
+        instance_options = InstanceOptions(foreground_classes=(int(foreground_class),))
+    if "instances" in requested:
+        instance_options.check_classes(config.num_classes)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(image, str | os.PathLike):
@@ -693,7 +755,8 @@ def predict_regions(
         margin=model.context_margin,
         has_channels=has_channels,
         kinds=tuple(kind for kind in KINDS if kind in requested),
-        foreground_class=int(foreground_class),
+        instance_options=instance_options.to_dict(),
+        by_region="instances" in requested and instance_options.needs_whole_objects,
         grow=grow,
         batch_size=int(batch_size),
         tta=bool(tta),
@@ -709,7 +772,7 @@ def predict_regions(
         "tile_shape": list(tile_shape),
         "region_tiles": region_tiles,
         "outputs": list(plan.kinds),
-        "foreground_class": plan.foreground_class,
+        "instances": plan.instance_options if "instances" in requested else None,
         "grow": grow,
         "batch_size": plan.batch_size,
         "tta": plan.tta,
@@ -724,7 +787,9 @@ def predict_regions(
     done = {int(p.stem) for p in (work / RECORDS).glob("*.npz") if p.stem.isdigit()}
     todo = [region for region in regions if region.index not in done]
     _run(client, predict_region, todo, [payload, image, plan], "predict", progress)
-    if "instances" in plan.kinds:
+    if plan.by_region:
+        _extract_by_region(client, work, plan, chunks, regions, progress)
+    elif "instances" in plan.kinds:
         tile_count = math.prod(
             len(origins) for origins in grid_axes(spatial, tile_shape, steps, alignment)
         )

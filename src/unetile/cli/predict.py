@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
                 "leave out --workers, --scheduler and --resume, or --rescale"
             )
         options = dict(
-            foreground_class=foreground,
+            instance_options=options,
             grow=args.grow,
             tile_shape=args.tile,
             batch_size=args.batch_size,
