@@ -50,7 +50,7 @@ from .instances import (
     _check_grow,
     grow_cells,
     rank_keys,
-    region_instances,
+    write_region_keys,
 )
 from .instances import region_grid as instance_regions
 from .model import UNet, size_multiple
@@ -430,19 +430,18 @@ def extraction_keys(plan: Plan, job: tuple[int, tuple[slice, ...]]) -> int:
     """Object keys of one extraction region (watershed, size or hole rules), and its record.
 
     The region is read from the probabilities with the margin of
-    :func:`unetile.instances.keys_by_region`, so its keys are those of the
+    :func:`unetile.instances.write_region_keys`, so its keys are those of the
     whole image; they go to the ``provisional`` store and, as the region's
     completion record, to ``keys/<index>.npy``.
     """
     index, region = job
     options = InstanceOptions.from_dict(plan.instance_options)
-    window = widened_box(region, options.extent(len(plan.spatial)) + 1, plan.spatial)
-    block = np.asarray(_store(plan, "probabilities")[(slice(None), *window)])
-    keys = region_instances(block, region, window, plan.spatial, options)
-    _store(plan, "provisional")[region] = keys
+    found = write_region_keys(
+        _store(plan, "probabilities"), _store(plan, "provisional"), region, options
+    )
     with io.atomic_path(Path(plan.work) / KEYS / f"{index}.npy") as temporary:
         with open(temporary, "wb") as file:
-            np.save(file, np.unique(keys[keys > 0]))
+            np.save(file, found)
     return index
 
 

@@ -386,18 +386,26 @@ def keys_by_region(probabilities, keys, regions, options: InstanceOptions) -> np
     ndarray of uint64
         The image's distinct keys, sorted: :func:`rank_keys` numbers them.
     """
+    found = [np.zeros(0, dtype=np.uint64)]
+    for region in regions:
+        found.append(write_region_keys(probabilities, keys, region, options))
+    return np.unique(np.concatenate(found))
+
+
+def write_region_keys(probabilities, keys, region, options: InstanceOptions) -> np.ndarray:
+    """Write the object keys of one region into ``keys``; return its distinct keys, sorted.
+
+    The region's probabilities are read with a margin of ``max_extent + 1`` px
+    (the 1 px shows whether a component stops at the margin).
+    """
     from .tiling import widened_box
 
     spatial = tuple(probabilities.shape[1:])
-    margin = options.extent(len(spatial)) + 1
-    found = [np.zeros(0, dtype=np.uint64)]
-    for region in regions:
-        window = widened_box(region, margin, spatial)
-        block = np.asarray(probabilities[(slice(None), *window)])
-        region_keys = region_instances(block, region, window, spatial, options)
-        keys[region] = region_keys
-        found.append(np.unique(region_keys[region_keys > 0]))
-    return np.unique(np.concatenate(found))
+    window = widened_box(region, options.extent(len(spatial)) + 1, spatial)
+    block = np.asarray(probabilities[(slice(None), *window)])
+    region_keys = region_instances(block, region, window, spatial, options)
+    keys[region] = region_keys
+    return np.unique(region_keys[region_keys > 0])
 
 
 def extract_instances(probabilities: np.ndarray, options: InstanceOptions | None = None, **kwargs):
