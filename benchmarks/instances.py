@@ -209,7 +209,7 @@ def best_of(candidates, evaluate):
 
 def train_network(train_set, validation, target, w0, steps, dims, folder, seed):
     options = dict(DEMO_TRAINING) if dims == 2 else dict(
-        label_mode="instances", depth=3, base_channels=8, tile_shape=(76,), optimizer="adam",
+        label_mode="instances", depth=3, base_channels=8, tile=(36,), optimizer="adam",
         learning_rate=2e-3, schedule="cosine", keep_best="f1", metrics=("f1", "seg"),
         validate_every=100, checkpoint_every=100, log_every=10,
     )  # fmt: skip

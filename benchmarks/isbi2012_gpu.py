@@ -22,7 +22,7 @@ Writes ``isbi2012_gpu.json`` beside this script (``--out`` elsewhere).
     python benchmarks/isbi2012_gpu.py --minutes 6 --segment-seconds 30 --skip-variants \\
         --set learning_rate=1e-3 --set warmup_steps=1000   # the committed run
     python benchmarks/isbi2012_gpu.py --minutes 0.2 --device cpu \\
-        --set base_channels=8 --set max_tile=188      # a dry run without a GPU
+        --set base_channels=8 --set max_tile=4        # a dry run without a GPU
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from machine import machine_info
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
+from unetile.model import output_size
 from unetile.synthetic import em_like
 from unetile.train import make_config, prepare_arrays, train
 
@@ -40,7 +41,7 @@ def run(rate: float, steps: int, seed: int, tile: int) -> dict:
         config = make_config(
             "paper",
             out=str(Path(folder) / "run"),
-            tile_shape=(tile,),
+            tile=(output_size(tile),),  # the benchmark names input tiles
             steps=steps,
             log_every=5,
             learning_rate=rate,

@@ -11,7 +11,7 @@ benchmarks/train_step.json. The reference is first measured with glibc's
 malloc defaults, then with :func:`unetile.allocator.keep_freed_memory` (what
 the command line sets), which the loop also runs with.
 
-Quick run:  python benchmarks/train_step.py --base-channels 8 --max-tile 188 --steps 3
+Quick run:  python benchmarks/train_step.py --base-channels 8 --max-tile 4 --steps 3
 Full run:   nice -n 5 python benchmarks/train_step.py --preset cpu-fast --steps 8
 """
 
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="measured steps (8)")
     parser.add_argument("--images", type=int, default=5, help="training images (5)")
     parser.add_argument("--base-channels", type=int, help="override the preset's width")
-    parser.add_argument("--max-tile", type=int, help="override the preset's largest tile")
+    parser.add_argument("--max-tile", type=int, help="largest output tile (px)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
     args = parser.parse_args()
 

@@ -35,7 +35,7 @@ def dataset(tmp_path):
             [
                 "depth = 2",
                 "base-channels = 4",
-                "tile_shape = 52",
+                "tile = 36",
                 "steps = 2",
                 "optimizer = 'adam'",
                 "learning_rate = 0.01",
@@ -66,7 +66,7 @@ def test_cli_trains_with_toml_options_overridden_by_the_command_line(dataset, ca
     training = saved["training"]
     assert training["steps"] == 4  # the command line beats the file's 2
     assert training["depth"] == 2 and training["base_channels"] == 4  # from the file
-    assert training["tile_shape"] == [52] and saved["tile"]["output_shape"] == [36, 36]
+    assert training["tile"] == [36] and saved["tile"]["output_shape"] == [36, 36]
     assert training["augment"]["elastic_sigma"] == 4.0 and training["augment"]["gray"] is False
     assert training["augment"]["rotation"] is True  # untouched fields keep the paper's value
     assert model.config.base_channels == 4

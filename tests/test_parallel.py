@@ -38,7 +38,7 @@ def tiny_config(out):
         base_channels=4,
         dropout=0.0,
         augment="none",
-        max_tile=36,
+        max_tile=20,
         optimizer="sgd",
         learning_rate=0.05,
         momentum=0.9,

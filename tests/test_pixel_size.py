@@ -164,7 +164,7 @@ def test_rescale_needs_a_model_with_a_pixel_size(tmp_path, capsys):
 
 
 def test_prepare_arrays_takes_the_stated_pixel_size():
-    config = make_config(depth=2, base_channels=2, tile_shape=(44,), pixel_size=0.005)
+    config = make_config(depth=2, base_channels=2, tile=(28,), pixel_size=0.005)
     label = np.full((40, 40), 255, np.uint8)
     label[::10] = 0
     data = prepare_arrays(config, [label.astype(np.float32)], [label])

@@ -67,7 +67,7 @@ def test_ignored_pixels_reach_the_loss_as_ignore_with_weight_zero():
     rng = np.random.default_rng(0)
     label = np.where(np.arange(40)[None, :] % 10 < 8, 255, 0).repeat(40, 0).astype(np.uint8)
     label[:, 20:] = U  # the right half is not annotated
-    config = make_config(depth=2, base_channels=2, tile_shape=(40,), ignore_value=U, w0=10.0)
+    config = make_config(depth=2, base_channels=2, tile=(24,), ignore_value=U, w0=10.0)
     data = prepare_arrays(config, [rng.normal(size=(40, 40))], [label])
     item = data.train[0]
     assert np.all(item.classes[:, 20:] == IGNORE) and np.all(item.weights[:, 20:] == 0)

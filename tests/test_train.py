@@ -64,7 +64,7 @@ def tiny_config(out, **options) -> TrainConfig:
         depth=2,
         base_channels=4,
         dropout=0.5,
-        tile_shape=(60,),
+        tile=(44,),
         steps=6,
         log_every=1,
         checkpoint_every=100,
@@ -106,7 +106,7 @@ def test_paper_preset_trains_the_paper_network_without_diverging(tmp_path):
     from unetile.synthetic import em_like
 
     sample = em_like((300, 300), rng=0)
-    config = make_config("paper", out=str(tmp_path / "run"), tile_shape=(188,), steps=20)
+    config = make_config("paper", out=str(tmp_path / "run"), tile=(4,), steps=20)
     data = prepare_arrays(config, [sample.image], [sample.membrane])
     summary = train(config, progress=False, data=data)
     assert summary["step"] == 20 and np.isfinite(summary["loss"])
@@ -115,9 +115,9 @@ def test_paper_preset_trains_the_paper_network_without_diverging(tmp_path):
 
 def test_config_round_trips_through_json():
     config = make_config(
-        "cpu-fast", tile_shape="16,132,132", dims=3, augment={"elastic_sigma": 4.0}, norm="none"
+        "cpu-fast", tile="16,132,132", dims=3, augment={"elastic_sigma": 4.0}, norm="none"
     )
-    assert config.tile_shape == (16, 132, 132) and config.norm is None
+    assert config.tile == (16, 132, 132) and config.norm is None
     assert config.augment.elastic_sigma == 4.0
     import json
 
@@ -276,11 +276,11 @@ def test_arrays_in_memory_train_like_files(tmp_path):
     from unetile.train import prepare_arrays
 
     samples = [em_like((48, 48), rng=seed) for seed in range(3)]
-    config = tiny_config(tmp_path / "run", steps=2, tile_shape=None, max_tile=60)
+    config = tiny_config(tmp_path / "run", steps=2, tile=None, max_tile=44)
     images = [sample.image for sample in samples]
     labels = [sample.membrane for sample in samples]
     data = prepare_arrays(config, images[:2], labels[:2], images[2:], labels[2:])
-    # Depth 2: 60 -> 44 is the largest valid tile <= 60 whose output fits 48 px.
+    # Depth 2: 60 -> 44 is the largest valid tile <= 44 px (output) that fits 48 px.
     assert data.input_shape == (60, 60) and data.output_shape == (44, 44)
     assert len(data.train) == 2 and len(data.validation) == 1
     assert train(config, progress=False, data=data)["step"] == 2
@@ -325,7 +325,7 @@ def test_three_class_target_trains_and_the_model_carries_instance_options_tuned_
     config = tiny_config(
         tmp_path / "run",
         steps=3,
-        tile_shape=(92,),
+        tile=(76,),
         label_mode="instances",
         target="three-class",
         metrics=("f1",),

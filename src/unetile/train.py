@@ -35,19 +35,32 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, io, parallel
-from .augment import AugmentParams
+from .config import (  # noqa: F401 - re-exported: config.py's names were train.py's
+    ARCHITECTURE,
+    INIT_NORMALIZATIONS,
+    LOSSES,
+    OPTIMIZERS,
+    PAPER_INPUT_TILE,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULES,
+    TrainConfig,
+    _coerce,
+    check_output_tile,
+    init_options,
+    init_run_config,
+    make_config,
+)
 from .data import (
     IGNORE,
-    LABEL_MODES,
     MIN_TRAINING_EXTENT,
-    TARGETS,
     LabeledImage,
     TileSampler,
     default_tile_shape,
@@ -56,369 +69,16 @@ from .data import (
     normalization_statistics,
 )
 from .instances import default_options
-from .model import UNet, UNetConfig, output_size
+from .model import UNet, context_margin, output_size
 from .parallel import Ranks
 from .predict import mps_available, resolve_device
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "poly")
-LOSSES = ("ce", "dice_ce")
-PRECISIONS = ("none", "bf16", "fp16")
-INIT_NORMALIZATIONS = ("recompute", "keep")
-#: The network's fields that must agree between a run and the run it starts from.
-ARCHITECTURE = ("dims", "in_channels", "num_classes", "depth", "base_channels", "padding", "norm")
 CHECKPOINT = "checkpoint.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 LOG = "log.csv"
 CURVES = "curves.png"
 SUMMARY = "summary.json"
 CACHE = "cache"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a training run; serialises to ``config.json`` ``"training"``.
-
-    Data
-        images, labels : folders of training images and labels (pairs by file stem).
-        val_images, val_labels : folders of held-out images for validation (optional).
-        out : the run folder.
-        label_mode : "membrane" (binary map, ``cell_value`` = cell), "instances"
-            (0 = background, one id per cell) or "classes" (pixel = class id).
-        cell_value : the cell value of a membrane map (255 on ISBI 2012).
-        target : "two-class" (the paper: background / cell) or "three-class"
-            (instance labels only: background / cell interior / border between
-            touching cells, class 2; its instances grow from the interiors).
-        num_classes : classes of the network; None: 2, or the largest class id + 1.
-        foreground : class whose probability is scored in validation (1 = cell).
-        ignore_value : label value of unannotated pixels (sparse labels): no
-            loss, no weight, not scored in validation; None = every pixel annotated.
-        dims : 2 for images, 3 for stacks.
-        channels : input channels the model expects (1 = gray, 3 = RGB); None:
-            those of the images. Gray stored as RGB counts as gray; gray images
-            feed an RGB model as R = G = B.
-        pixel_size : micrometres per pixel, one value or one per spatial axis;
-            overrides the images' TIFF metadata. None: read from the metadata
-            (stored in ``config.json`` as ``pixel_size_um``, null when unknown).
-    Weight map (paper: w0 = 10, sigma = 5 px)
-        w0, sigma, class_weights ("balanced" or "none"), cache_weights (on disk).
-    Network
-        depth, base_channels, padding ("valid" = paper, "same"), norm (None,
-        "batch", "instance"), dropout.
-    Fine-tuning
-        init : run folder whose ``model.safetensors`` the network starts from
-            (same architecture); None = He initialisation.
-        init_normalization : "recompute" (the new images' own mean and
-            standard deviation) or "keep" (the init run's).
-        freeze_encoder : train only the expansive path and the classifier.
-    Tiles
-        tile_shape : input tile (pixels per axis); None = the largest valid tile
-            up to ``max_tile`` whose output fits in the smallest image.
-        max_tile : upper bound of the automatic tile (None: 572 in 2D, 132 in 3D).
-        batch_size : tiles per step (paper: 1).
-        augment : :class:`unetile.augment.AugmentParams`.
-    Optimisation
-        optimizer ("sgd", "adam", "adamw"), learning_rate, momentum (SGD; paper
-        0.99), weight_decay, schedule ("constant", "cosine" to 0, "poly" power
-        0.9), warmup_steps (linear), loss ("ce" = paper, "dice_ce"), dice_weight,
-        clip_grad_norm (None = off), steps, seed, max_minutes (a wall-clock
-        budget: training stops once it has run this long, all resumed parts
-        together, and the schedule follows whichever of steps and time is
-        further along).
-    Engine
-        device ("auto", "cpu", "cuda", "cuda:1", ...), precision ("none", "bf16",
-        "fp16" = autocast; fp16 adds a gradient scaler), threads (torch CPU
-        threads, None = torch's default), channels_last, deterministic,
-        compile (``torch.compile`` the training forward pass; the first step
-        then takes tens of seconds; without a working compiler it warns and
-        trains uncompiled).
-    Monitoring
-        validate_every, checkpoint_every, log_every (steps), keep_best (metric
-        that picks ``model.safetensors``), metrics (validation metrics),
-        val_tta (test-time augmentation over the 8 flips and rotations in validation).
-    preset
-        Name of the preset whose values filled the defaults (:data:`PRESETS`).
-    """
-
-    images: str | None = None
-    labels: str | None = None
-    val_images: str | None = None
-    val_labels: str | None = None
-    out: str | None = None
-    label_mode: str = "membrane"
-    cell_value: int = 255
-    target: str = "two-class"
-    num_classes: int | None = None
-    foreground: int = 1
-    ignore_value: int | None = None
-    dims: int = 2
-    channels: int | None = None
-    pixel_size: tuple[float, ...] | None = None
-    w0: float = 10.0
-    sigma: float = 5.0
-    class_weights: str = "balanced"
-    cache_weights: bool = True
-    depth: int = 5
-    base_channels: int = 64
-    padding: str = "valid"
-    norm: str | None = None
-    dropout: float = 0.5
-    init: str | None = None
-    init_normalization: str = "recompute"
-    freeze_encoder: bool = False
-    tile_shape: tuple[int, ...] | None = None
-    max_tile: int | None = None
-    batch_size: int = 1
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    optimizer: str = "sgd"
-    # The paper gives none. With its He init (logits ~20 at the start) and momentum
-    # 0.99, larger rates gave NaN within 5-50 steps at small tiles
-    # (benchmarks/learning_rate.py; README, Presets).
-    learning_rate: float = 1e-4
-    momentum: float = 0.99
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    loss: str = "ce"
-    dice_weight: float = 1.0
-    clip_grad_norm: float | None = None
-    steps: int = 10000
-    max_minutes: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "none"
-    threads: int | None = None
-    channels_last: bool = False
-    deterministic: bool = False
-    compile: bool = False
-    validate_every: int = 500
-    checkpoint_every: int = 500
-    log_every: int = 10
-    keep_best: str = "rand_error"
-    metrics: tuple[str, ...] = ("pixel_error", "rand_error", "iou")
-    val_tta: bool = False
-    preset: str = "paper"
-
-    def __post_init__(self):
-        choices = {
-            "label_mode": LABEL_MODES,
-            "target": TARGETS,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "loss": LOSSES,
-            "precision": PRECISIONS,
-            "class_weights": ("balanced", "none"),
-            "init_normalization": INIT_NORMALIZATIONS,
-            "preset": tuple(PRESETS),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        self._check_numbers()
-        if self.tile_shape is not None and len(self.tile_shape) not in (1, self.dims):
-            raise ValueError(
-                f"tile_shape {self.tile_shape} needs 1 or {self.dims} sizes for dims={self.dims}"
-            )
-        from .metrics import METRICS
-
-        unknown = [name for name in self.metrics if name not in METRICS]
-        if unknown or not self.metrics:
-            raise ValueError(f"metrics must be names from {METRICS}, got {self.metrics}")
-        if self.keep_best not in self.metrics:
-            raise ValueError(
-                f"keep_best {self.keep_best!r} must be one of the metrics {self.metrics}"
-            )
-        if self.ignore_value is not None and "warping_error" in self.metrics:
-            raise ValueError("the warping error needs complete labels; drop it with ignore_value")
-        if self.freeze_encoder and self.init is None:
-            raise ValueError("freeze_encoder keeps trained weights; give init, the run to start")
-        if self.target != "two-class" and self.label_mode != "instances":
-            raise ValueError(
-                f"target {self.target!r} needs instance labels: use label_mode 'instances'"
-            )
-        if (self.val_images is None) != (self.val_labels is None):
-            raise ValueError("val_images and val_labels go together; give both or neither")
-        if self.pixel_size is not None:
-            from .scale import check_pixel_size
-
-            check_pixel_size(self.pixel_size, self.dims, "pixel_size")
-        # Fail early on a bad architecture rather than after reading the data.
-        self.model_config(in_channels=1, num_classes=max(2, self.num_classes or 2))
-
-    def _check_numbers(self) -> None:
-        """Every number whole or finite, of its type and in range (TOML, JSON and CLI alike)."""
-        from .numbers import MAX_CLASSES, check_float, check_int
-
-        def whole(name, low, high=None, optional=False):
-            value = getattr(self, name)
-            if not (optional and value is None):
-                object.__setattr__(self, name, check_int(name, value, low, high))
-
-        def real(name, low, high=None, open_low=False, optional=False):
-            value = getattr(self, name)
-            if not (optional and value is None):
-                object.__setattr__(self, name, check_float(name, value, low, high, open_low))
-
-        for name in ("steps", "validate_every", "checkpoint_every", "log_every"):
-            whole(name, 1, 10**9)
-        whole("batch_size", 1, 4096)
-        whole("warmup_steps", 0, 10**9)
-        whole("seed", 0, 2**63 - 1)
-        whole("cell_value", None)
-        whole("ignore_value", None, optional=True)
-        whole("num_classes", 2, MAX_CLASSES, optional=True)
-        whole("foreground", 0, MAX_CLASSES - 1)
-        whole("threads", 1, 1024, optional=True)
-        whole("channels", 1, 1024, optional=True)
-        whole("max_tile", 1, 65536, optional=True)
-        if self.dims not in (2, 3) or isinstance(self.dims, bool):
-            raise ValueError(f"dims must be 2 or 3, got {self.dims!r}")
-        real("learning_rate", 0.0, 10.0, open_low=True)
-        real("momentum", 0.0, 1.0)
-        if self.momentum == 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        real("w0", 0.0, 1000.0)
-        real("sigma", 0.0, 1000.0, open_low=True)
-        real("dice_weight", 0.0, 1000.0)
-        real("weight_decay", 0.0, 1000.0)
-        real("clip_grad_norm", 0.0, None, open_low=True, optional=True)
-        real("max_minutes", 0.0, 10**7, open_low=True, optional=True)
-        if self.tile_shape is not None:
-            object.__setattr__(
-                self,
-                "tile_shape",
-                tuple(check_int("tile_shape entry (pixels)", v, 1, 65536) for v in self.tile_shape),
-            )
-        switches = ("cache_weights", "channels_last", "deterministic", "compile", "val_tta")
-        for name in (*switches, "freeze_encoder"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.device, str):
-            raise ValueError(f"device must be a name such as 'cpu' or 'cuda', got {self.device!r}")
-
-    def model_config(self, in_channels: int, num_classes: int) -> UNetConfig:
-        """The network of this run for the given data."""
-        return UNetConfig(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            depth=self.depth,
-            base_channels=self.base_channels,
-            padding=self.padding,
-            dropout=self.dropout,
-            norm=self.norm,
-            dims=self.dims,
-        )
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, options: dict) -> TrainConfig:
-        """Build from ``to_dict`` output, TOML or CLI options; ValueError on unknown keys."""
-        return make_config(**options)
-
-
-PRESETS: dict[str, dict] = {
-    # The paper's recipe: every TrainConfig default as declared above.
-    "paper": {},
-    # A CPU in minutes: a quarter of the width, instance norm, Adam with a cosine schedule.
-    "cpu-fast": {
-        # Chosen on ISBI 2012 with a fixed CPU budget (README, benchmarks/isbi2012.py):
-        # 16 base channels at the paper's 572 tile did more, better steps than 32
-        # channels; without w_c and drop-out, instance norm cut the Rand error of
-        # a short run from 0.16 to 0.07; with sigma = 5 the border term weighs
-        # every ISBI membrane (all are gaps of a few px) and draws them too thick
-        # at 0.5; sigma = 2 keeps the paper's w0 = 10 for the narrowest gaps only.
-        "base_channels": 16,
-        "max_tile": 572,
-        "norm": "instance",
-        "dropout": 0.0,
-        "class_weights": "none",
-        "w0": 10.0,
-        "sigma": 2.0,
-        "optimizer": "adam",
-        "learning_rate": 1e-3,
-        "schedule": "cosine",
-        "steps": 3000,
-        "validate_every": 250,
-        "checkpoint_every": 250,
-        # 1.23x the steps in 4 minutes (699 against 568), after ~30 s of compiling.
-        "compile": True,
-    },
-}
-"""Named configurations: each fills TrainConfig defaults; explicit options override them."""
-
-
-def _coerce(name: str, value):
-    """Convert JSON/TOML/CLI values to the field's Python type (lists to tuples...)."""
-    if name == "augment":
-        if isinstance(value, AugmentParams):
-            return value
-        if isinstance(value, str):
-            if value == "none":
-                return AugmentParams.none()
-            if value == "paper":
-                return AugmentParams()
-            raise ValueError(f"augment must be 'paper', 'none' or a table, got {value!r}")
-        if not isinstance(value, dict):
-            raise ValueError(f"augment must be a table of AugmentParams fields, got {value!r}")
-        return AugmentParams.from_dict(value)
-    if name == "pixel_size" and value is not None:
-        if isinstance(value, int | float):
-            return (float(value),)
-        if isinstance(value, str):
-            value = [part for part in value.replace("x", ",").split(",") if part.strip()]
-        return tuple(float(part) for part in value)
-    if name in ("tile_shape", "metrics") and value is not None:
-        if isinstance(value, int):
-            return (value,)
-        if isinstance(value, str):
-            if name == "tile_shape":  # "572", "572,572" or "16x132x132"
-                parts = [part.strip() for part in value.replace("x", ",").split(",")]
-                parts = [part for part in parts if part]
-                if not parts or not all(part.isdigit() for part in parts):
-                    raise ValueError(
-                        f"tile_shape must be whole pixel sizes such as 572 or 16,132,132, "
-                        f"got {value!r}"
-                    )
-                value = [int(part) for part in parts]
-            else:
-                value = [part.strip() for part in value.split(",") if part.strip()]
-        return tuple(value)
-    if name in ("norm",) and value in ("none", ""):
-        return None
-    paths = ("images", "labels", "val_images", "val_labels", "out", "init")
-    if name in paths and value is not None:
-        return str(value)
-    return value
-
-
-def make_config(preset: str | None = None, **options) -> TrainConfig:
-    """A TrainConfig from a preset plus explicit options (the options win).
-
-    Parameters
-    ----------
-    preset : str or None
-        Key of :data:`PRESETS`; None takes ``options["preset"]`` or "paper".
-    **options
-        TrainConfig fields. An unknown name raises ValueError naming it.
-
-    Examples
-    --------
-    >>> make_config("cpu-fast", steps=10).base_channels
-    16
-    """
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown training option {unknown[0]!r}")
-    preset = preset or options.pop("preset", None) or "paper"
-    options.pop("preset", None)
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    merged = {**PRESETS[preset], **options, "preset": preset}
-    return TrainConfig(**{name: _coerce(name, value) for name, value in merged.items()})
 
 
 # --------------------------------------------------------------------------
@@ -456,26 +116,6 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> UNet
     return model
 
 
-def init_options(run_dir: str | os.PathLike) -> dict:
-    """The architecture of the run in ``run_dir`` as TrainConfig options (for ``--init``).
-
-    A fine-tuning run takes these unless told otherwise, so that
-    ``unetile train --init RUN`` needs no network options.
-    """
-    stored = _init_config(Path(run_dir))["model"]
-    options = {name: stored[name] for name in ARCHITECTURE if name not in ("in_channels",)}
-    return options
-
-
-def _init_config(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise io.InputError(f"{run_dir}: --init needs a run folder of 'unetile train'")
-    stored = io.read_json(run_dir / io.MODEL_CONFIG)
-    if not isinstance(stored.get("model"), dict):
-        raise io.InputError(f"{run_dir / io.MODEL_CONFIG}: has no 'model' entry; not a unetile run")
-    return stored
-
-
 def load_init(
     config: TrainConfig, in_channels: int, num_classes: int
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -491,7 +131,7 @@ def load_init(
     from safetensors.torch import load_file
 
     run_dir = Path(config.init)
-    stored = _init_config(run_dir)
+    stored = init_run_config(run_dir)
     ours = config.model_config(in_channels, num_classes).to_dict()
     for name in ARCHITECTURE:
         if stored["model"].get(name) != ours[name]:
@@ -604,12 +244,23 @@ def compute_loss(
 
 
 def tile_geometry(config: TrainConfig, image_shapes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Input and output tile shapes (pixels) of the run, checked against the network."""
-    if config.tile_shape is None:
-        max_tile = config.max_tile or (572 if config.dims == 2 else 132)
-        input_shape = default_tile_shape(image_shapes, config.depth, config.padding, max_tile)
+    """Input and output tile shapes (pixels) of the run, checked against the network.
+
+    ``config.tile`` is the output tile; the input adds the context margin on
+    each side. Without it, the largest valid tile whose output fits the
+    smallest image, up to ``config.max_tile`` (output) or the paper's input.
+    """
+    margin = context_margin(config.depth, config.padding)
+    if config.tile is None:
+        max_input = PAPER_INPUT_TILE[config.dims]
+        if config.max_tile is not None:
+            max_input = config.max_tile + 2 * margin
+        input_shape = default_tile_shape(image_shapes, config.depth, config.padding, max_input)
     else:
-        input_shape = tuple(config.tile_shape) * (config.dims if len(config.tile_shape) == 1 else 1)
+        output = tuple(config.tile) * (config.dims if len(config.tile) == 1 else 1)
+        for size in output:
+            check_output_tile(size, config.depth, config.padding)
+        input_shape = tuple(size + 2 * margin for size in output)
     output_shape = tuple(output_size(s, config.depth, config.padding) for s in input_shape)
     return tuple(input_shape), output_shape
 
