@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -905,16 +905,186 @@ def _save_failure(run_dir: Path, error: OSError) -> str:
     )
 
 
+@dataclass
+class Run:
+    """The parts of a training run fixed before its first step."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    ranks: Ranks
+    data: TrainingData
+    saved_config: dict  # the run's config.json
+    model: UNet
+    wrapped: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    forward: torch.nn.Module  # ``wrapped``, or ``wrapped`` compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: TileSampler
+    memory_format: torch.memory_format
+    budget: float | None  # seconds (``max_minutes``)
+
+
+@dataclass
+class RunState:
+    """What changes as a run trains: the step, the best model, the clocks, the log's running
+    sums. A checkpoint stores :meth:`saved` and :meth:`restore` reads it back."""
+
+    began: float  # time.perf_counter() when this process started the run
+    loss_sum: torch.Tensor  # on the device: read only when a log row is written
+    empty_tiles: torch.Tensor  # tiles without a weighted pixel, on the device
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    data_seconds: float = 0.0
+    step_seconds: float = 0.0
+    earlier_wall_seconds: float = 0.0  # of the parts before a resume
+    loss_count: int = 0
+    tiles_seen: int = 0
+    warned_empty: bool = False
+    lr: float = 0.0
+    last_loss: float = float("nan")
+    last_metrics: dict = field(default_factory=dict)
+    interrupted: bool = False
+    out_of_time: bool = False
+
+    def wall_seconds(self) -> float:
+        return self.earlier_wall_seconds + time.perf_counter() - self.began
+
+    def saved(self) -> dict:
+        return {
+            "step": self.step,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "data_seconds": self.data_seconds,
+            "step_seconds": self.step_seconds,
+            "wall_seconds": self.wall_seconds(),
+        }
+
+    def restore(self, saved: dict) -> None:
+        self.step, self.best_value, self.best_step = (
+            saved["step"],
+            saved["best_value"],
+            saved["best_step"],
+        )
+        self.data_seconds, self.step_seconds = saved["data_seconds"], saved["step_seconds"]
+        self.earlier_wall_seconds = saved["wall_seconds"]
+
+
 def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks) -> dict:
-    checkpoint_path = run_dir / CHECKPOINT
-    writes = ranks.writes  # only rank 0 writes the run folder
+    from tqdm.auto import tqdm
+
+    # Set up: data, network, optimiser, sampler; the state of a resumed run.
+    run = _set_up(config, run_dir, device, resume, data, ranks)
+    state = RunState(
+        began=began,
+        loss_sum=torch.zeros((), device=device),
+        empty_tiles=torch.zeros((), dtype=torch.long, device=device),
+    )
+    if resume:
+        _restore(run, state)
+    columns = ["step", "loss", "lr", "seconds", "data_fraction"]
+    columns += [f"val_{name}" for name in config.metrics]
+    log = CsvLog(run_dir / LOG if ranks.writes else None, columns, state.step if resume else None)
+    if ranks.writes:
+        io.write_json(
+            run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **run.saved_config}
+        )
+    bar = tqdm(
+        total=config.steps,
+        initial=state.step,
+        disable=not (progress and ranks.writes),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    first_step = state.step  # where a compiled forward pass is compiled
+    # A resumed run whose budget is spent takes no further step.
+    state.out_of_time = (
+        resume and run.budget is not None and state.earlier_wall_seconds >= run.budget
+    )
+    try:
+        with _stop_on_interrupt() as stop:
+            while state.step < config.steps and not state.out_of_time:
+                _step(run, state, compiling=state.step == first_step)
+                bar.update(1)
+
+                # Stop: the step count, the time budget, Ctrl-C or stop_after (all ranks agree).
+                out_of_time = run.budget is not None and state.wall_seconds() >= run.budget
+                stopping = stop.is_set() or (stop_after is not None and state.step >= stop_after)
+                state.out_of_time, stopping = parallel.agree(ranks, out_of_time, stopping)
+                finishing = state.step >= config.steps or state.out_of_time
+                validating = bool(run.data.validation) and (
+                    state.step % config.validate_every == 0 or finishing
+                )
+
+                # Report: a row of log.csv, with the validation metrics and the best model.
+                if state.step % config.log_every == 0 or validating or finishing or stopping:
+                    log.write(_report(run, state, validating))
+                    bar.set_postfix(loss=f"{state.last_loss:.4f}")
+                    if validating and ranks.writes:
+                        plot_curves(log.rows, config.metrics, run_dir / CURVES)
+
+                # Checkpoint: everything to continue exactly from here.
+                if state.step % config.checkpoint_every == 0 and state.step < config.steps:
+                    _checkpoint(run, state)
+                if stopping:
+                    state.interrupted = state.step < config.steps
+                    break
+    finally:
+        bar.close()
+        log.close()
+    _checkpoint(run, state)
+    return _finish(run, state, log.rows)
+
+
+def _set_up(config, run_dir, device, resume, data, ranks) -> Run:
+    """Read the data, build the network (from ``--init`` weights), its optimiser and sampler."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
-        if not writes:
+        if not ranks.writes:
             parallel.barrier(ranks)  # rank 0 fills the weight-map cache first
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
-        if writes:
+        if ranks.writes:
             parallel.barrier(ranks)
+    init_weights, saved_config = _starting_point(config, run_dir, resume, data, ranks)
+    # Drop-out draws from torch's global generator.
+    torch.manual_seed(parallel.torch_seed(config.seed, ranks))
+    model = build_model(config, data.in_channels, data.num_classes)
+    if init_weights is not None:
+        start_from(model, init_weights, str(Path(config.init) / io.MODEL_WEIGHTS))
+    if config.freeze_encoder:
+        freeze_encoder(model)
+    model = model.to(device)
+    memory_format = torch.preserve_format
+    if config.channels_last:
+        memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
+        model = model.to(memory_format=memory_format)
+    training_mode(model, config)
+    wrapped = parallel.wrap(model, ranks, device)  # the model itself in one process
+    return Run(
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        ranks=ranks,
+        data=data,
+        saved_config=saved_config,
+        model=model,
+        wrapped=wrapped,
+        forward=_compiled(wrapped) if config.compile else wrapped,
+        optimizer=build_optimizer(config, model),
+        scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
+        sampler=build_sampler(config, data, device, ranks),
+        memory_format=memory_format,
+        budget=None if config.max_minutes is None else 60.0 * config.max_minutes,
+    )
+
+
+def _starting_point(config, run_dir, resume, data, ranks) -> tuple[dict | None, dict]:
+    """The ``--init`` weights (None without) and the run's ``config.json``.
+
+    The normalisation of ``data`` becomes that of the run being resumed or,
+    with ``init_normalization="keep"``, of the init run.
+    """
     init_weights, init_record = None, None
     if resume and (run_dir / io.MODEL_CONFIG).is_file():
         # The network was trained on the stored normalisation; keep it even if the images changed.
@@ -932,238 +1102,169 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
         saved_config["init"] = init_record
     if ranks.distributed:
         saved_config["processes"] = ranks.describe(config.batch_size, config.learning_rate)
+    return init_weights, saved_config
 
-    # Drop-out draws from torch's global generator.
-    torch.manual_seed(parallel.torch_seed(config.seed, ranks))
-    model = build_model(config, data.in_channels, data.num_classes)
-    if init_weights is not None:
-        start_from(model, init_weights, str(Path(config.init) / io.MODEL_WEIGHTS))
-    if config.freeze_encoder:
-        freeze_encoder(model)
-    model = model.to(device)
-    memory_format = torch.preserve_format
-    if config.channels_last:
-        memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
-        model = model.to(memory_format=memory_format)
-    training_mode(model, config)
-    wrapped = parallel.wrap(model, ranks, device)  # the model itself in one process
-    forward = _compiled(wrapped) if config.compile else wrapped
-    optimizer = build_optimizer(config, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    sampler = build_sampler(config, data, device, ranks)
 
-    step = 0
-    best_value = None
-    best_step = None
-    data_seconds = 0.0
-    step_seconds = 0.0
-    earlier_wall_seconds = 0.0
-    if resume:
-        state = load_checkpoint(checkpoint_path, model, optimizer)
-        step = state["step"]
-        parallel.restore_generators(ranks, state, sampler, checkpoint_path)
-        best_value, best_step = state["best_value"], state["best_step"]
-        data_seconds, step_seconds = state["data_seconds"], state["step_seconds"]
-        earlier_wall_seconds = state["wall_seconds"]
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+def _restore(run: Run, state: RunState) -> None:
+    """Continue from the checkpoint: weights, optimiser, every generator, the state."""
+    path = run.run_dir / CHECKPOINT
+    saved = load_checkpoint(path, run.model, run.optimizer)
+    state.restore(saved)
+    parallel.restore_generators(run.ranks, saved, run.sampler, path)
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
 
-    metric_columns = [f"val_{name}" for name in config.metrics]
-    columns = ["step", "loss", "lr", "seconds", "data_fraction", *metric_columns]
-    log = CsvLog(run_dir / LOG if writes else None, columns, step if resume else None)
-    if writes:
-        io.write_json(run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **saved_config})
 
-    def wall_seconds() -> float:
-        return earlier_wall_seconds + time.perf_counter() - began
-
-    budget = None if config.max_minutes is None else 60.0 * config.max_minutes
-
-    def checkpoint():
-        # Every rank's generators, so that each continues its own stream.
-        states = parallel.gather_states(ranks, parallel.generator_state(sampler))
-        if not writes:
-            return
-        save_checkpoint(
-            checkpoint_path,
-            model,
-            optimizer,
-            {
-                "step": step,
-                "sampler": sampler.state(),
-                **({"ranks": states} if ranks.distributed else {}),
-                "best_value": best_value,
-                "best_step": best_step,
-                "data_seconds": data_seconds,
-                "step_seconds": step_seconds,
-                "wall_seconds": wall_seconds(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            },
-        )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        disable=not (progress and writes),
-        unit="step",
-        dynamic_ncols=True,
+def _checkpoint(run: Run, state: RunState) -> None:
+    # Every rank's generators, so that each continues its own stream.
+    states = parallel.gather_states(run.ranks, parallel.generator_state(run.sampler))
+    if not run.ranks.writes:
+        return
+    save_checkpoint(
+        run.run_dir / CHECKPOINT,
+        run.model,
+        run.optimizer,
+        {
+            **state.saved(),
+            "sampler": run.sampler.state(),
+            **({"ranks": states} if run.ranks.distributed else {}),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        },
     )
-    last_metrics: dict[str, float] = {}
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    # Tiles without a weighted pixel add nothing to learn: counted on the device, read when logging.
-    empty_tiles = torch.zeros((), dtype=torch.long, device=device)
-    tiles_seen = 0
-    warned_empty = False
-    last_loss = float("nan")
-    interrupted = False
-    # A resumed run whose budget is spent takes no further step.
-    first_step = step  # where a compiled forward pass is compiled
-    out_of_time = resume and budget is not None and earlier_wall_seconds >= budget
-    try:
-        with _stop_on_interrupt() as stop:
-            while step < config.steps and not out_of_time:
-                tick = time.perf_counter()
-                images, labels, weights = sampler.sample(config.batch_size)
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
-                weights = weights.to(device, non_blocking=True)
-                empty_tiles += (weights.flatten(1).amax(1) <= 0).sum()
-                tiles_seen += weights.shape[0]
-                fetched = time.perf_counter()
-                time_fraction = 0.0 if budget is None else wall_seconds() / budget
-                lr = learning_rate_at(config, step, time_fraction)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with _autocast(device, config.precision):
-                    try:
-                        logits = forward(images)
-                    except Exception as error:  # noqa: BLE001 - any compiler failure
-                        if forward is wrapped or step != first_step:
-                            raise  # compiling happens in the first call only
-                        warnings.warn(
-                            f"torch.compile failed ({type(error).__name__}); training uncompiled",
-                            stacklevel=1,
-                        )
-                        forward = wrapped
-                        logits = wrapped(images)
-                loss = compute_loss(config, logits, labels, weights)
-                if config.loss == "ce":
-                    loss = parallel.scale_loss(ranks, loss, (labels != IGNORE).sum())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                loss_sum += loss.detach()
-                loss_count += 1
-                done = time.perf_counter()
-                data_seconds += fetched - tick
-                step_seconds += done - tick
-                bar.update(1)
 
-                out_of_time = budget is not None and wall_seconds() >= budget
-                stopping = stop.is_set() or (stop_after is not None and step >= stop_after)
-                out_of_time, stopping = parallel.agree(ranks, out_of_time, stopping)
-                finishing = step >= config.steps or out_of_time
-                validating = bool(data.validation) and (
-                    step % config.validate_every == 0 or finishing
-                )
-                if step % config.log_every == 0 or validating or finishing or stopping:
-                    last_loss = float(parallel.mean_over_ranks(ranks, loss_sum)) / loss_count
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(
-                            f"training loss became {last_loss} at step {step}; "
-                            f"lower the learning rate (now {config.learning_rate})"
-                        )
-                    loss_sum.zero_()
-                    loss_count = 0
-                    if not warned_empty and int(empty_tiles) >= EMPTY_TILE_SHARE * tiles_seen:
-                        warned_empty = True
-                        warnings.warn(
-                            f"{int(empty_tiles)} of the first {tiles_seen} training tiles held no "
-                            "labelled pixel (augmentation moved the labels out of view, or the "
-                            "images are small), so they teach nothing; use larger images, a "
-                            "smaller [augment] shift or --augment none",
-                            stacklevel=1,
-                        )
-                    row = {
-                        "step": step,
-                        "loss": last_loss,
-                        "lr": lr,
-                        "seconds": step_seconds,
-                        "data_fraction": data_seconds / max(step_seconds, 1e-12),
-                    }
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                    if validating and writes:
-                        last_metrics = validate(
-                            model,
-                            data.validation,
-                            config,
-                            data.normalization,
-                            data.output_shape,
-                            device,
-                        )
-                        training_mode(model, config)
-                        row.update({f"val_{k}": v for k, v in last_metrics.items()})
-                        value = last_metrics[config.keep_best]
-                        better = best_value is None or (
-                            value < best_value
-                            if lower_is_better(config.keep_best)
-                            else value > best_value
-                        )
-                        if better:
-                            best_value, best_step = value, step
-                            io.save_model(run_dir, model, saved_config)
-                    log.write(row)
-                    if validating and writes:
-                        plot_curves(log.rows, config.metrics, run_dir / CURVES)
-                if step % config.checkpoint_every == 0 and step < config.steps:
-                    checkpoint()
-                if stopping:
-                    interrupted = step < config.steps
-                    break
-                if out_of_time:
-                    break
-    finally:
-        bar.close()
-        log.close()
-    checkpoint()
+
+def _step(run: Run, state: RunState, compiling: bool) -> None:
+    """One training step: sample and augment tiles, forward, loss, backward, update."""
+    config, device = run.config, run.device
+    tick = time.perf_counter()
+    images, labels, weights = run.sampler.sample(config.batch_size)
+    images = images.to(device, non_blocking=True, memory_format=run.memory_format)
+    labels = labels.to(device, non_blocking=True)
+    weights = weights.to(device, non_blocking=True)
+    state.empty_tiles += (weights.flatten(1).amax(1) <= 0).sum()
+    state.tiles_seen += weights.shape[0]
+    fetched = time.perf_counter()
+    time_fraction = 0.0 if run.budget is None else state.wall_seconds() / run.budget
+    state.lr = learning_rate_at(config, state.step, time_fraction)
+    for group in run.optimizer.param_groups:
+        group["lr"] = state.lr
+    with _autocast(device, config.precision):
+        logits = _forward(run, images, compiling)
+    loss = compute_loss(config, logits, labels, weights)
+    if config.loss == "ce":
+        loss = parallel.scale_loss(run.ranks, loss, (labels != IGNORE).sum())
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if config.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    state.step += 1
+    state.loss_sum += loss.detach()
+    state.loss_count += 1
+    state.data_seconds += fetched - tick
+    state.step_seconds += time.perf_counter() - tick
+
+
+def _forward(run: Run, images: torch.Tensor, compiling: bool) -> torch.Tensor:
+    """The network's logits; a compiler failure (first call only) falls back to eager."""
+    try:
+        return run.forward(images)
+    except Exception as error:  # noqa: BLE001 - any compiler failure
+        if run.forward is run.wrapped or not compiling:
+            raise  # compiling happens in the first call only
+        warnings.warn(
+            f"torch.compile failed ({type(error).__name__}); training uncompiled", stacklevel=1
+        )
+        run.forward = run.wrapped
+        return run.wrapped(images)
+
+
+def _report(run: Run, state: RunState, validating: bool) -> dict:
+    """The row of ``log.csv`` for this step: mean loss since the last row, validation metrics.
+
+    A better validation score by ``keep_best`` saves ``model.safetensors``.
+    """
+    config = run.config
+    state.last_loss = float(parallel.mean_over_ranks(run.ranks, state.loss_sum)) / state.loss_count
+    if not math.isfinite(state.last_loss):
+        raise FloatingPointError(
+            f"training loss became {state.last_loss} at step {state.step}; "
+            f"lower the learning rate (now {config.learning_rate})"
+        )
+    state.loss_sum.zero_()
+    state.loss_count = 0
+    _warn_empty_tiles(state)
+    row = {
+        "step": state.step,
+        "loss": state.last_loss,
+        "lr": state.lr,
+        "seconds": state.step_seconds,
+        "data_fraction": state.data_seconds / max(state.step_seconds, 1e-12),
+    }
+    if not (validating and run.ranks.writes):
+        return row
+    data = run.data
+    state.last_metrics = validate(
+        run.model, data.validation, config, data.normalization, data.output_shape, run.device
+    )
+    training_mode(run.model, config)
+    value = state.last_metrics[config.keep_best]
+    better = state.best_value is None or (
+        value < state.best_value if lower_is_better(config.keep_best) else value > state.best_value
+    )
+    if better:
+        state.best_value, state.best_step = value, state.step
+        io.save_model(run.run_dir, run.model, run.saved_config)
+    return {**row, **{f"val_{name}": value for name, value in state.last_metrics.items()}}
+
+
+def _warn_empty_tiles(state: RunState) -> None:
+    if state.warned_empty or int(state.empty_tiles) < EMPTY_TILE_SHARE * state.tiles_seen:
+        return
+    state.warned_empty = True
+    warnings.warn(
+        f"{int(state.empty_tiles)} of the first {state.tiles_seen} training tiles held no "
+        "labelled pixel (augmentation moved the labels out of view, or the images are small), "
+        "so they teach nothing; use larger images, a smaller [augment] shift or --augment none",
+        stacklevel=1,
+    )
+
+
+def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
+    """Save the last and the kept model, draw the curves, tune instances; the summary."""
+    config, run_dir, writes = run.config, run.run_dir, run.ranks.writes
     tuned = None
     if writes:
-        io.save_model(run_dir, model, saved_config, name=LAST_WEIGHTS)
-        if best_step is None:
-            io.save_model(run_dir, model, saved_config)
-        plot_curves(log.rows, config.metrics, run_dir / CURVES)
-        if config.label_mode == "instances" and data.validation and not interrupted:
-            tuned = tune_instances(run_dir, data, device)
+        io.save_model(run_dir, run.model, run.saved_config, name=LAST_WEIGHTS)
+        if state.best_step is None:
+            io.save_model(run_dir, run.model, run.saved_config)
+        plot_curves(rows, config.metrics, run_dir / CURVES)
+        if config.label_mode == "instances" and run.data.validation and not state.interrupted:
+            tuned = tune_instances(run_dir, run.data, run.device)
     summary = {
         "run_dir": str(run_dir),
-        "step": step,
+        "step": state.step,
         "steps": config.steps,
-        "loss": last_loss,
-        "best_metric": config.keep_best if best_step is not None else None,
-        "best_value": best_value,
-        "best_step": best_step,
-        "validation": last_metrics,
-        "seconds": step_seconds,
-        "steps_per_second": step / max(step_seconds, 1e-12),
-        "data_fraction": data_seconds / max(step_seconds, 1e-12),
-        "interrupted": interrupted,
-        "out_of_time": out_of_time,
-        "wall_seconds": wall_seconds(),
-        "input_shape": list(data.input_shape),
-        "output_shape": list(data.output_shape),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "loss": state.last_loss,
+        "best_metric": config.keep_best if state.best_step is not None else None,
+        "best_value": state.best_value,
+        "best_step": state.best_step,
+        "validation": state.last_metrics,
+        "seconds": state.step_seconds,
+        "steps_per_second": state.step / max(state.step_seconds, 1e-12),
+        "data_fraction": state.data_seconds / max(state.step_seconds, 1e-12),
+        "interrupted": state.interrupted,
+        "out_of_time": state.out_of_time,
+        "wall_seconds": state.wall_seconds(),
+        "input_shape": list(run.data.input_shape),
+        "output_shape": list(run.data.output_shape),
+        "num_parameters": sum(p.numel() for p in run.model.parameters()),
         "instances": tuned,
     }
-    if ranks.distributed:
-        summary["processes"] = ranks.describe(config.batch_size, config.learning_rate)
+    if run.ranks.distributed:
+        summary["processes"] = run.ranks.describe(config.batch_size, config.learning_rate)
     if writes:
         io.write_json(run_dir / SUMMARY, summary)
     return summary
