@@ -115,9 +115,9 @@ def test_paper_preset_trains_the_paper_network_without_diverging(tmp_path):
 
 def test_config_round_trips_through_json():
     config = make_config(
-        "cpu-fast", tile="16,132,132", dims=3, augment={"elastic_sigma": 4.0}, norm="none"
+        "cpu-fast", tile="20,132,132", dims=3, augment={"elastic_sigma": 4.0}, norm="none"
     )
-    assert config.tile == (16, 132, 132) and config.norm is None
+    assert config.tile == (20, 132, 132) and config.norm is None
     assert config.augment.elastic_sigma == 4.0
     import json
 

@@ -17,6 +17,7 @@ and ``max_tile`` bounded it; both are still read (:func:`make_config`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import typing
 import warnings
@@ -406,13 +407,15 @@ class TrainConfig:
             raise ValueError(f"device must be a name such as 'cpu' or 'cuda', got {self.device!r}")
 
     def _read_input_tile(self) -> None:
-        """A tile given as an input size (the meaning before this release) becomes its output."""
+        """A tile given as an input size (the meaning before this release) becomes its output;
+        a size that is neither gets a ValueError naming the valid tiles nearby."""
         if self.tile is None or all(
             is_valid_output_size(size, self.depth, self.padding) for size in self.tile
         ):
             return
         if not all(is_valid_input_size(size, self.depth, self.padding) for size in self.tile):
-            return  # neither: tile_geometry names the valid sizes nearby
+            for size in self.tile:
+                check_output_tile(size, self.depth, self.padding)
         output = input_to_output(self.tile, self.depth, self.padding)
         warnings.warn(
             f"tile {_sizes(self.tile)} is an input size; the tile is now the output tile, as in "
@@ -616,6 +619,27 @@ def upgrade_stored_options(training: dict) -> dict:
         margin = context_margin(depth, options.get("padding", defaults["padding"]))
         options["max_tile"] = max(1, options["max_tile"] - 2 * margin)
     return options
+
+
+def note_input_max_tile(options: dict) -> None:
+    """Warn where ``max_tile`` reads as an input size: it bounded the input before this release."""
+    defaults = field_defaults()
+    depth = options.get("depth", defaults["depth"])
+    padding = options.get("padding", defaults["padding"])
+    bound = options["max_tile"]
+    with contextlib.suppress(TypeError, ValueError):  # make_config names a bad value
+        if is_valid_output_size(bound, depth, padding) or not is_valid_input_size(
+            bound, depth, padding
+        ):
+            return
+        former = input_to_output((bound,), depth, padding)[0]
+        largest_input = bound + 2 * context_margin(depth, padding)
+        warnings.warn(
+            f"max_tile {bound} now bounds the output tile (inputs up to {largest_input} px); "
+            f"until this release it bounded the input: for that write max_tile {former}",
+            FutureWarning,
+            stacklevel=2,
+        )
 
 
 def read_toml(path: str | Path) -> dict:

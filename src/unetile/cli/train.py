@@ -122,7 +122,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 def resolve_options(args: argparse.Namespace) -> dict:
     """The --init run's network < stored options (on --resume) < TOML file < command line."""
-    from ..config import read_toml, upgrade_stored_options
+    from ..config import init_options, note_input_max_tile, read_toml, upgrade_stored_options
 
     options: dict = {}
     if args.resume and args.overwrite:
@@ -138,18 +138,15 @@ def resolve_options(args: argparse.Namespace) -> dict:
             )
         stored = io.read_json(Path(args.out) / io.MODEL_CONFIG)
         options.update(upgrade_stored_options(stored.get("training", {})))
-    if args.config is not None:
-        file_options = read_toml(args.config)
-        if isinstance(file_options.get("augment"), dict) and isinstance(
-            options.get("augment"), dict
-        ):
-            file_options["augment"] = {**options["augment"], **file_options["augment"]}
-        options.update(file_options)
-    options.update(options_from_args(args))
+    given = {} if args.config is None else read_toml(args.config)
+    if isinstance(given.get("augment"), dict) and isinstance(options.get("augment"), dict):
+        given["augment"] = {**options["augment"], **given["augment"]}
+    given.update(options_from_args(args))
+    options.update(given)
     if options.get("init") is not None and not args.resume:
-        from ..config import init_options
-
         options = {**init_options(options["init"]), **options}
+    if given.get("max_tile") is not None:
+        note_input_max_tile(options)
     return options
 
 
