@@ -12,13 +12,10 @@ from unetile.data import (
     TileSampler,
     channels_first,
     compute_weight_map,
-    default_tile_shape,
     labels_to_classes,
     load_labeled_images,
-    normalization_statistics,
-    normalize,
 )
-from unetile.model import output_size
+from unetile.normalization import Normalization
 
 
 def squares_membrane(size: int = 32, cell: int = 8, gap: int = 2) -> np.ndarray:
@@ -196,11 +193,12 @@ def test_label_modes_by_hand():
 def test_normalization_statistics_by_hand():
     first = np.array([[[0.0, 2.0]], [[10.0, 10.0]]])  # (2 channels, 1, 2)
     second = np.array([[[4.0, 6.0]], [[10.0, 10.0]]])
-    stats = normalization_statistics([first, second])
-    assert stats["mean"] == [3.0, 10.0]
-    assert stats["std"][0] == pytest.approx(np.sqrt(5.0))
-    assert stats["std"][1] == 1.0  # constant channel: no division by zero
-    normalized = normalize(first, stats)
+    stats = Normalization.from_images([first, second])
+    assert stats.mean == (3.0, 10.0)
+    assert stats.std[0] == pytest.approx(np.sqrt(5.0))
+    assert stats.std[1] == 1.0  # constant channel: no division by zero
+    assert Normalization.of(stats.to_dict()) == stats
+    normalized = stats.apply(first)
     assert normalized.dtype == np.float32
     assert normalized[0, 0].tolist() == pytest.approx([-3 / np.sqrt(5.0), -1 / np.sqrt(5.0)])
     assert normalized[1].tolist() == [[0.0, 0.0]]
@@ -224,37 +222,6 @@ def test_weight_maps_are_cached_on_disk_by_content(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------
 # Tile geometry.
 # --------------------------------------------------------------------------
-
-
-def test_default_tile_is_the_papers_572_on_isbi_images():
-    assert default_tile_shape([(512, 512)] * 3) == (572, 572)
-    # Output may not exceed the smallest image: 300 px allows output 292 (input 476).
-    assert default_tile_shape([(512, 512), (300, 400)]) == (476, 572)
-    assert output_size(476) == 292
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    extent=st.integers(8, 200),
-    depth=st.integers(2, 4),
-    max_input=st.integers(60, 300),
-)
-def test_default_tile_is_the_largest_valid_tile_that_fits(extent, depth, max_input):
-    from unetile.model import is_valid_input_size
-
-    try:
-        (size,) = default_tile_shape([(extent,)], depth, "valid", max_input)
-    except ValueError:
-        assert not any(
-            is_valid_input_size(s, depth) and output_size(s, depth) <= extent
-            for s in range(1, max_input + 1)
-        )
-        return
-    assert size <= max_input and output_size(size, depth) <= extent
-    assert not any(
-        is_valid_input_size(s, depth) and output_size(s, depth) <= extent
-        for s in range(size + 1, max_input + 1)
-    )
 
 
 def coded_image(shape):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from unetile import export, io
 from unetile.cli import main
-from unetile.data import normalize
 from unetile.model import UNet, is_valid_input_size, output_size
+from unetile.normalization import Normalization
 from unetile.predict import predict
 
 NORMALIZATION = {"mean": [100.0], "std": [50.0]}
@@ -91,7 +91,7 @@ def test_wrapped_network_equals_unetile_for_any_valid_size(depth, blocks, seed):
     shape = tuple(b * 2 * geometry.multiple for b in blocks)
     image = random_image(shape, seed)
     expected = predict(model, image, normalization=NORMALIZATION, progress=False, device="cpu")
-    padded = mirrored(normalize(image[None], NORMALIZATION), geometry.margin)
+    padded = mirrored(Normalization.of(NORMALIZATION).apply(image[None]), geometry.margin)
     with torch.no_grad():
         got = export.ExportedUNet(model)(torch.from_numpy(padded)).numpy()[0]
     assert got.shape == expected.shape
@@ -103,7 +103,7 @@ def test_wrapped_3d_network_equals_unetile():
     geometry = export.export_geometry(2)
     image = random_image((6, 8, 10))
     expected = predict(model, image, normalization=NORMALIZATION, progress=False, device="cpu")
-    padded = mirrored(normalize(image[None], NORMALIZATION), geometry.margin)
+    padded = mirrored(Normalization.of(NORMALIZATION).apply(image[None]), geometry.margin)
     with torch.no_grad():
         got = export.ExportedUNet(model)(torch.from_numpy(padded)).numpy()[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -124,7 +124,7 @@ def test_border_surrounds_the_probabilities_with_the_halo():
 
 def network_input(model, image):
     margin = export.export_geometry(model.config.depth).margin
-    return mirrored(normalize(image[None], NORMALIZATION), margin)
+    return mirrored(Normalization.of(NORMALIZATION).apply(image[None]), margin)
 
 
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])

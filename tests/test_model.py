@@ -14,6 +14,7 @@ from unetile.model import (
     input_size_for_output,
     is_valid_input_size,
     output_size,
+    valid_input_sizes_near,
 )
 
 
@@ -72,6 +73,25 @@ def test_invalid_size_570_is_rejected_with_valid_neighbours():
         output_size(570)
     with pytest.raises(ValueError, match="not valid"):
         UNet(base_channels=2).output_shape((570, 572))
+
+
+def test_forward_refuses_a_size_the_poolings_cannot_halve():
+    # 570 x 570 used to give 372 x 372, shifted by half a pixel after the odd poolings.
+    model = UNet(base_channels=1).eval()
+    with pytest.raises(ValueError, match=r"input size 570 is not valid.*556 or 572"):
+        model(torch.zeros(1, 1, 572, 570))
+    small = UNet(base_channels=2, depth=3, padding="same").eval()
+    with pytest.raises(ValueError, match=r"input size 30 is not valid.*28 or 32"):
+        small(torch.zeros(1, 1, 32, 30))
+    assert small(torch.zeros(1, 1, 32, 28)).shape == (1, 2, 32, 28)
+
+
+@given(st.integers(1, 400), st.integers(1, 6), st.sampled_from(["valid", "same"]))
+def test_valid_sizes_repeat_every_pooling_multiple(size, depth, padding):
+    below, above = valid_input_sizes_near(size, depth, padding)
+    valid = [s for s in range(1, 600) if is_valid_input_size(s, depth, padding)]
+    assert above == min(s for s in valid if s >= size)
+    assert below == max((s for s in valid if s <= size), default=None)
 
 
 def test_bad_options_are_rejected():

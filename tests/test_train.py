@@ -7,7 +7,8 @@ import torch
 
 from unetile import io
 from unetile.augment import AugmentParams
-from unetile.data import LabeledImage, labels_to_classes, normalization_statistics
+from unetile.data import LabeledImage, labels_to_classes
+from unetile.normalization import Normalization
 from unetile.train import (
     PRESETS,
     TrainConfig,
@@ -52,7 +53,7 @@ def stripes_data(size=48, count=2, seed=0, validation=0) -> TrainingData:
         validation=items[count:],
         num_classes=2,
         in_channels=1,
-        normalization=normalization_statistics([item.image for item in train_items]),
+        normalization=Normalization.from_images([item.image for item in train_items]).to_dict(),
         input_shape=(60, 60),
         output_shape=(44, 44),
     )

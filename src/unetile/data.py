@@ -23,9 +23,10 @@ Conventions (the README restates them):
   (0 = background); the cells of the weight map's border term are the
   connected regions of equal non-zero class.
 - Normalisation. Every channel is shifted and scaled by the mean and standard
-  deviation of that channel over all training pixels; the two lists are stored
-  in the run's ``config.json`` (``"normalization"``) and applied to every image
-  at training and at prediction time.
+  deviation of that channel over all training pixels
+  (:class:`unetile.normalization.Normalization`); the two lists are stored in
+  the run's ``config.json`` (``"normalization"``) and applied to every image at
+  training and at prediction time.
 - Tiles. Output tiles are centred on a pixel drawn uniformly over the whole
   training set (every pixel, border pixels included, is a centre equally
   often). Where the tile's context and the augmentation's slack reach past
@@ -47,6 +48,8 @@ import numpy as np
 import torch
 
 from . import io
+from .normalization import Normalization
+from .tiling import Window
 
 LABEL_MODES = ("membrane", "instances", "classes")
 #: Training targets of instance labels: the paper's background / cell, or
@@ -301,45 +304,6 @@ def _annotated_classes(label, mode, num_classes, cell_value, target="two-class")
     classes = label.astype(np.int64)
     instances = connected_components(classes, background=0, connectivity=1)
     return classes, instances.astype(np.int32)
-
-
-def normalization_statistics(images: Sequence[np.ndarray]) -> dict[str, list[float]]:
-    """Per-channel mean and standard deviation over all pixels of ``images``.
-
-    Parameters
-    ----------
-    images : sequence of ndarray, each ``(C, *S)``
-        All with the same number of channels.
-
-    Returns
-    -------
-    dict
-        ``{"mean": [C floats], "std": [C floats]}`` (a constant channel gets std 1).
-    """
-    channels = images[0].shape[0]
-    total = np.zeros(channels)
-    total_squares = np.zeros(channels)
-    count = 0
-    for image in images:
-        flat = image.reshape(channels, -1).astype(np.float64)
-        total += flat.sum(axis=1)
-        total_squares += (flat**2).sum(axis=1)
-        count += flat.shape[1]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_squares / count - mean**2, 0.0))
-    std[std == 0] = 1.0
-    return {"mean": mean.tolist(), "std": std.tolist()}
-
-
-def normalize(image: np.ndarray, normalization: dict | None) -> np.ndarray:
-    """``(image - mean) / std`` per channel as float32; ``image`` is ``(C, *S)``."""
-    image = np.asarray(image, dtype=np.float32)
-    if normalization is None:
-        return image
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(shape)
-    std = np.asarray(normalization["std"], dtype=np.float32).reshape(shape)
-    return (image - mean) / std
 
 
 # --------------------------------------------------------------------------
@@ -657,57 +621,6 @@ def _labeled_images(
 # --------------------------------------------------------------------------
 
 
-def default_tile_shape(
-    image_shapes: Sequence[Sequence[int]],
-    depth: int = 5,
-    padding: str = "valid",
-    max_input: int = 572,
-) -> tuple[int, ...]:
-    """Largest valid input tile, at most ``max_input`` per axis, that the images allow.
-
-    Along each axis the output tile may not exceed the smallest image extent,
-    so that a tile never holds more mirrored than real pixels. The paper's
-    network on 512x512 ISBI images gets 572 (output 388).
-
-    Parameters
-    ----------
-    image_shapes : sequence of spatial shapes
-    depth, padding : network geometry (:func:`unetile.model.output_size`)
-    max_input : int
-        Largest input size per axis (pixels).
-    """
-    from .model import _trace_size
-
-    smallest = np.min(np.asarray([tuple(s) for s in image_shapes]), axis=0)
-    shape = []
-    for extent in smallest:
-        largest = next(
-            (
-                size
-                for size in range(max_input, 0, -1)
-                if (out := _trace_size(size, depth, padding)) is not None and out <= extent
-            ),
-            None,
-        )
-        if largest is None and not any(
-            _trace_size(s, depth, padding) for s in range(1, max_input + 1)
-        ):
-            smallest_tile = next(
-                s for s in range(max_input, 10**5) if _trace_size(s, depth, padding)
-            )
-            raise ValueError(
-                f"no valid input tile of a depth-{depth} {padding!r} U-Net is <= {max_input} px; "
-                f"the smallest is {smallest_tile}: raise the tile limit or lower the depth"
-            )
-        if largest is None:
-            raise ValueError(
-                f"images of extent {extent} px are too small for any tile of a depth-{depth} "
-                f"{padding!r} U-Net up to {max_input} px; use a smaller depth"
-            )
-        shape.append(largest)
-    return tuple(shape)
-
-
 def augmentation_slack(params, input_shape: Sequence[int]) -> int:
     """Extra pixels per side to read around an input tile before augmenting it.
 
@@ -767,8 +680,8 @@ class TileSampler:
     input_shape, output_shape : tuple of int
         Network tile geometry (pixels); for a valid network their difference
         is twice the context margin.
-    normalization : dict or None
-        Applied once to the stored images (:func:`normalize`).
+    normalization : Normalization, dict or None
+        Applied once to the stored images.
     augment_params : AugmentParams or None
         None or ``AugmentParams.none()`` skips augmentation.
     rng : numpy.random.Generator
@@ -791,7 +704,7 @@ class TileSampler:
         images: Sequence[LabeledImage],
         input_shape: Sequence[int],
         output_shape: Sequence[int],
-        normalization: dict | None,
+        normalization: Normalization | dict | None,
         augment_params,
         rng: np.random.Generator,
         device: torch.device | str | None = None,
@@ -821,7 +734,8 @@ class TileSampler:
         # Kept where the tiles are read: on a GPU the window gathers run there
         # and no tile crosses the bus.
         self.storage = _storage_device(self.device, images)
-        self.images = [self._stored(normalize(item.image, normalization)) for item in images]
+        normalization = Normalization.of(normalization) or Normalization.identity()
+        self.images = [self._stored(normalization.apply(item.image)) for item in images]
         self.classes = [self._stored(item.classes) for item in images]
         self.weights = [self._stored(item.weights) for item in images]
         sizes = np.array([math.prod(shape) for shape in self.spatial_shapes], dtype=np.float64)
@@ -842,48 +756,22 @@ class TileSampler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image, labels and weights of the window around ``centre`` of image ``index``.
 
-        Outside the image, the image is mirrored (``unetile.tiling.mirror_indices``,
+        Outside the image, the image is mirrored (:meth:`unetile.tiling.Window.read`,
         as in prediction), labels are :data:`IGNORE` and weights 0. No padded copy
         of any image is kept, and no step copies more than the window. Tensors
         on the device the images are stored on (:attr:`storage`); a window
         inside the image is a view.
         """
-        from .tiling import mirror_indices
-
-        shape = self.spatial_shapes[index]
         origin = self.window_origin(centre)
-        stops = [start + size for start, size in zip(origin, self.window_shape, strict=True)]
-        image, classes, weights = self.images[index], self.classes[index], self.weights[index]
-        if all(0 <= a and b <= s for a, b, s in zip(origin, stops, shape, strict=True)):
-            window = tuple(slice(a, b) for a, b in zip(origin, stops, strict=True))
-            return image[(slice(None), *window)], classes[window], weights[window]
-        # Cut every axis to the image span its mirrored indices reach (views,
-        # no copy), then gather only along the axes that leave the image: each
-        # gather then copies no more than the window, whatever the image size.
-        spans = [mirror_indices(a, b, s) for a, b, s in zip(origin, stops, shape, strict=True)]
-        lows = [int(rows.min()) for rows in spans]
-        for axis, (rows, low) in enumerate(zip(spans, lows, strict=True)):
-            length = int(rows.max()) + 1 - low
-            image = image.narrow(axis + 1, low, length)
-            classes = classes.narrow(axis, low, length)
-            weights = weights.narrow(axis, low, length)
-        inside = torch.ones((1,) * len(shape), dtype=torch.bool, device=self.storage)
-        for axis, (a, b, s) in enumerate(zip(origin, stops, shape, strict=True)):
-            if 0 <= a and b <= s:
-                continue  # already the window after the cut
-            rows = torch.from_numpy(spans[axis] - lows[axis]).to(self.storage, non_blocking=True)
-            image = image.index_select(axis + 1, rows)
-            classes = classes.index_select(axis, rows)
-            weights = weights.index_select(axis, rows)
-            coordinates = torch.arange(a, b, device=self.storage)
-            view = [1] * len(shape)
-            view[axis] = b - a
-            inside = inside & ((coordinates >= 0) & (coordinates < s)).reshape(view)
-        return (
-            image,
-            torch.where(inside, classes, IGNORE),
-            torch.where(inside, weights, 0.0),
-        )
+        stop = [start + size for start, size in zip(origin, self.window_shape, strict=True)]
+        window = Window(origin, stop, self.spatial_shapes[index])
+        image = window.read(self.images[index])
+        classes = window.read(self.classes[index])
+        weights = window.read(self.weights[index])
+        if window.within_image:
+            return image, classes, weights
+        inside = window.inside(self.storage)
+        return image, torch.where(inside, classes, IGNORE), torch.where(inside, weights, 0.0)
 
     def draw_positions(self, batch_size: int) -> list[tuple[int, tuple[int, ...]]]:
         """``batch_size`` pairs (image index, centre pixel) drawn from the rng."""

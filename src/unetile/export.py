@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional
 
 from .model import UNet, context_margin, is_valid_input_size, output_size, size_multiple
+from .normalization import Normalization
 from .tiling import mirror_indices
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
@@ -588,10 +589,9 @@ def reference_prediction(model: UNet, config: dict, sample: np.ndarray) -> np.nd
 
 def _network_input(model: UNet, config: dict, image: np.ndarray) -> np.ndarray:
     """The test crop normalised and mirrored by the exported margin, with a batch axis."""
-    from .data import normalize
-
     geometry = export_geometry(model.config.depth, model.config.padding)
-    sample = normalize(sample_crop(model, image), config.get("normalization"))
+    normalization = Normalization.of(config.get("normalization")) or Normalization.identity()
+    sample = normalization.apply(sample_crop(model, image))
     border = ((0, 0),) + ((geometry.margin, geometry.margin),) * model.config.dims
     return np.pad(sample, border, mode="reflect")[None].astype(np.float32)
 

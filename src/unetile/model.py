@@ -9,6 +9,8 @@ up-convolutions, crop-and-concatenate and double 3x3 convolutions, and a final
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -100,13 +102,18 @@ def output_size(input_size: int, depth: int = 5, padding: str = "valid") -> int:
     """
     out = _trace_size(int(input_size), depth, padding)
     if out is None:
-        below, above = _neighbour_valid_sizes(int(input_size), depth, padding)
-        nearby = " or ".join(str(s) for s in (below, above) if s is not None)
-        raise ValueError(
-            f"input size {input_size} is not valid for a depth-{depth} {padding!r} U-Net; "
-            f"valid sizes nearby: {nearby}"
-        )
+        raise ValueError(invalid_input_message(int(input_size), depth, padding))
     return out
+
+
+def invalid_input_message(size: int, depth: int, padding: str) -> str:
+    """The message for an input size the network does not take, with the valid sizes nearby."""
+    below, above = valid_input_sizes_near(size, depth, padding)
+    nearby = " or ".join(str(s) for s in (below, above) if s is not None)
+    return (
+        f"input size {size} is not valid for a depth-{depth} {padding!r} U-Net; "
+        f"valid sizes nearby: {nearby}"
+    )
 
 
 def is_valid_input_size(input_size: int, depth: int = 5, padding: str = "valid") -> bool:
@@ -114,11 +121,32 @@ def is_valid_input_size(input_size: int, depth: int = 5, padding: str = "valid")
     return _trace_size(int(input_size), depth, padding) is not None
 
 
-def _neighbour_valid_sizes(size: int, depth: int, padding: str) -> tuple[int | None, int | None]:
-    below = next((s for s in range(size - 1, 0, -1) if _trace_size(s, depth, padding)), None)
-    above = next(
-        s for s in range(size + 1, size + 2 ** (depth + 2) + 200) if _trace_size(s, depth, padding)
-    )
+@functools.cache
+def smallest_input_size(depth: int = 5, padding: str = "valid") -> int:
+    """Smallest valid input size (pixels, one axis): 188 for the paper's network.
+
+    The valid sizes are this one plus any multiple of :func:`size_multiple`:
+    each pooling halves the size, so the sizes that pool evenly repeat every
+    ``2**(depth-1)`` pixels, and every size above a valid one leaves more.
+    """
+    return next(s for s in itertools.count(1) if _trace_size(s, depth, padding))
+
+
+def valid_input_sizes_near(
+    size: int, depth: int = 5, padding: str = "valid"
+) -> tuple[int | None, int]:
+    """The largest valid input size ``<= size`` (None if none is) and the smallest ``>= size``.
+
+    Examples
+    --------
+    >>> valid_input_sizes_near(570)
+    (556, 572)
+    """
+    smallest = smallest_input_size(depth, padding)
+    multiple = size_multiple(depth)
+    steps = (size - smallest) / multiple
+    below = smallest + math.floor(steps) * multiple if size >= smallest else None
+    above = smallest + max(0, math.ceil(steps)) * multiple
     return below, above
 
 
@@ -132,10 +160,8 @@ def input_size_for_output(output: int, depth: int = 5, padding: str = "valid") -
     """
     if output < 1:
         raise ValueError(f"output size must be >= 1, got {output}")
-    size = output + 2 * context_margin(depth, padding)
-    while _trace_size(size, depth, padding) is None or _trace_size(size, depth, padding) < output:
-        size += 1
-    return size
+    # A valid input loses exactly 2 * context_margin pixels, whatever its size.
+    return valid_input_sizes_near(output + 2 * context_margin(depth, padding), depth, padding)[1]
 
 
 def context_margin(depth: int = 5, padding: str = "valid") -> int:
@@ -302,6 +328,8 @@ class UNet(nn.Module):
                     module.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # exported graphs take any size their consumer tiles by
+            self.check_input_shape(x.shape[2:])
         skips = []
         for level, block in enumerate(self.contracting):
             if level > 0:
@@ -315,6 +343,20 @@ class UNet(nn.Module):
         return self.classifier(x)
 
     # Geometry of this network, per spatial axis.
+    def check_input_shape(self, input_shape: Sequence[int]) -> None:
+        """ValueError naming the valid sizes nearby when a spatial input size is not valid.
+
+        Plain integer arithmetic on the shape (no device work): a size the
+        poolings cannot halve evenly would otherwise give an output shifted by
+        half a pixel against the input.
+        """
+        config = self.config
+        smallest = smallest_input_size(config.depth, config.padding)
+        multiple = size_multiple(config.depth)
+        for size in input_shape:
+            if size < smallest or (size - smallest) % multiple:
+                raise ValueError(invalid_input_message(int(size), config.depth, config.padding))
+
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Spatial output shape for a spatial input shape; ValueError if invalid."""
         return tuple(output_size(s, self.config.depth, self.config.padding) for s in input_shape)

@@ -63,15 +63,15 @@ from .data import (
     MIN_TRAINING_EXTENT,
     LabeledImage,
     TileSampler,
-    default_tile_shape,
     labeled_images_from_arrays,
     load_labeled_images,
-    normalization_statistics,
 )
 from .instances import default_options
-from .model import UNet, context_margin, output_size
+from .model import UNet
+from .normalization import Normalization
 from .parallel import Ranks
 from .predict import mps_available, resolve_device
+from .tiling import Tiling
 
 CHECKPOINT = "checkpoint.safetensors"
 LAST_WEIGHTS = "last.safetensors"
@@ -250,19 +250,17 @@ def tile_geometry(config: TrainConfig, image_shapes) -> tuple[tuple[int, ...], t
     each side. Without it, the largest valid tile whose output fits the
     smallest image, up to ``config.max_tile`` (output) or the paper's input.
     """
-    margin = context_margin(config.depth, config.padding)
+    tiling = Tiling(config.depth, config.padding, config.dims)
     if config.tile is None:
         max_input = PAPER_INPUT_TILE[config.dims]
         if config.max_tile is not None:
-            max_input = config.max_tile + 2 * margin
-        input_shape = default_tile_shape(image_shapes, config.depth, config.padding, max_input)
+            max_input = config.max_tile + 2 * tiling.margin
+        output_shape = tiling.largest_tile_shape(image_shapes, max_input)
     else:
-        output = tuple(config.tile) * (config.dims if len(config.tile) == 1 else 1)
-        for size in output:
+        output_shape = tuple(config.tile) * (config.dims if len(config.tile) == 1 else 1)
+        for size in output_shape:
             check_output_tile(size, config.depth, config.padding)
-        input_shape = tuple(size + 2 * margin for size in output)
-    output_shape = tuple(output_size(s, config.depth, config.padding) for s in input_shape)
-    return tuple(input_shape), output_shape
+    return tiling.input_shape(output_shape), tuple(output_shape)
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -536,7 +534,7 @@ def _assemble(config, train_images, validation, num_classes, validation_source, 
         validation=validation,
         num_classes=num_classes,
         in_channels=channels,
-        normalization=normalization_statistics([item.image for item in train_images]),
+        normalization=Normalization.from_images([item.image for item in train_images]).to_dict(),
         input_shape=input_shape,
         output_shape=output_shape,
     )
