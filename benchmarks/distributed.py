@@ -57,8 +57,8 @@ from machine import machine_info  # noqa: E402
 
 from unetile.distributed import Plan, model_payload, predict_regions, region_grid  # noqa: E402
 from unetile.model import UNet, size_multiple  # noqa: E402
-from unetile.predict import _tile_at_least, predict_to_files  # noqa: E402
-from unetile.tiling import tile_step  # noqa: E402
+from unetile.predict import predict_to_files  # noqa: E402
+from unetile.tiling import Tiling, tile_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}
@@ -234,9 +234,9 @@ def same_labels(first: Path, second: Path) -> bool:
 def compare(shape: tuple[int, ...], tile_side: int, workers: list[int], scratch: Path) -> dict:
     """The single process and clusters of ``workers`` on one random image of ``shape``."""
     model = make_model(len(shape))
-    tile = [_tile_at_least(model, tile_side)] * len(shape)
+    tile = [Tiling.of(model).at_least(tile_side)] * len(shape)
     if len(shape) == 3:
-        tile[0] = min(tile[0], _tile_at_least(model, shape[0]))
+        tile[0] = min(tile[0], Tiling.of(model).at_least(shape[0]))
     source = scratch / f"input_{len(shape)}d.zarr"
     write_input(source, shape, 256 if len(shape) == 2 else 64)
     pixels = math.prod(shape)

@@ -45,7 +45,8 @@ from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.metrics import score
 from unetile.model import forward_flops
-from unetile.predict import _tile_at_least, instances_from_probabilities, predict
+from unetile.predict import instances_from_probabilities, predict
+from unetile.tiling import Tiling
 from unetile.train import make_config, train
 
 HERE = Path(__file__).resolve().parent
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
         "grown_cell_scores": grown_cell_scores(ours, val_cells),
         # Against the whole 512 x 512 slice in one tile (the automatic tile here).
         "tile_size_check": tile_size_check(
-            model, saved, val_images, val_cells, ours, _tile_at_least(model, 128)
+            model, saved, val_images, val_cells, ours, Tiling.of(model).at_least(128)
         ),
     }
     print(f"matmul peak {peak:.0f} GFLOP/s")

@@ -11,18 +11,20 @@ from helpers import relabel_equal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from unetile.model import UNet, input_size_for_output, size_multiple
-from unetile.predict import (
-    _chunk_regions,
-    _label_foreground,
-    activation_bytes_per_pixel,
-    auto_tile_shape,
+from unetile.instances import (
+    chunk_regions,
     final_instances,
-    gaussian_importance,
     grow_cells,
     instances_from_probabilities,
-    labels_from_probabilities,
+    label_foreground,
     merge_tile_labels,
+)
+from unetile.model import UNet, input_size_for_output, size_multiple
+from unetile.predict import (
+    activation_bytes_per_pixel,
+    auto_tile_shape,
+    gaussian_importance,
+    labels_from_probabilities,
     predict,
     predict_to_files,
 )
@@ -322,9 +324,9 @@ def test_cells_grown_region_by_region_equal_the_whole_image(seed, shape, chunk_s
     chunk = (chunk_size,) * len(shape)
     provisional = np.zeros(foreground.shape, dtype=np.uint64)
     count = 0
-    regions = list(_chunk_regions(foreground.shape, chunk))
+    regions = list(chunk_regions(foreground.shape, chunk))
     for region in regions:
-        pieces, found = _label_foreground(foreground[region])
+        pieces, found = label_foreground(foreground[region])
         provisional[region] = np.where(pieces > 0, pieces.astype(np.uint64) + count, 0)
         count += found
     starts = [sorted({region[axis].start for region in regions}) for axis in range(len(shape))]
@@ -332,7 +334,7 @@ def test_cells_grown_region_by_region_equal_the_whole_image(seed, shape, chunk_s
     stitched = np.zeros(foreground.shape, dtype=np.uint32)
     for region in regions:
         stitched[region] = final_instances(provisional, lut, region, grow)
-    whole = grow_cells(_label_foreground(foreground)[0], grow)
+    whole = grow_cells(label_foreground(foreground)[0], grow)
     assert relabel_equal(stitched, whole)
 
 

@@ -240,9 +240,7 @@ def run_demo(
         first_data = first_data or data
         summary = train(config, progress=progress, data=data)
         model, saved = io.load_model(out / "runs" / name)
-        probability = predict(
-            model, test.image, normalization=saved["normalization"], progress=progress
-        )
+        probability = predict(model, test.image, progress=progress)
         carried = InstanceOptions.from_dict(saved["instances"])
         pipelines = {
             "components": InstanceOptions(foreground_classes=carried.foreground_classes),

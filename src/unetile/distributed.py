@@ -47,26 +47,27 @@ import torch
 from . import io
 from .instances import (
     InstanceOptions,
-    _check_grow,
+    check_grow,
     grow_cells,
+    join_labels,
+    label_foreground,
     rank_keys,
     write_region_keys,
 )
 from .instances import region_grid as instance_regions
-from .model import UNet, size_multiple
+from .model import UNet
+from .normalization import Normalization
 from .predict import (
-    _class_dtype,
-    _forward,
-    _label_foreground,
-    _normalization,
-    _spatial_shape,
+    PredictOptions,
     auto_tile_shape,
-    check_tile_shape,
-    join_labels,
-    read_tile,
+    class_dtype,
+    forward_probabilities,
+    output_chunks,
+    read_inputs,
     resolve_device,
+    spatial_shape,
 )
-from .tiling import grid_axes, input_window, owned_region, tile_step, widened_box
+from .tiling import Tiling, grid_axes, owned_region, widened_box
 
 KINDS = ("labels", "probabilities", "instances")
 WORK_SUFFIX = ".unetile-work"
@@ -268,9 +269,7 @@ class Plan:
     spatial: tuple[int, ...]
     tile_shape: tuple[int, ...]
     steps: tuple[int, ...]
-    alignment: int
-    margin: int
-    has_channels: bool
+    tiling: Tiling
     kinds: tuple[str, ...]
     instance_options: dict
     by_region: bool
@@ -278,7 +277,7 @@ class Plan:
     batch_size: int
     tta: bool
     device: str | None
-    normalization: tuple | None
+    normalization: Normalization | None
     num_classes: int
 
 
@@ -305,9 +304,9 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
     device = resolve_device(plan.device)
     model = _worker_model(payload, device)
     image = _open_image(image)
-    per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, plan.alignment)
+    per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, plan.tiling.alignment)
     box_shape = tuple(b.stop - b.start for b in region.box)
-    classes = np.zeros(box_shape, dtype=_class_dtype(plan.num_classes))
+    classes = np.zeros(box_shape, dtype=class_dtype(plan.num_classes))
     probabilities = None
     if "probabilities" in plan.kinds or plan.by_region:
         probabilities = np.zeros((plan.num_classes, *box_shape), dtype=np.float32)
@@ -323,7 +322,7 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
             probabilities[(slice(None), *where)] = block
         if "instances" in plan.kinds and not plan.by_region:
             foreground = np.isin(tile_classes, plan.instance_options["foreground_classes"])
-            pieces, found = _label_foreground(foreground)
+            pieces, found = label_foreground(foreground)
             number = region.tile_numbers[len(counts)]
             provisional[where] = np.where(
                 pieces > 0, (np.uint64(number) << np.uint64(TILE_BITS)) | pieces, 0
@@ -349,19 +348,12 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
 
 def _tile_outputs(model, image, origins, plan: Plan, device):
     """``(origin, probabilities)`` of each tile, in order; the next batch is read meanwhile."""
-    norm = _normalization(plan.normalization, model.config.in_channels)
     batches = [origins[i : i + plan.batch_size] for i in range(0, len(origins), plan.batch_size)]
     channels_last = _channels_last(model, device)
 
     def load(batch):
-        return np.stack(
-            [
-                read_tile(
-                    image, input_window(o, plan.tile_shape, plan.margin), plan.has_channels, norm
-                )
-                for o in batch
-            ]
-        )
+        windows = [plan.tiling.window(o, plan.tile_shape, plan.spatial) for o in batch]
+        return read_inputs(image, windows, plan.normalization)
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load, batches[0])
@@ -369,7 +361,7 @@ def _tile_outputs(model, image, origins, plan: Plan, device):
             inputs = pending.result()
             if number + 1 < len(batches):
                 pending = reader.submit(load, batches[number + 1])
-            outputs = _forward(model, inputs, device, plan.tta, channels_last)
+            outputs = forward_probabilities(model, inputs, device, plan.tta, channels_last)
             yield from zip(batch, outputs, strict=True)
 
 
@@ -571,7 +563,7 @@ def _create_stores(work: Path, plan: Plan, chunks: Sequence[int]) -> None:
             (plan.num_classes, *chunks),
         )
     if "labels" in plan.kinds:
-        store("labels", spatial, _class_dtype(plan.num_classes), chunks)
+        store("labels", spatial, class_dtype(plan.num_classes), chunks)
     if "instances" in plan.kinds:
         store("provisional", spatial, np.uint64, chunks)
         store("instances", spatial, np.uint32, chunks)
@@ -659,6 +651,7 @@ def _join_instances(client, work: Path, plan: Plan, regions, tile_count: int, pr
 def predict_regions(
     model: UNet,
     image,
+    options: PredictOptions | None = None,
     *,
     labels: str | os.PathLike | None = None,
     probabilities: str | os.PathLike | None = None,
@@ -666,16 +659,10 @@ def predict_regions(
     foreground_class: int = 1,
     grow: int = 0,
     instance_options: InstanceOptions | None = None,
-    tile_shape: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    tta: bool = False,
-    device: str | None = None,
-    memory_budget: float | None = None,
-    normalization=None,
-    progress: bool = True,
     client=None,
     resume: bool = False,
     region_tiles: int = 1,
+    **changes,
 ) -> dict[str, Path]:
     """Predict an image into files region by region, on a Dask cluster or here; resumable.
 
@@ -703,7 +690,7 @@ def predict_regions(
     region_tiles : int
         Tile steps per region along each axis: larger regions mean fewer,
         longer tasks for the scheduler.
-    Others
+    options, keywords
         As for :func:`unetile.predict.predict`. ``device`` is resolved on each
         worker (default: its GPU if it has one); the automatic tile is chosen
         for this machine's device.
@@ -714,7 +701,7 @@ def predict_regions(
         The written paths, keyed by "labels", "probabilities", "instances".
     """
     requested = _requested(labels, probabilities, instances)
-    grow = _check_grow(grow)
+    grow = check_grow(grow)
     if grow and instances is None:
         raise ValueError("grow grows the cells of instances: give an instances path")
     if region_tiles < 1:
@@ -729,38 +716,35 @@ def predict_regions(
         instance_options = InstanceOptions(foreground_classes=(int(foreground_class),))
     if "instances" in requested:
         instance_options.check_classes(config.num_classes)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = PredictOptions.of(options, **changes)
     if isinstance(image, str | os.PathLike):
         image = ImagePath(str(image), config.dims, config.in_channels)
-    spatial, has_channels = _spatial_shape(model, _open_image(image))
-    norm = _normalization(normalization, config.in_channels)
+    spatial = spatial_shape(model, _open_image(image))
+    tiling = Tiling.of(model)
+    tile_shape = options.tile_shape
     if tile_shape is None:
-        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size)
-    tile_shape = check_tile_shape(model, tile_shape, config.dims)
-    alignment = size_multiple(config.depth)
-    steps = tuple(tile_step(t, alignment) for t in tile_shape)
-    if grow > min(steps):
-        raise ValueError(
-            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
-            "use a smaller grow or a larger tile"
+        tile_shape = auto_tile_shape(
+            model, spatial, options.device, options.memory_budget, options.batch_size
         )
+    tile_shape = tiling.check(tile_shape)
+    chunks = output_chunks(model, spatial, tile_shape, grow)
+    normalization = Normalization.of(options.normalization) or model.normalization
+    if normalization is not None:
+        normalization = normalization.broadcast(config.in_channels)
     plan = Plan(
         work=str(work_folder(next(iter(requested.values())))),
         spatial=tuple(spatial),
         tile_shape=tile_shape,
-        steps=steps,
-        alignment=alignment,
-        margin=model.context_margin,
-        has_channels=has_channels,
+        steps=tiling.steps(tile_shape),
+        tiling=tiling,
         kinds=tuple(kind for kind in KINDS if kind in requested),
         instance_options=instance_options.to_dict(),
         by_region="instances" in requested and instance_options.needs_whole_objects,
         grow=grow,
-        batch_size=int(batch_size),
-        tta=bool(tta),
-        device=None if device is None else str(device),
-        normalization=None if norm is None else (norm[0].tolist(), norm[1].tolist()),
+        batch_size=options.batch_size,
+        tta=bool(options.tta),
+        device=None if options.device is None else str(options.device),
+        normalization=normalization,
         num_classes=config.num_classes,
     )
     payload = model_payload(model)
@@ -775,24 +759,23 @@ def predict_regions(
         "grow": grow,
         "batch_size": plan.batch_size,
         "tta": plan.tta,
-        "normalization": None if norm is None else list(plan.normalization),
+        "normalization": None if normalization is None else [normalization.mean, normalization.std],
     }
     manifest = json.loads(json.dumps(manifest))
     work = Path(plan.work)
-    chunks = tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
     _prepare_work(work, manifest, plan, chunks, resume)
 
-    regions = region_grid(spatial, tile_shape, steps, alignment, region_tiles)
+    regions = region_grid(spatial, tile_shape, plan.steps, tiling.alignment, region_tiles)
     done = {int(p.stem) for p in (work / RECORDS).glob("*.npz") if p.stem.isdigit()}
     todo = [region for region in regions if region.index not in done]
-    _run(client, predict_region, todo, [payload, image, plan], "predict", progress)
+    _run(client, predict_region, todo, [payload, image, plan], "predict", options.progress)
     if plan.by_region:
-        _extract_by_region(client, work, plan, chunks, regions, progress)
+        _extract_by_region(client, work, plan, chunks, regions, options.progress)
     elif "instances" in plan.kinds:
         tile_count = math.prod(
-            len(origins) for origins in grid_axes(spatial, tile_shape, steps, alignment)
+            len(origins) for origins in grid_axes(spatial, tile_shape, plan.steps, tiling.alignment)
         )
-        _join_instances(client, work, plan, regions, tile_count, progress)
+        _join_instances(client, work, plan, regions, tile_count, options.progress)
     _deliver(work, requested)
     return requested
 

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import ndimage
+
+from .tiling import widened_box
 
 METHODS = ("components", "watershed", "distance")
 #: Largest extent (px per axis) of a connected component of the foreground that
@@ -453,7 +455,7 @@ def _options(options: InstanceOptions | None, overrides: dict) -> InstanceOption
     return options
 
 
-def _check_grow(grow) -> int:
+def check_grow(grow) -> int:
     if isinstance(grow, bool) or not isinstance(grow, int | np.integer) or grow < 0:
         raise ValueError(f"grow must be a whole number of pixels >= 0, got {grow!r}")
     return int(grow)
@@ -467,7 +469,7 @@ def grow_cells(instances: np.ndarray, grow: int) -> np.ndarray:
     this gives cells that meet at the membranes, as a full segmentation does;
     the network's gaps still decide which cells are apart.
     """
-    grow = _check_grow(grow)
+    grow = check_grow(grow)
     if grow == 0:
         return instances
     from skimage.segmentation import expand_labels
@@ -491,7 +493,7 @@ def instances_from_probabilities(
     those). With them, :func:`extract_instances`.
     """
     probabilities = np.asarray(probabilities)
-    grow = _check_grow(grow)
+    grow = check_grow(grow)
     if options is None and "foreground_classes" not in kwargs:
         if not 0 <= foreground_class < probabilities.shape[0]:
             raise ValueError(
@@ -600,3 +602,113 @@ def tune_options(
         ):
             best, best_scores = options, scores
     return best, best_scores
+
+
+# --------------------------------------------------------------------------
+# Stitching the cells of tiles: provisional labels per tile, joined across borders.
+# --------------------------------------------------------------------------
+
+
+def label_foreground(foreground: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components (face connectivity) of a foreground mask and their count."""
+    # Face connectivity: cells that only touch diagonally stay apart, so the
+    # one-pixel gaps the weight map teaches the network separate cells.
+    labels, count = ndimage.label(
+        foreground, structure=ndimage.generate_binary_structure(foreground.ndim, 1)
+    )
+    return labels.astype(np.uint32), int(count)
+
+
+def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: int) -> np.ndarray:
+    """Lookup table joining labels of tile pieces that touch across tile borders.
+
+    Parameters
+    ----------
+    provisional : array-like
+        Labels numbered per tile (1..count, 0 = background), numpy or zarr.
+    boundaries : sequence of sequence of int
+        Per axis, the coordinates (pixels) where a tile's region starts; the
+        pixels at ``b - 1`` and ``b`` are compared.
+    count : int
+        Number of provisional labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``lut`` of length ``count + 1``, uint32: ``lut[provisional]`` has one
+        consecutive id per connected cell and 0 for background.
+    """
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for axis, coordinates in enumerate(boundaries):
+        for boundary in coordinates:
+            if not 0 < boundary < provisional.shape[axis]:
+                continue
+            index = [slice(None)] * provisional.ndim
+            index[axis] = slice(boundary - 1, boundary + 1)
+            slab = np.asarray(provisional[tuple(index)])
+            before, after = np.take(slab, 0, axis=axis), np.take(slab, 1, axis=axis)
+            touching = (before > 0) & (after > 0)
+            pairs.append(np.stack([before[touching], after[touching]], axis=1).astype(np.int64))
+    return join_labels(np.concatenate(pairs), count)
+
+
+def join_labels(pairs: np.ndarray, count: int) -> np.ndarray:
+    """Lookup table giving the labels ``1..count`` one consecutive id per joined group.
+
+    Parameters
+    ----------
+    pairs : numpy.ndarray
+        ``(N, 2)`` labels that belong to the same cell (pieces touching across
+        a tile border).
+    count : int
+        Number of labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``lut`` of length ``count + 1``, uint32; groups are numbered in the
+        order of their smallest label, and ``lut[0] = 0`` (background).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
+    graph = coo_matrix(
+        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+        shape=(count + 1, count + 1),
+    )
+    _, component = connected_components(graph, directed=False)
+    # Background (label 0) is its own component; renumber so that it is 0.
+    background = component[0]
+    lut = np.where(component < background, component + 1, component)
+    lut[0] = 0
+    return lut.astype(np.uint32)
+
+
+def final_instances(provisional, lut, region: tuple[slice, ...], grow: int = 0):
+    """The final ids of ``region``: ``lut`` of the per-tile labels, cells grown by ``grow`` px.
+
+    ``lut`` is an array indexed by the provisional labels, or a function of a
+    block of them.
+
+    The region is read with a ``grow``-px margin, which holds every cell a
+    pixel of the region can be grown from, so region by region the result is
+    the whole image's (a property test checks it, ties between equally near
+    cells included).
+    """
+    window = widened_box(region, check_grow(grow), provisional.shape)
+    block = np.asarray(provisional[window])
+    labels = grow_cells(lut(block) if callable(lut) else lut[block], grow)
+    return labels[
+        tuple(
+            slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
+        )
+    ]
+
+
+def chunk_regions(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """The regions of a chunked array of ``shape``, one per chunk, row-major."""
+    for index in np.ndindex(*(math.ceil(s / c) for s, c in zip(shape, chunks, strict=True))):
+        yield tuple(
+            slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape, strict=True)
+        )

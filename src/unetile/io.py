@@ -407,6 +407,10 @@ def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODE
 def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
     """Load ``(model, config)`` from a run folder without executing any code (no pickle).
 
+    The model carries its input normalisation (``model.normalization``, a
+    :class:`unetile.normalization.Normalization` or None), which
+    :func:`unetile.predict.predict` applies.
+
     Everything is checked before the network is allocated: the ``model``
     entry (whole numbers in sane ranges), the shapes stored in the weights
     file against the shapes that entry implies, then every weight finite, the
@@ -417,6 +421,7 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
     from safetensors.torch import load_file
 
     from .model import UNet, UNetConfig
+    from .normalization import Normalization
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -460,6 +465,7 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
             )
     model = UNet.from_config(model_config)
     model.load_state_dict(state)
+    model.normalization = Normalization.of(config.get("normalization"))
     model.eval()
     return model, config
 

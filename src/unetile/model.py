@@ -302,6 +302,9 @@ class UNet(nn.Module):
             for level in reversed(range(depth - 1))
         )
         self.classifier = conv(widths[0], num_classes, kernel_size=1)
+        #: The input normalisation it was trained with (a unetile.normalization.Normalization,
+        #: set by unetile.io.load_model); prediction applies it. None: the input as it is.
+        self.normalization = None
         self.reset_parameters()
 
     @classmethod

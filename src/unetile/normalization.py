@@ -99,10 +99,19 @@ class Normalization:
             )
         return self
 
+    def broadcast(self, channels: int) -> Normalization:
+        """One mean and std per channel (ValueError if it gives neither 1 nor ``channels``)."""
+        self.check_channels(channels)
+        return Normalization(
+            tuple(np.broadcast_to(self.mean, channels)), tuple(np.broadcast_to(self.std, channels))
+        )
+
     def apply(self, image) -> np.ndarray:
         """``(image - mean) / std`` of a ``(C, *S)`` array as a new float32 array."""
         values = np.array(image, dtype=np.float32)
         self.check_channels(values.shape[0])
+        if self == Normalization.identity():
+            return values
         expand = (-1,) + (1,) * (values.ndim - 1)
         values -= np.asarray(self.mean, dtype=np.float32).reshape(expand)
         values /= np.asarray(self.std, dtype=np.float32).reshape(expand)

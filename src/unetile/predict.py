@@ -20,37 +20,36 @@ ISBI 2012 by 0.03 on average between 132-px output tiles and one tile per
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import io
-from .instances import (
+from .instances import (  # noqa: F401 - importable from here as before they moved
     InstanceOptions,
-    _check_grow,
+    check_grow,
+    chunk_regions,
+    final_instances,
     grow_cells,
-    instances_from_probabilities,  # noqa: F401 - importable from here as before
+    instances_from_probabilities,
+    join_labels,
     keys_by_region,
+    label_foreground,
+    merge_tile_labels,
     rank_keys,
     region_grid,
 )
-from .model import UNet, is_valid_input_size, size_multiple
-from .tiling import (
-    axis_origins,
-    grid_axes,
-    input_window,
-    mirror_indices,
-    owned_region,
-    tile_grid,
-    tile_step,
-    widened_box,
-)
+from .model import UNet
+from .normalization import Normalization
+from .tiling import Tiling, Window, axis_origins
 
 GIB = 2**30
 CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
@@ -65,36 +64,73 @@ MPS_FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"  # read by torch once, when it is i
 # --------------------------------------------------------------------------
 
 
-def _margin(model: UNet) -> int:
-    return model.context_margin
+@dataclass(frozen=True)
+class PredictOptions:
+    """How :func:`predict` runs; every prediction function takes these as keywords.
 
+    Attributes
+    ----------
+    tile_shape : int or tuple of int, optional
+        Output tile (pixels per spatial axis); the network reads
+        ``2 * context_margin`` pixels more. Default :func:`auto_tile_shape`.
+    batch_size : int
+        Tiles per forward pass.
+    tta : bool
+        Average the probabilities over the 8 flips and rotations of the plane
+        (the paper averaged 7 rotated versions), each de-augmented per tile.
+    device : str or torch.device, optional
+        "cpu", "cuda" or "mps"; the first GPU if there is one when omitted.
+    memory_budget : float, optional
+        Bytes for activations when the tile size is automatic.
+    normalization : Normalization, dict or (mean, std), optional
+        Applied to each tile as it is read; default the model's own
+        (``model.normalization``, which :func:`unetile.io.load_model` sets from
+        ``config.json``; none for a new network). ``Normalization.identity()``
+        turns it off.
+    progress : bool
+        Show a progress bar over the tiles.
+    overlap : float
+        Tile overlap fraction for ``same`` models (blended); ignored for
+        ``valid`` models, which are exact without overlap.
+    """
 
-def is_valid_tile(model: UNet, tile: int) -> bool:
-    """Whether an output tile of ``tile`` pixels (one axis) fits the network exactly."""
-    config = model.config
-    return tile >= 1 and is_valid_input_size(
-        tile + 2 * _margin(model), config.depth, config.padding
-    )
+    tile_shape: int | tuple[int, ...] | None = None
+    batch_size: int = 1
+    tta: bool = False
+    device: str | torch.device | None = None
+    memory_budget: float | None = None
+    normalization: Normalization | dict | tuple | None = None
+    progress: bool = True
+    overlap: float = SAME_OVERLAP
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-def _smallest_tile(model: UNet) -> int:
-    return next(
-        t for t in range(1, 4 * size_multiple(model.config.depth) + 1) if is_valid_tile(model, t)
-    )
+    @classmethod
+    def of(cls, options: PredictOptions | None = None, **changes) -> PredictOptions:
+        """``options`` (default all defaults) with the keyword ``changes`` applied."""
+        return dataclasses.replace(options or cls(), **changes)
 
-
-def _tile_at_least(model: UNet, size: int) -> int:
-    """Smallest valid output tile (pixels) of at least ``size`` pixels."""
-    smallest = _smallest_tile(model)
-    multiple = size_multiple(model.config.depth)
-    return smallest + max(0, math.ceil((size - smallest) / multiple)) * multiple
-
-
-def _tile_at_most(model: UNet, size: float) -> int:
-    """Largest valid output tile (pixels) of at most ``size`` pixels, or the smallest one."""
-    smallest = _smallest_tile(model)
-    multiple = size_multiple(model.config.depth)
-    return smallest + max(0, math.floor((size - smallest) / multiple)) * multiple
+    def resolve(self, model: UNet, spatial: Sequence[int]) -> PredictOptions:
+        """These options with the device, the tile shape and the normalisation settled for
+        ``model`` on an image of ``spatial`` shape; ValueError naming what does not fit."""
+        device = resolve_device(self.device)
+        tile_shape = self.tile_shape
+        if tile_shape is None:
+            tile_shape = auto_tile_shape(
+                model, spatial, device, self.memory_budget, self.batch_size, self.overlap
+            )
+        tile_shape = Tiling.of(model).check(tile_shape)
+        check_memory(model, tile_shape, self.batch_size, device)
+        normalization = Normalization.of(self.normalization) or getattr(
+            model, "normalization", None
+        )
+        if normalization is not None:
+            normalization.check_channels(model.config.in_channels)
+        return dataclasses.replace(
+            self, device=device, tile_shape=tile_shape, normalization=normalization
+        )
 
 
 def activation_bytes_per_pixel(model: UNet) -> int:
@@ -146,7 +182,7 @@ def check_memory(
     The estimate is :func:`activation_bytes_per_pixel` times the input tile's
     pixels times the batch; it is compared with :func:`available_memory`.
     """
-    pixels = math.prod(t + 2 * _margin(model) for t in tile_shape)
+    pixels = math.prod(Tiling.of(model).input_shape(tile_shape))
     needed = activation_bytes_per_pixel(model) * pixels * batch_size
     free = available_memory(device)
     if needed > free:
@@ -207,8 +243,8 @@ def auto_tile_shape(
             f"a memory budget of {budget / GIB:.3g} GiB is more than the {free / GIB:.1f} GiB "
             f"free on {device.type}; lower --memory-budget or leave it out"
         )
-    margin = _margin(model)
-    alignment = size_multiple(model.config.depth)
+    tiling = Tiling.of(model)
+    margin, alignment = tiling.margin, tiling.alignment
     pixels_left = budget / (activation_bytes_per_pixel(model) * max(1, batch_size))
     tile = [0] * len(image_shape)
     # Axes that the image caps go first, so the others can take the memory they leave.
@@ -216,51 +252,31 @@ def auto_tile_shape(
     for position, axis in enumerate(order):
         side = pixels_left ** (1.0 / (len(order) - position)) - 2 * margin
         # Tiles shorter than the pooling alignment cannot be stepped exactly.
-        usable = max(_tile_at_most(model, side), _tile_at_least(model, alignment))
-        largest = min(usable, _tile_at_least(model, image_shape[axis]))
-        tile[axis] = _balanced_tile(model, image_shape[axis], largest, overlap)
+        usable = max(tiling.at_most(side), tiling.at_least(alignment))
+        largest = min(usable, tiling.at_least(image_shape[axis]))
+        tile[axis] = _balanced_tile(tiling, image_shape[axis], largest, overlap)
         pixels_left /= tile[axis] + 2 * margin
     return tuple(tile)
 
 
-def _balanced_tile(model: UNet, size: int, largest: int, overlap: float) -> int:
+def _balanced_tile(tiling: Tiling, size: int, largest: int, overlap: float) -> int:
     """Smallest valid tile that covers ``size`` pixels with as few tiles as ``largest`` does.
 
     The largest tile sets the number of tiles; shrinking them to share the
     image evenly avoids computing a last tile that mostly overhangs the image.
     """
-    alignment = size_multiple(model.config.depth)
-    overlap = overlap if model.config.padding == "same" else 0.0
 
     def count(tile):
-        if tile < min(size, alignment):
+        if tile < min(size, tiling.alignment):
             return math.inf
-        return len(axis_origins(size, tile, tile_step(tile, alignment, overlap), alignment))
+        (step,) = tiling.steps((tile,), overlap)
+        return len(axis_origins(size, tile, step, tiling.alignment))
 
     needed = count(largest)
-    tile = max(_smallest_tile(model), _tile_at_least(model, math.ceil(size / needed)))
+    tile = tiling.at_least(math.ceil(size / needed))
     while tile < largest and count(tile) > needed:
-        tile += alignment
+        tile += tiling.alignment
     return min(tile, largest)
-
-
-def check_tile_shape(model: UNet, tile_shape, dims: int) -> tuple[int, ...]:
-    """Output tile shape as a tuple of ``dims`` ints; ValueError naming valid sizes nearby."""
-    if isinstance(tile_shape, int | np.integer):
-        tile_shape = (int(tile_shape),) * dims
-    tile_shape = tuple(int(t) for t in tile_shape)
-    if len(tile_shape) != dims:
-        raise ValueError(f"tile_shape {tile_shape} must have {dims} entries, one per spatial axis")
-    for tile in tile_shape:
-        if not is_valid_tile(model, tile):
-            below = _tile_at_most(model, tile)
-            above = _tile_at_least(model, tile)
-            nearby = f"{below} or {above}" if below < tile else f"{above}"
-            raise ValueError(
-                f"tile_shape {tile} px is not a valid output tile for this "
-                f"{model.config.padding!r} U-Net of depth {model.config.depth}; use {nearby}"
-            )
-    return tile_shape
 
 
 # --------------------------------------------------------------------------
@@ -268,15 +284,16 @@ def check_tile_shape(model: UNet, tile_shape, dims: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------
 
 
-def _spatial_shape(model: UNet, image) -> tuple[tuple[int, ...], bool]:
-    """Spatial shape and whether the image has a leading channel axis; ValueError otherwise."""
+def spatial_shape(model: UNet, image) -> tuple[int, ...]:
+    """Spatial shape of an image ``model`` takes (with or without a leading channel axis);
+    ValueError saying the layouts it takes otherwise."""
     config = model.config
     shape = tuple(image.shape)
     axes = "DHW"[-config.dims :] if config.dims == 3 else "HW"
     if len(shape) == config.dims and config.in_channels == 1:
-        return shape, False
+        return shape
     if len(shape) == config.dims + 1 and shape[0] == config.in_channels:
-        return shape[1:], True
+        return shape[1:]
     raise ValueError(
         f"image of shape {shape} does not fit a model with {config.in_channels} input "
         f"channel(s); give ({', '.join(axes)})"
@@ -285,58 +302,29 @@ def _spatial_shape(model: UNet, image) -> tuple[tuple[int, ...], bool]:
     )
 
 
-def _normalization(normalization, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
-    if normalization is None:
-        return None
-    if isinstance(normalization, dict):
-        normalization = (normalization["mean"], normalization["std"])
-    mean, std = (np.atleast_1d(np.asarray(v, dtype=np.float32)) for v in normalization)
-    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        raise ValueError(f"normalization must be finite, got {mean.tolist()} and {std.tolist()}")
-    if mean.shape not in ((1,), (channels,)) or std.shape not in ((1,), (channels,)):
-        raise ValueError(
-            f"normalization must give 1 or {channels} mean and std values, "
-            f"got {mean.size} and {std.size}"
-        )
-    if np.any(std <= 0):
-        raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
-    return np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy()
+def read_input(image, window: Window, normalization: Normalization | None = None) -> np.ndarray:
+    """Input tile ``(C, *window.shape)`` as float32: mirrored past the border, normalised.
 
-
-def read_tile(
-    image,
-    window: Sequence[tuple[int, int]],
-    has_channels: bool,
-    normalization: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Input tile ``(C, *window)`` as float32, mirrored past the border, normalised.
-
-    Only the image region under the window is read, so ``image`` may be a
-    memory-mapped or zarr array larger than memory.
+    Only the image region under the window is read (:meth:`Window.read`), so
+    ``image`` may be a memory-mapped or zarr array larger than memory.
     """
-    spatial = image.shape[1:] if has_channels else image.shape
-    indices = [mirror_indices(a, b, size) for (a, b), size in zip(window, spatial, strict=True)]
-    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
-    block = np.asarray(image[((slice(None),) if has_channels else ()) + region])
-    if not has_channels:
+    block = window.read(image)
+    if block.ndim == len(window.shape):
         block = block[None]
-    local = [i - r.start for i, r in zip(indices, region, strict=True)]
-    if not all(np.array_equal(i, np.arange(len(i))) for i in local):
-        block = block[(slice(None), *np.ix_(*local))]
-    tile = block.astype(np.float32)
-    if normalization is not None:
-        mean, std = normalization
-        expand = (slice(None),) + (None,) * len(spatial)
-        tile -= mean[expand]
-        tile /= std[expand]
+    tile = (normalization or Normalization.identity()).apply(block)
     if not np.isfinite(tile).all():
         # One NaN spreads over the whole context window of every output pixel near it.
-        rows = ", ".join(f"{a}..{b - 1}" for a, b in window)
+        rows = ", ".join(f"{a}..{b - 1}" for a, b in zip(window.start, window.stop, strict=True))
         raise ValueError(
             f"holds NaN or infinite pixel values (in the window {rows}, or too large for "
             "float32 after normalisation); replace them before predicting"
         )
     return tile
+
+
+def read_inputs(image, windows: Sequence[Window], normalization: Normalization | None):
+    """A batch ``(N, C, *S)`` of input tiles (:func:`read_input`)."""
+    return np.stack([read_input(image, window, normalization) for window in windows])
 
 
 # --------------------------------------------------------------------------
@@ -430,7 +418,7 @@ def dihedral_transforms(tta: bool) -> list[tuple[int, bool]]:
     return [(turns, mirrored) for mirrored in (False, True) for turns in range(4)]
 
 
-def _forward(
+def forward_probabilities(
     model: UNet, batch: np.ndarray, device: torch.device, tta: bool, channels_last: bool
 ) -> np.ndarray:
     """Class probabilities (softmax) of a batch of input tiles, averaged over the TTA views."""
@@ -479,101 +467,58 @@ def gaussian_importance(
 
 
 def iter_predictions(
-    model: UNet,
-    image,
-    *,
-    tile_shape: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    tta: bool = False,
-    device: str | torch.device | None = None,
-    memory_budget: float | None = None,
-    normalization=None,
-    progress: bool = True,
-    overlap: float = SAME_OVERLAP,
+    model: UNet, image, options: PredictOptions | None = None, **changes
 ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
     """Yield ``(region, probabilities)`` blocks that together cover the image once.
 
     For a ``valid`` model each block is the part of one output tile that no
-    earlier tile wrote (:func:`unetile.tiling.owned_region`), in tile order, so
+    earlier tile wrote (:attr:`unetile.tiling.Tile.owned`), in tile order, so
     a consumer can stream them to disk. For a ``same`` model the blended
-    probabilities of the whole image are yielded as one block. Arguments as
+    probabilities of the whole image are yielded as one block. Options as
     for :func:`predict`.
     """
-    config = model.config
-    spatial, has_channels = _spatial_shape(model, image)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = resolve_device(device)
-    if tile_shape is None:
-        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
-    tile_shape = check_tile_shape(model, tile_shape, config.dims)
-    check_memory(model, tile_shape, batch_size, device)
-    norm = _normalization(normalization, config.in_channels)
-    margin = _margin(model)
-    alignment = size_multiple(config.depth)
-    valid = config.padding == "valid"
-    for tile, size in zip(tile_shape, spatial, strict=True):
-        if tile < min(alignment, size):
-            raise ValueError(
-                f"tile_shape {tile} px is shorter than the {alignment} px pooling alignment "
-                f"and does not cover the image ({size} px); use at least "
-                f"{_tile_at_least(model, alignment)}"
-            )
-    steps = [tile_step(t, alignment, 0.0 if valid else overlap) for t in tile_shape]
-    per_axis = grid_axes(spatial, tile_shape, steps, alignment)
-    origins = tile_grid(spatial, tile_shape, steps, alignment)
-    batches = [origins[i : i + batch_size] for i in range(0, len(origins), batch_size)]
+    spatial = spatial_shape(model, image)
+    options = PredictOptions.of(options, **changes).resolve(model, spatial)
+    config, device = model.config, options.device
+    tiles = Tiling.of(model).tiles(spatial, options.tile_shape, options.overlap)
+    batches = [tiles[i : i + options.batch_size] for i in range(0, len(tiles), options.batch_size)]
     channels_last = device.type == "cpu" and config.dims == 2
-
-    def load(batch_origins):
-        return np.stack(
-            [
-                read_tile(image, input_window(o, tile_shape, margin), has_channels, norm)
-                for o in batch_origins
-            ]
-        )
-
+    valid = config.padding == "valid"
     if not valid:
-        weight = gaussian_importance(tile_shape)
+        weight = gaussian_importance(options.tile_shape)
         numerator = np.zeros((config.num_classes, *spatial), dtype=np.float32)
         denominator = np.zeros(spatial, dtype=np.float32)
 
+    def load(batch):
+        return read_inputs(image, [tile.window for tile in batch], options.normalization)
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(origins), unit="tile", disable=not progress, desc="predict")
+    bar = tqdm(total=len(tiles), unit="tile", disable=not options.progress, desc="predict")
     # One reader thread fetches the next batch of tiles while the network runs.
     reader = ThreadPoolExecutor(max_workers=1)
     try:
         with _inference(model, device, channels_last):
             pending = reader.submit(load, batches[0])
-            for number, batch_origins in enumerate(batches):
+            for number, batch in enumerate(batches):
                 inputs = pending.result()
                 if number + 1 < len(batches):
                     pending = reader.submit(load, batches[number + 1])
-                outputs = _forward(model, inputs, device, tta, channels_last)
+                outputs = forward_probabilities(model, inputs, device, options.tta, channels_last)
                 if not np.isfinite(outputs).all():
                     raise ValueError(
                         "the network gave NaN probabilities from finite input: its weights "
                         "or normalisation are broken; train again or take an earlier checkpoint"
                     )
-                for origin, output in zip(batch_origins, outputs, strict=True):
+                for tile, output in zip(batch, outputs, strict=True):
                     if valid:
-                        region = owned_region(origin, per_axis, spatial)
+                        yield tile.owned, output[(slice(None), *tile.local(tile.owned))]
                     else:
-                        region = tuple(
-                            slice(o, min(o + t, s))
-                            for o, t, s in zip(origin, tile_shape, spatial, strict=True)
+                        local = tile.local(tile.region)
+                        numerator[(slice(None), *tile.region)] += (
+                            output[(slice(None), *local)] * (weight[local])
                         )
-                    local = tuple(
-                        slice(r.start - o, r.stop - o) for r, o in zip(region, origin, strict=True)
-                    )
-                    if valid:
-                        yield region, output[(slice(None), *local)]
-                    else:
-                        numerator[(slice(None), *region)] += (
-                            output[(slice(None), *local)] * weight[local]
-                        )
-                        denominator[region] += weight[local]
+                        denominator[tile.region] += weight[local]
                     bar.update(1)
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
@@ -583,77 +528,43 @@ def iter_predictions(
         yield tuple(slice(0, s) for s in spatial), numerator
 
 
-def predict(
-    model: UNet,
-    image,
-    *,
-    tile_shape: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    tta: bool = False,
-    device: str | torch.device | None = None,
-    memory_budget: float | None = None,
-    normalization=None,
-    progress: bool = True,
-    out=None,
-    overlap: float = SAME_OVERLAP,
-):
+def predict(model: UNet, image, options: PredictOptions | None = None, *, out=None, **changes):
     """Per-class probability map of an image of any size, predicted tile by tile.
 
     Parameters
     ----------
     model : UNet
-        Put in eval mode on ``device`` for the call; its training flag, device
-        and memory layout are restored after.
+        Put in eval mode on the device for the call; its training flag, device
+        and memory layout are restored after. A model from
+        :func:`unetile.io.load_model` brings its normalisation.
     image : array-like
         ``(H, W)`` or ``(C, H, W)`` (``(D, H, W)`` or ``(C, D, H, W)`` for a
         3D model), any dtype; a numpy array, a memory-mapped TIFF
         (``io.read_image(path, memmap=True)``) or a zarr array. Only the
         tiles being predicted are read.
-    tile_shape : int or sequence of int, optional
-        Output tile (pixels per spatial axis); the network reads
-        ``2 * context_margin`` pixels more. Default :func:`auto_tile_shape`.
-    batch_size : int
-        Tiles per forward pass.
-    tta : bool
-        Average the probabilities over the 8 flips and rotations of the plane
-        (the paper averaged 7 rotated versions), each de-augmented per tile.
-    device : str or torch.device, optional
-        "cpu" or "cuda"; CUDA if available when omitted.
-    memory_budget : float, optional
-        Bytes for activations when the tile size is automatic.
-    normalization : (mean, std) or dict with "mean" and "std", optional
-        Per-channel values; each tile becomes ``(tile - mean) / std`` as it is read.
-    progress : bool
-        Show a progress bar over the tiles.
+    options : PredictOptions, optional
+        How to predict; any of its fields may also be given as a keyword
+        (``tile_shape``, ``batch_size``, ``tta``, ``device``,
+        ``memory_budget``, ``normalization``, ``progress``, ``overlap``).
     out : array-like, optional
         ``(K, *spatial)`` float32 destination (numpy or zarr) written tile by tile.
-    overlap : float
-        Tile overlap fraction for ``same`` models (blended); ignored for
-        ``valid`` models, which are exact without overlap.
 
     Returns
     -------
     array-like
         ``out``, or a new ``(K, *spatial)`` float32 numpy array of probabilities.
+
+    Examples
+    --------
+    >>> model, config = unetile.io.load_model("runs/isbi")  # doctest: +SKIP
+    >>> probabilities = predict(model, image, tile_shape=388, tta=True)  # doctest: +SKIP
     """
-    spatial, _ = _spatial_shape(model, image)
-    shape = (model.config.num_classes, *spatial)
+    shape = (model.config.num_classes, *spatial_shape(model, image))
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}; it must be {shape}")
-    for region, block in iter_predictions(
-        model,
-        image,
-        tile_shape=tile_shape,
-        batch_size=batch_size,
-        tta=tta,
-        device=device,
-        memory_budget=memory_budget,
-        normalization=normalization,
-        progress=progress,
-        overlap=overlap,
-    ):
+    for region, block in iter_predictions(model, image, options, **changes):
         out[(slice(None), *region)] = block
     return out
 
@@ -663,112 +574,14 @@ def predict(
 # --------------------------------------------------------------------------
 
 
-def _class_dtype(num_classes: int):
+def class_dtype(num_classes: int):
     return np.uint8 if num_classes <= 256 else np.uint16
 
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """Class map (argmax over the first axis) of ``(K, *spatial)`` probabilities."""
     probabilities = np.asarray(probabilities)
-    return probabilities.argmax(axis=0).astype(_class_dtype(probabilities.shape[0]))
-
-
-def _label_foreground(foreground: np.ndarray) -> tuple[np.ndarray, int]:
-    from scipy import ndimage
-
-    # Face connectivity: cells that only touch diagonally stay apart, so the
-    # one-pixel gaps the weight map teaches the network separate cells.
-    labels, count = ndimage.label(
-        foreground, structure=ndimage.generate_binary_structure(foreground.ndim, 1)
-    )
-    return labels.astype(np.uint32), int(count)
-
-
-def merge_tile_labels(provisional, boundaries: Sequence[Sequence[int]], count: int) -> np.ndarray:
-    """Lookup table joining labels of tile pieces that touch across tile borders.
-
-    Parameters
-    ----------
-    provisional : array-like
-        Labels numbered per tile (1..count, 0 = background), numpy or zarr.
-    boundaries : sequence of sequence of int
-        Per axis, the coordinates (pixels) where a tile's region starts; the
-        pixels at ``b - 1`` and ``b`` are compared.
-    count : int
-        Number of provisional labels.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``lut`` of length ``count + 1``, uint32: ``lut[provisional]`` has one
-        consecutive id per connected cell and 0 for background.
-    """
-    pairs = [np.zeros((0, 2), dtype=np.int64)]
-    for axis, coordinates in enumerate(boundaries):
-        for boundary in coordinates:
-            if not 0 < boundary < provisional.shape[axis]:
-                continue
-            index = [slice(None)] * provisional.ndim
-            index[axis] = slice(boundary - 1, boundary + 1)
-            slab = np.asarray(provisional[tuple(index)])
-            before, after = np.take(slab, 0, axis=axis), np.take(slab, 1, axis=axis)
-            touching = (before > 0) & (after > 0)
-            pairs.append(np.stack([before[touching], after[touching]], axis=1).astype(np.int64))
-    return join_labels(np.concatenate(pairs), count)
-
-
-def join_labels(pairs: np.ndarray, count: int) -> np.ndarray:
-    """Lookup table giving the labels ``1..count`` one consecutive id per joined group.
-
-    Parameters
-    ----------
-    pairs : numpy.ndarray
-        ``(N, 2)`` labels that belong to the same cell (pieces touching across
-        a tile border).
-    count : int
-        Number of labels.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``lut`` of length ``count + 1``, uint32; groups are numbered in the
-        order of their smallest label, and ``lut[0] = 0`` (background).
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    edges = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
-    graph = coo_matrix(
-        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
-        shape=(count + 1, count + 1),
-    )
-    _, component = connected_components(graph, directed=False)
-    # Background (label 0) is its own component; renumber so that it is 0.
-    background = component[0]
-    lut = np.where(component < background, component + 1, component)
-    lut[0] = 0
-    return lut.astype(np.uint32)
-
-
-def final_instances(provisional, lut, region: tuple[slice, ...], grow: int = 0):
-    """The final ids of ``region``: ``lut`` of the per-tile labels, cells grown by ``grow`` px.
-
-    ``lut`` is an array indexed by the provisional labels, or a function of a
-    block of them.
-
-    The region is read with a ``grow``-px margin, which holds every cell a
-    pixel of the region can be grown from, so region by region the result is
-    the whole image's (a property test checks it, ties between equally near
-    cells included).
-    """
-    window = widened_box(region, _check_grow(grow), provisional.shape)
-    block = np.asarray(provisional[window])
-    labels = grow_cells(lut(block) if callable(lut) else lut[block], grow)
-    return labels[
-        tuple(
-            slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
-        )
-    ]
+    return probabilities.argmax(axis=0).astype(class_dtype(probabilities.shape[0]))
 
 
 # --------------------------------------------------------------------------
@@ -776,16 +589,10 @@ def final_instances(provisional, lut, region: tuple[slice, ...], grow: int = 0):
 # --------------------------------------------------------------------------
 
 
-def _chunk_regions(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[slice, ...]]:
-    for index in np.ndindex(*(math.ceil(s / c) for s, c in zip(shape, chunks, strict=True))):
-        yield tuple(
-            slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape, strict=True)
-        )
-
-
 def predict_to_files(
     model: UNet,
     image,
+    options: PredictOptions | None = None,
     *,
     labels: str | os.PathLike | None = None,
     probabilities: str | os.PathLike | None = None,
@@ -793,14 +600,7 @@ def predict_to_files(
     foreground_class: int = 1,
     grow: int = 0,
     instance_options: InstanceOptions | None = None,
-    tile_shape: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    tta: bool = False,
-    device: str | torch.device | None = None,
-    memory_budget: float | None = None,
-    normalization=None,
-    progress: bool = True,
-    overlap: float = SAME_OVERLAP,
+    **changes,
 ) -> dict[str, Path]:
     """Predict an image of any size into files, holding only a few tiles in memory.
 
@@ -824,14 +624,14 @@ def predict_to_files(
         Class index of the cells, for ``instances`` without ``instance_options``.
     grow : int
         Pixels by which each cell of ``instances`` grows into the background
-        (:func:`grow_cells`); 0 keeps the cells as they are.
+        (:func:`unetile.instances.grow_cells`); 0 keeps the cells as they are.
     instance_options : InstanceOptions, optional
         How ``instances`` are extracted; default the paper's connected
         components of ``foreground_class``. The paper's components are joined
         across tiles without bound; the other methods read each region with a
         margin of ``max_extent`` px and raise ValueError when a connected group
         of cells is wider.
-    Others
+    options, keywords
         As for :func:`predict`.
 
     Returns
@@ -839,124 +639,33 @@ def predict_to_files(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    import zarr
-
-    requested = {
-        kind: Path(path)
-        for kind, path in (
-            ("labels", labels),
-            ("probabilities", probabilities),
-            ("instances", instances),
-        )
-        if path is not None
-    }
-    if not requested:
-        raise ValueError("give at least one of labels, probabilities, instances")
-    for kind, path in requested.items():
-        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
-            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
-    grow = _check_grow(grow)
+    requested = requested_outputs(labels, probabilities, instances)
+    grow = check_grow(grow)
     if grow and instances is None:
         raise ValueError("grow grows the cells of instances: give an instances path")
-    num_classes = model.config.num_classes
     if instance_options is None:
         instance_options = InstanceOptions(foreground_classes=(foreground_class,))
     if instances is not None:
-        instance_options.check_classes(num_classes)
-    by_region = instances is not None and instance_options.needs_whole_objects
-    spatial, _ = _spatial_shape(model, image)
-    device = resolve_device(device)
-    if tile_shape is None:
-        tile_shape = auto_tile_shape(model, spatial, device, memory_budget, batch_size, overlap)
-    tile_shape = check_tile_shape(model, tile_shape, model.config.dims)
-    check_memory(model, tile_shape, batch_size, device)
-    steps = [tile_step(t, size_multiple(model.config.depth)) for t in tile_shape]
-    if grow > min(steps):
-        # Each output region is grown from a grow-wide margin: keep it within a tile.
-        raise ValueError(
-            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
-            "use a smaller grow or a larger tile"
-        )
-    chunks = tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
+        instance_options.check_classes(model.config.num_classes)
+    spatial = spatial_shape(model, image)
+    options = PredictOptions.of(options, **changes).resolve(model, spatial)
+    chunks = output_chunks(model, spatial, options.tile_shape, grow)
     first = next(iter(requested.values()))
     first.parent.mkdir(parents=True, exist_ok=True)
     io.remove_stale_scratch(first.parent)
     with io.scratch_folder(first.parent) as scratch:
-
-        def store(name, shape, dtype, chunk_shape):
-            return zarr.open_array(
-                store=str(scratch / f"{name}.zarr"),
-                mode="w",
-                shape=shape,
-                chunks=chunk_shape,
-                dtype=dtype,
-                fill_value=0,
-            )
-
-        arrays = {}
-        if "probabilities" in requested:
-            arrays["probabilities"] = store(
-                "probabilities", (num_classes, *spatial), np.float32, (num_classes, *chunks)
-            )
-        if "labels" in requested:
-            arrays["labels"] = store("labels", spatial, _class_dtype(num_classes), chunks)
-        if by_region and "probabilities" not in arrays:
-            arrays["probabilities"] = store(
-                "scratch_probabilities",
-                (num_classes, *spatial),
-                np.float32,
-                (num_classes, *chunks),
-            )
-        if "instances" in requested:
-            provisional = store("provisional", spatial, np.uint64, chunks)
-        count = 0
-        boundaries: list[set[int]] = [set() for _ in spatial]
-        for region, block in iter_predictions(
-            model,
-            image,
-            tile_shape=tile_shape,
-            batch_size=batch_size,
-            tta=tta,
-            device=device,
-            memory_budget=memory_budget,
-            normalization=normalization,
-            progress=progress,
-            overlap=overlap,
-        ):
-            if "probabilities" in arrays:
-                arrays["probabilities"][(slice(None), *region)] = block
-            classes = block.argmax(axis=0)
-            if "labels" in arrays:
-                arrays["labels"][region] = classes.astype(_class_dtype(num_classes))
-            if "instances" in requested and not by_region:
-                foreground = np.isin(classes, instance_options.foreground_classes)
-                pieces, found = _label_foreground(foreground)
-                pieces = pieces.astype(np.uint64)
-                pieces[pieces > 0] += count
-                count += found
-                provisional[region] = pieces
-                for axis, r in enumerate(region):
-                    boundaries[axis].add(r.start)
-        if by_region:
-            extent = instance_options.extent(len(spatial))
-            regions = region_grid(spatial, chunks, extent)
-            if progress:
-                from tqdm.auto import tqdm
-
-                regions = tqdm(regions, desc="instances", unit="region", dynamic_ncols=True)
-            sorted_keys = keys_by_region(
-                arrays["probabilities"], provisional, regions, instance_options
-            )
-
-            def lut(block):
-                return rank_keys(block, sorted_keys)
-
-        elif "instances" in requested:
-            lut = merge_tile_labels(provisional, [sorted(b) for b in boundaries], count)
-        if "instances" in requested:
-            arrays["instances"] = store("instances", spatial, np.uint32, chunks)
-            for region in _chunk_regions(spatial, chunks):
-                arrays["instances"][region] = final_instances(provisional, lut, region, grow)
+        stores = _ScratchStores(scratch, spatial, chunks)
+        by_region = instances is not None and instance_options.needs_whole_objects
+        arrays = stores.outputs(requested, model.config.num_classes, by_region)
+        tiles = _write_predictions(model, image, options, arrays, instances, instance_options)
+        if instances is not None:
+            if by_region:
+                lut = _ranked_objects(arrays, tiles.provisional, chunks, instance_options, options)
+            else:
+                lut = tiles.lookup()
+            arrays["instances"] = stores.create("instances", np.uint32)
+            for region in chunk_regions(spatial, chunks):
+                arrays["instances"][region] = final_instances(tiles.provisional, lut, region, grow)
         for kind, path in requested.items():
             if path.suffix.lower() == ".zarr":
                 io.move_directory(scratch / f"{kind}.zarr", path)
@@ -966,3 +675,118 @@ def predict_to_files(
                 io.write_tiled_tiff(scratch / f"{kind}{path.suffix}", arrays[kind])
                 os.replace(scratch / f"{kind}{path.suffix}", path)
     return requested
+
+
+def requested_outputs(labels, probabilities, instances) -> dict[str, Path]:
+    """The output paths given, by kind; ValueError for none or a suffix not written."""
+    given = (("labels", labels), ("probabilities", probabilities), ("instances", instances))
+    requested = {kind: Path(path) for kind, path in given if path is not None}
+    if not requested:
+        raise ValueError("give at least one of labels, probabilities, instances")
+    for kind, path in requested.items():
+        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
+    return requested
+
+
+def output_chunks(model: UNet, spatial, tile_shape, grow: int = 0) -> tuple[int, ...]:
+    """Chunks of the output stores: one tile step, so that each tile writes whole chunks."""
+    steps = Tiling.of(model).steps(tile_shape)
+    if grow > min(steps):
+        # Each output region is grown from a grow-wide margin: keep it within a tile.
+        raise ValueError(
+            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
+            "use a smaller grow or a larger tile"
+        )
+    return tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
+
+
+@dataclass
+class _ScratchStores:
+    """Zarr stores in the scratch folder, chunked like the output tiles."""
+
+    folder: Path
+    spatial: tuple[int, ...]
+    chunks: tuple[int, ...]
+
+    def create(self, name: str, dtype, channels: int | None = None):
+        import zarr
+
+        shape = self.spatial if channels is None else (channels, *self.spatial)
+        chunks = self.chunks if channels is None else (channels, *self.chunks)
+        return zarr.open_array(
+            store=str(self.folder / f"{name}.zarr"),
+            mode="w",
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+        )
+
+    def outputs(self, requested, num_classes: int, by_region: bool) -> dict:
+        """Stores for the requested labels and probabilities; probabilities also when the
+        instances are extracted region by region, which reads them again."""
+        arrays = {}
+        if "probabilities" in requested or by_region:
+            name = "probabilities" if "probabilities" in requested else "scratch_probabilities"
+            arrays["probabilities"] = self.create(name, np.float32, num_classes)
+        if "labels" in requested:
+            arrays["labels"] = self.create("labels", class_dtype(num_classes))
+        if "instances" in requested:
+            arrays["provisional"] = self.create("provisional", np.uint64)
+        return arrays
+
+
+@dataclass
+class _TileCells:
+    """The cells of each tile numbered one after another, and where tiles meet."""
+
+    provisional: object
+    count: int = 0
+    boundaries: list = dataclasses.field(default_factory=list)
+
+    def add(self, region: tuple[slice, ...], foreground: np.ndarray) -> None:
+        pieces, found = label_foreground(foreground)
+        pieces = pieces.astype(np.uint64)
+        pieces[pieces > 0] += self.count
+        self.count += found
+        self.provisional[region] = pieces
+        if not self.boundaries:
+            self.boundaries = [set() for _ in region]
+        for axis, r in enumerate(region):
+            self.boundaries[axis].add(r.start)
+
+    def lookup(self) -> np.ndarray:
+        """The table joining the pieces of a cell across tiles (:func:`merge_tile_labels`)."""
+        return merge_tile_labels(self.provisional, [sorted(b) for b in self.boundaries], self.count)
+
+
+def _write_predictions(model, image, options, arrays, instances, instance_options) -> _TileCells:
+    """Stream the predicted tiles into the stores; label the cells of each tile."""
+    cells = _TileCells(arrays.get("provisional"))
+    per_tile = instances is not None and not instance_options.needs_whole_objects
+    for region, block in iter_predictions(model, image, options):
+        if "probabilities" in arrays:
+            arrays["probabilities"][(slice(None), *region)] = block
+        classes = block.argmax(axis=0)
+        if "labels" in arrays:
+            arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
+        if per_tile:
+            cells.add(region, np.isin(classes, instance_options.foreground_classes))
+    return cells
+
+
+def _ranked_objects(arrays, provisional, chunks, instance_options, options):
+    """Objects extracted region by region with a margin, ranked to final ids (a lookup)."""
+    spatial = tuple(provisional.shape)
+    regions = region_grid(spatial, chunks, instance_options.extent(len(spatial)))
+    if options.progress:
+        from tqdm.auto import tqdm
+
+        regions = tqdm(regions, desc="instances", unit="region", dynamic_ncols=True)
+    sorted_keys = keys_by_region(arrays["probabilities"], provisional, regions, instance_options)
+
+    def lut(block):
+        return rank_keys(block, sorted_keys)
+
+    return lut

@@ -249,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..data import channels_first, fit_channels
-    from ..predict import GIB, check_tile_shape, predict_to_files, resolve_device
+    from ..predict import GIB, PredictOptions, predict_to_files, resolve_device
     from ..scale import predict_rescaled_to_files
+    from ..tiling import Tiling
 
     try:
         device = resolve_device(args.device)
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     model, config = io.load_model(args.model)
     if args.tile is not None:
         try:
-            check_tile_shape(model, args.tile, model.config.dims)
+            Tiling.of(model).check(args.tile)
         except ValueError as error:
             raise io.InputError(f"--tile: {error}") from None
         # Runs of `unetile train` store their tile; other model folders get no warning.
@@ -273,7 +274,6 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     options = instance_options(args, config)
-    normalization = config.get("normalization")
     if args.grow < 0:
         raise io.InputError(f"--grow must be >= 0 pixels, got {args.grow}")
     if args.grow and not args.instances:
@@ -282,7 +282,15 @@ def run(args: argparse.Namespace) -> int:
         raise io.InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise io.InputError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
-    budget = None if args.memory_budget is None else args.memory_budget * GIB
+    # The model brings its normalisation (config.json), which prediction applies.
+    how = PredictOptions(
+        tile_shape=args.tile,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        device=device,
+        memory_budget=None if args.memory_budget is None else args.memory_budget * GIB,
+        progress=not args.no_progress,
+    )
     model_pixel_size = config.get("pixel_size_um")
     stated_pixel_size = _stated_pixel_size(args.pixel_size, model.config.dims)
     if args.rescale and model_pixel_size is None:
@@ -313,16 +321,7 @@ def run(args: argparse.Namespace) -> int:
                 "--rescale holds the image in memory and cannot run region by region; "
                 "leave out --workers, --scheduler and --resume, or --rescale"
             )
-        options = dict(
-            instance_options=options,
-            grow=args.grow,
-            tile_shape=args.tile,
-            batch_size=args.batch_size,
-            tta=args.tta,
-            memory_budget=budget,
-            normalization=normalization,
-            progress=not args.no_progress,
-        )
+        options = dict(options=how, instance_options=options, grow=args.grow)
         return _predict_by_regions(args, model, jobs, options)
     failed = 0
     for path, outputs in jobs:
@@ -347,18 +346,7 @@ def run(args: argparse.Namespace) -> int:
                         model_pixel_size=model_pixel_size,
                     )
                 predict(
-                    model,
-                    image,
-                    **outputs,
-                    instance_options=options,
-                    grow=args.grow,
-                    tile_shape=args.tile,
-                    batch_size=args.batch_size,
-                    tta=args.tta,
-                    device=device,
-                    memory_budget=budget,
-                    normalization=normalization,
-                    progress=not args.no_progress,
+                    model, image, options=how, **outputs, instance_options=options, grow=args.grow
                 )
             except ValueError as error:
                 if isinstance(error, io.InputError):
