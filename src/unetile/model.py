@@ -305,6 +305,8 @@ class UNet(nn.Module):
         #: The input normalisation it was trained with (a unetile.normalization.Normalization,
         #: set by unetile.io.load_model); prediction applies it. None: the input as it is.
         self.normalization = None
+        # Valid input sizes are smallest + k * multiple (plain ints for a cheap check).
+        self._valid_sizes = (smallest_input_size(depth, padding), size_multiple(depth))
         self.reset_parameters()
 
     @classmethod
@@ -331,7 +333,8 @@ class UNet(nn.Module):
                     module.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing():  # exported graphs take any size their consumer tiles by
+        # Eager calls only: traced exports and compiled graphs keep the shapes symbolic.
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input_shape(x.shape[2:])
         skips = []
         for level, block in enumerate(self.contracting):
@@ -353,11 +356,10 @@ class UNet(nn.Module):
         poolings cannot halve evenly would otherwise give an output shifted by
         half a pixel against the input.
         """
-        config = self.config
-        smallest = smallest_input_size(config.depth, config.padding)
-        multiple = size_multiple(config.depth)
+        smallest, multiple = self._valid_sizes
         for size in input_shape:
             if size < smallest or (size - smallest) % multiple:
+                config = self.config
                 raise ValueError(invalid_input_message(int(size), config.depth, config.padding))
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
