@@ -47,7 +47,6 @@ import torch
 from . import io
 from .instances import (
     InstanceOptions,
-    check_grow,
     grow_cells,
     join_labels,
     label_foreground,
@@ -64,6 +63,7 @@ from .predict import (
     forward_probabilities,
     output_chunks,
     read_inputs,
+    requested_outputs,
     resolve_device,
     spatial_shape,
 )
@@ -527,20 +527,6 @@ def work_folder(first_output: str | os.PathLike) -> Path:
     return first_output.parent / f".{first_output.name}{WORK_SUFFIX}"
 
 
-def _requested(labels, probabilities, instances) -> dict[str, Path]:
-    requested = {
-        kind: Path(path)
-        for kind, path in zip(KINDS, (labels, probabilities, instances), strict=True)
-        if path is not None
-    }
-    if not requested:
-        raise ValueError("give at least one of labels, probabilities, instances")
-    for kind, path in requested.items():
-        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
-            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
-    return requested
-
-
 def _create_stores(work: Path, plan: Plan, chunks: Sequence[int]) -> None:
     import zarr
 
@@ -700,10 +686,9 @@ def predict_regions(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    requested = _requested(labels, probabilities, instances)
-    grow = check_grow(grow)
-    if grow and instances is None:
-        raise ValueError("grow grows the cells of instances: give an instances path")
+    requested, grow, instance_options = requested_outputs(
+        model, (labels, probabilities, instances), grow, foreground_class, instance_options
+    )
     if region_tiles < 1:
         raise ValueError(f"region_tiles must be >= 1, got {region_tiles}")
     config = model.config
@@ -712,10 +697,6 @@ def predict_regions(
             "region-by-region prediction needs a 'valid' model: a 'same' model's "
             "blended tiles depend on their neighbours; predict it in one process"
         )
-    if instance_options is None:
-        instance_options = InstanceOptions(foreground_classes=(int(foreground_class),))
-    if "instances" in requested:
-        instance_options.check_classes(config.num_classes)
     options = PredictOptions.of(options, **changes)
     if isinstance(image, str | os.PathLike):
         image = ImagePath(str(image), config.dims, config.in_channels)

@@ -639,14 +639,10 @@ def predict_to_files(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    requested = requested_outputs(labels, probabilities, instances)
-    grow = check_grow(grow)
-    if grow and instances is None:
-        raise ValueError("grow grows the cells of instances: give an instances path")
-    if instance_options is None:
-        instance_options = InstanceOptions(foreground_classes=(foreground_class,))
-    if instances is not None:
-        instance_options.check_classes(model.config.num_classes)
+    outputs = (labels, probabilities, instances)
+    requested, grow, instance_options = requested_outputs(
+        model, outputs, grow, foreground_class, instance_options
+    )
     spatial = spatial_shape(model, image)
     options = PredictOptions.of(options, **changes).resolve(model, spatial)
     chunks = output_chunks(model, spatial, options.tile_shape, grow)
@@ -677,16 +673,31 @@ def predict_to_files(
     return requested
 
 
-def requested_outputs(labels, probabilities, instances) -> dict[str, Path]:
-    """The output paths given, by kind; ValueError for none or a suffix not written."""
-    given = (("labels", labels), ("probabilities", probabilities), ("instances", instances))
+def requested_outputs(
+    model: UNet, outputs, grow: int, foreground_class: int, instance_options
+) -> tuple[dict[str, Path], int, InstanceOptions]:
+    """The output paths given, by kind, with ``grow`` and the instance options, checked.
+
+    ``outputs`` are the labels, probabilities and instances paths (None: not
+    written). ValueError for no output, a suffix that is not written, a grow
+    without instances or instance classes the model does not have.
+    """
+    kinds = ("labels", "probabilities", "instances")
+    given = zip(kinds, outputs, strict=True)
     requested = {kind: Path(path) for kind, path in given if path is not None}
     if not requested:
         raise ValueError("give at least one of labels, probabilities, instances")
     for kind, path in requested.items():
         if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
             raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
-    return requested
+    grow = check_grow(grow)
+    if grow and "instances" not in requested:
+        raise ValueError("grow grows the cells of instances: give an instances path")
+    if instance_options is None:
+        instance_options = InstanceOptions(foreground_classes=(int(foreground_class),))
+    if "instances" in requested:
+        instance_options.check_classes(model.config.num_classes)
+    return requested, grow, instance_options
 
 
 def output_chunks(model: UNet, spatial, tile_shape, grow: int = 0) -> tuple[int, ...]:
