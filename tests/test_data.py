@@ -202,6 +202,10 @@ def test_normalization_statistics_by_hand():
     assert normalized.dtype == np.float32
     assert normalized[0, 0].tolist() == pytest.approx([-3 / np.sqrt(5.0), -1 / np.sqrt(5.0)])
     assert normalized[1].tolist() == [[0.0, 0.0]]
+    with pytest.raises(ValueError, match="must give 1 or 2 mean and std values, got 3 and 1"):
+        Normalization((0.0, 1.0, 2.0), (1.0,)).apply(first)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        Normalization.of(([0.0], [0.0]))
 
 
 def test_weight_maps_are_cached_on_disk_by_content(tmp_path, monkeypatch):

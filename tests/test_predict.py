@@ -490,3 +490,28 @@ def test_watershed_instance_files_equal_the_whole_image_across_regions(tmp_path,
             tile_shape=tile,
         )
     assert not (tmp_path / f"n{suffix}").exists()
+
+
+def test_a_loaded_model_brings_its_normalisation_and_options_are_one_object(tmp_path):
+    from unetile import io
+    from unetile.normalization import Normalization
+    from unetile.predict import PredictOptions
+
+    model = small_model(depth=2, base=3, seed=4)
+    stored = {"mean": [100.0], "std": [50.0]}
+    io.save_model(tmp_path, model, {"model": model.config.to_dict(), "normalization": stored})
+    loaded, config = io.load_model(tmp_path)
+    assert loaded.normalization == Normalization((100.0,), (50.0,))
+    image = np.random.default_rng(4).integers(0, 256, (23, 30), dtype=np.uint8)
+    expected = whole_image_reference(model, (image.astype(np.float32) - 100.0) / 50.0)
+    by_default = predict(loaded, image, tile_shape=8, progress=False)
+    assert np.abs(by_default - expected).max() < 1e-5
+    # The same options as one object, and the identity to opt out.
+    options = PredictOptions(tile_shape=8, progress=False)
+    assert np.array_equal(predict(loaded, image, options), by_default)
+    raw = predict(loaded, image, options, normalization=Normalization.identity())
+    assert np.abs(raw - whole_image_reference(model, image)).max() < 1e-5
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predict(loaded, image, options, batch_size=0)
+    with pytest.raises(TypeError):
+        predict(loaded, image, tile_size=8)
