@@ -39,9 +39,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from .model import UNet, context_margin, is_valid_input_size, output_size, size_multiple
+from .model import UNet
 from .normalization import Normalization
-from .tiling import mirror_indices
+from .tiling import Tiling, Window
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 ONNX_OPSET = 17  # run on the CPU by every onnxruntime since 1.14
@@ -115,14 +115,9 @@ def export_geometry(depth: int, padding: str = "valid") -> ExportGeometry:
     >>> export_geometry(5)
     ExportGeometry(margin=96, multiple=16, min_output=16, extra=4)
     """
-    network_margin = context_margin(depth, padding)
-    multiple = size_multiple(depth)
-    smallest = next(
-        s
-        for s in range(1, 2 * network_margin + 8 * multiple)
-        if is_valid_input_size(s, depth, padding)
-    )
-    smallest_output = output_size(smallest, depth, padding)
+    tiling = Tiling(depth, padding)
+    network_margin, multiple = tiling.margin, tiling.alignment
+    smallest_output = tiling.smallest
     # All raw outputs are congruent modulo `multiple`; `extra` is that remainder.
     extra = smallest_output % multiple
     min_output = smallest_output - extra or multiple
@@ -285,13 +280,13 @@ def sample_crop(model: UNet, image: np.ndarray) -> np.ndarray:
         image = image[None]
     least = max(geometry.min_input, 4 * geometry.margin if dims == 2 else 0)
     least += -least % geometry.multiple
-    indices = []
+    starts, stops = [], []
     for size in image.shape[1:]:
         side = min(size, TEST_SIZE[dims]) // geometry.multiple * geometry.multiple
         side = max(side, least)
-        start = (size - side) // 2
-        indices.append(mirror_indices(start, start + side, size))
-    return image[(slice(None), *np.ix_(*indices))].astype(np.float32)
+        starts.append((size - side) // 2)
+        stops.append(starts[-1] + side)
+    return Window(starts, stops, image.shape[1:]).read(image).astype(np.float32)
 
 
 def _cover(image: np.ndarray, probabilities: np.ndarray, foreground: int) -> np.ndarray:
