@@ -144,16 +144,25 @@ class Window:
         return block
 
     def _read_tensor(self, tensor, leading: int, mirrored: Sequence[int]):
-        import torch
 
         if not mirrored:
             return tensor[(slice(None),) * leading + tuple(map(slice, self.start, self.stop))]
         for axis, window in enumerate(self.source):
             tensor = tensor.narrow(leading + axis, window.start, window.stop - window.start)
         for axis in mirrored:
-            rows = torch.from_numpy(self.indices[axis] - self.source[axis].start)
-            tensor = tensor.index_select(leading + axis, rows.to(tensor.device, non_blocking=True))
+            tensor = tensor.index_select(leading + axis, self._rows(axis, tensor.device))
         return tensor
+
+    def _rows(self, axis: int, device):
+        """The gather indices of one axis as a tensor on ``device``, made once per window
+        (the training sampler reads an image, its labels and its weights through one)."""
+        import torch
+
+        cache = self.__dict__.setdefault("_rows_on", {})
+        if (axis, device) not in cache:
+            rows = torch.from_numpy(self.indices[axis] - self.source[axis].start)
+            cache[axis, device] = rows.to(device, non_blocking=True)
+        return cache[axis, device]
 
     def inside(self, device=None):
         """Boolean mask of the window's pixels that lie in the image (not mirrored).
