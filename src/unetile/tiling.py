@@ -238,6 +238,9 @@ class Tiling:
     padding: str = "valid"
     dims: int = 2
 
+    def __post_init__(self):
+        UNetConfig(depth=self.depth, padding=self.padding, dims=self.dims)  # ValueError if bad
+
     @classmethod
     def of(cls, model) -> Tiling:
         """The tiling of a ``UNet``, a ``UNetConfig`` or its dict."""
