@@ -29,6 +29,7 @@ from .augment import AugmentParams
 from .data import LABEL_MODES, TARGETS
 from .model import UNetConfig, context_margin, is_valid_input_size
 from .numbers import check_int
+from .tiling import Tiling
 
 try:
     import tomllib
@@ -455,20 +456,19 @@ def _sizes(shape) -> str:
 
 def is_valid_output_size(size: int, depth: int = 5, padding: str = "valid") -> bool:
     """Whether ``size`` pixels is the output of a valid input tile (388 for the paper's net)."""
-    margin = context_margin(depth, padding)
-    return size >= 1 and is_valid_input_size(size + 2 * margin, depth, padding)
+    return Tiling(depth, padding).is_valid(size)
 
 
 def check_output_tile(size: int, depth: int = 5, padding: str = "valid") -> None:
     """ValueError naming the valid output tiles next to ``size`` when it is not one."""
-    if is_valid_output_size(size, depth, padding):
+    tiling = Tiling(depth, padding)
+    if tiling.is_valid(size):
         return
-    valid = [s for s in range(max(1, size - 2**depth), size + 2**depth + 1)]
-    valid = [s for s in valid if is_valid_output_size(s, depth, padding)]
-    nearby = [max((s for s in valid if s < size), default=None), min(s for s in valid if s > size)]
+    below, above = tiling.at_most(size), tiling.at_least(size)
+    nearby = f"{below} or {above}" if below < size else f"{above}"
     raise ValueError(
         f"tile {size} is not an output size of a depth-{depth} {padding!r} U-Net; valid tiles "
-        f"nearby: {' or '.join(str(s) for s in nearby if s is not None)}"
+        f"nearby: {nearby}"
     )
 
 
