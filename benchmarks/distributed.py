@@ -56,6 +56,7 @@ import torch  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 from unetile.distributed import Plan, model_payload, predict_regions, region_grid  # noqa: E402
+from unetile.instances import InstanceOptions  # noqa: E402
 from unetile.model import UNet, size_multiple  # noqa: E402
 from unetile.predict import predict_to_files  # noqa: E402
 from unetile.tiling import Tiling, tile_step  # noqa: E402
@@ -276,11 +277,10 @@ def task_bytes(model: UNet, shape, tile) -> dict:
         spatial=tuple(shape),
         tile_shape=tuple(tile),
         steps=steps,
-        alignment=alignment,
-        margin=model.context_margin,
-        has_channels=False,
+        tiling=Tiling.of(model),
         kinds=("labels", "instances"),
-        foreground_class=1,
+        instance_options=InstanceOptions().to_dict(),
+        by_region=False,
         grow=0,
         batch_size=1,
         tta=False,
