@@ -1,0 +1,197 @@
+"""Sparse annotations: the ignore value against full labels and against unannotated = background.
+
+1. Data with exact ground truth: synthetic touching cells,
+   :func:`unetile.synthetic.cells_like` (70 % of the cells touch another),
+   instance labels (0 = background, one id per cell).
+2. Sparse labels: on every training image only the pixels inside random
+   disks are annotated (radius 12 px, added until they cover about 7 % of the
+   pixels; cell, background and the lines between touching cells in the
+   proportions the disks happen to cover), the others are unknown.
+3. Three arms train the same network for the same steps on the same images
+   and seeds, with the demo's recipe (depth 4, 16 base channels, the paper's
+   weight map w0 = 10, sigma = 5 px, Adam 2e-3 cosine):
+
+   - ``full labels``: every pixel annotated (the reference);
+   - ``sparse, --ignore-value``: unknown pixels set to the ignore value and
+     ``ignore_value`` given: no loss, no weight, and the weight map treats them
+     as unknown;
+   - ``sparse, unknown = background``: the same annotated pixels, the others
+     left at 0 (the naive alternative without an ignore value).
+4. Every model predicts held-out images (overlap-tile) and is scored on their
+   FULL ground truth at threshold 0.5 (the network's own decision): pixel
+   error, cell IoU, F1 at IoU 0.5 and SEG of the connected components, and the
+   Rand error; mean over the test images.
+
+Prints a table and each arm's F1 and pixel error against the full-label arm
+of the same run; writes ``sparse_labels.json`` beside this script with the
+command line.
+
+    python benchmarks/sparse_labels.py                     # ~7 minutes on 2 cores
+    python benchmarks/sparse_labels.py --steps 5 --train-images 1 --test-images 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from machine import machine_info
+
+from unetile import io
+from unetile.allocator import keep_freed_memory
+from unetile.demo import DEMO_TRAINING
+from unetile.metrics import score
+from unetile.predict import predict
+from unetile.synthetic import cells_like
+from unetile.train import make_config, prepare_arrays, train
+
+METRICS = ["pixel_error", "iou", "f1", "seg", "rand_error"]
+#: Label value of the unannotated pixels (instance ids are 1..n, far below it).
+IGNORE_VALUE = 65535
+ARMS = ("full labels", "sparse, --ignore-value", "sparse, unknown = background")
+
+
+def cell_images(count: int, seed: int, size: int):
+    """``count`` synthetic images of touching cells and their instance labels."""
+    samples = [cells_like((size, size), touching_fraction=0.7, rng=seed + i) for i in range(count)]
+    return [s.image for s in samples], [s.instances for s in samples]
+
+
+def disk_annotation(shape, share: float, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Annotated pixels: disks of ``radius`` px at random centres until ``share`` is covered.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Image height and width in pixels.
+    share : float
+        Fraction of the pixels to annotate, in (0, 1].
+    radius : float
+        Disk radius in pixels.
+    rng : numpy.random.Generator
+        Draws the centres.
+
+    Returns
+    -------
+    ndarray of bool
+        True where annotated; covers at least ``share`` of the pixels.
+    """
+    from skimage.draw import disk
+
+    mask = np.zeros(shape, dtype=bool)
+    while mask.mean() < share:
+        centre = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        mask[disk(centre, radius, shape=shape)] = True
+    return mask
+
+
+def arm_labels(labels, masks) -> dict[str, tuple[list[np.ndarray], int | None]]:
+    """Each arm's training labels and ignore value."""
+    return {
+        ARMS[0]: (list(labels), None),
+        ARMS[1]: (
+            [np.where(m, lab, IGNORE_VALUE) for lab, m in zip(labels, masks, strict=True)],
+            IGNORE_VALUE,
+        ),
+        ARMS[2]: ([np.where(m, lab, 0) for lab, m in zip(labels, masks, strict=True)], None),
+    }
+
+
+def evaluate(run_dir: Path, images, truths) -> dict[str, float]:
+    """Mean of each metric over the test images, the probability map at 0.5 against full truth."""
+    model, config = io.load_model(run_dir)
+    totals: dict[str, float] = {}
+    for image, truth in zip(images, truths, strict=True):
+        probabilities = predict(model, image, normalization=config["normalization"], progress=False)
+        values = score(probabilities[1], truth, METRICS, thresholds=(0.5,))
+        for name in ("pixel_error", "iou", "f1@0.5", "seg", "rand_error"):
+            totals[name] = totals.get(name, 0.0) + float(values[name])
+    return {name: value / len(images) for name, value in totals.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=250, help="training steps of every arm")
+    parser.add_argument("--train-images", type=int, default=4)
+    parser.add_argument("--test-images", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="training image side (pixels)")
+    parser.add_argument("--test-size", type=int, default=512, help="test image side (pixels)")
+    parser.add_argument("--share", type=float, default=0.07, help="annotated share of pixels")
+    parser.add_argument("--radius", type=float, default=12.0, help="annotation disk radius (px)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    # No validation images: every arm keeps its last weights, scored on the test images.
+    dropped = ("keep_best", "metrics", "validate_every", "checkpoint_every")
+    recipe = {k: v for k, v in DEMO_TRAINING.items() if k not in dropped}
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine_info(),
+        "recipe": "unetile demo's (depth 4, base 16, w0 10, sigma 5, Adam 2e-3 cosine)",
+        "ignore_value": IGNORE_VALUE,
+        "metrics_threshold": 0.5,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    began = time.perf_counter()
+    images, labels = cell_images(args.train_images, 100 * args.seed, args.size)
+    test_images, test_truths = cell_images(args.test_images, 100 * args.seed + 5000, args.test_size)
+    rng = np.random.default_rng(args.seed)
+    masks = [disk_annotation(lab.shape, args.share, args.radius, rng) for lab in labels]
+    annotated = np.concatenate([m.ravel() for m in masks])
+    cells = np.concatenate([(lab > 0).ravel() for lab in labels])
+    result["annotation"] = {
+        "kind": f"random disks of radius {args.radius:g} px",
+        "annotated_share": float(annotated.mean()),
+        "cell_share_of_annotated": float(cells[annotated].mean()),
+        "cell_share_of_all": float(cells.mean()),
+    }
+    print(f"annotated {annotated.mean():.1%} of the training pixels")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="unetile-sparse-") as scratch:
+        for name, (arm, ignore_value) in arm_labels(labels, masks).items():
+            out = Path(scratch) / name.replace(" ", "_").replace(",", "")
+            config = make_config(
+                **recipe,
+                out=str(out),
+                steps=args.steps,
+                seed=args.seed,
+                ignore_value=ignore_value,
+                checkpoint_every=max(args.steps, 1),
+                validate_every=max(args.steps, 1),
+            )
+            summary = train(config, progress=False, data=prepare_arrays(config, images, arm))
+            rows[name] = {"steps": summary["step"], "seconds": round(summary["seconds"], 1)}
+            rows[name].update(evaluate(out, test_images, test_truths))
+            print(f"{name}: {rows[name]}")
+    reference = rows[ARMS[0]]
+    for values in rows.values():
+        values["f1_vs_full"] = values["f1@0.5"] / max(reference["f1@0.5"], 1e-12)
+        values["pixel_error_vs_full"] = values["pixel_error"] / max(reference["pixel_error"], 1e-12)
+    result["arms"] = rows
+    result["wall_seconds"] = round(time.perf_counter() - began, 1)
+    shown = ["pixel_error", "iou", "f1@0.5", "seg", "rand_error"]
+    print(f"\n{'arm':30s} {'steps':>5s} {'s':>6s} " + " ".join(f"{m:>11s}" for m in shown))
+    for name, values in rows.items():
+        cells_text = " ".join(f"{values[m]:11.4f}" for m in shown)
+        print(f"{name:30s} {values['steps']:5d} {values['seconds']:6.1f} {cells_text}")
+    print("against full labels (F1, pixel error): ", end="")
+    print(
+        ", ".join(
+            f"{n}: {v['f1_vs_full']:.2f}x, {v['pixel_error_vs_full']:.2f}x" for n, v in rows.items()
+        )
+    )
+    print(f"wall time {result['wall_seconds']:.0f} s")
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())
