@@ -98,7 +98,8 @@ def disk_annotation(
     contacts = np.argwhere(touching_borders(instances))
     mask = np.zeros(instances.shape, dtype=bool)
     while mask.mean() < share:
-        if len(contacts) and rng.uniform() < contact_share:
+        # No extra draw at contact_share 0: the centres stay those of a plain random layout.
+        if contact_share > 0 and len(contacts) and rng.uniform() < contact_share:
             centre = contacts[rng.integers(len(contacts))]
         else:
             centre = rng.uniform(0, instances.shape[0]), rng.uniform(0, instances.shape[1])
