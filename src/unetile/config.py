@@ -109,8 +109,9 @@ class TrainConfig:
     """Every option of a training run; serialises to ``config.json`` ``"training"``.
 
     The defaults are the paper's (section 3). Each field's ``metadata`` holds
-    its flag, help text and group: ``unetile train --help`` (or the README's
-    table, :func:`options_table`) describes them all. Lengths are pixels.
+    its flag, help text and group: ``unetile train --help`` and
+    ``docs/options.md`` (:func:`options_table`) describe them all. Lengths are
+    pixels; ``tile`` and ``max_tile`` are output sizes.
     ``preset`` names the preset whose values filled the defaults.
     """
 

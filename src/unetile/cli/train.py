@@ -19,8 +19,9 @@ DESCRIPTION = """\
 Train a U-Net (Ronneberger et al. 2015) on pairs of images and labels matched
 by file stem (TIFF or PNG; 2D, multi-channel or 3D). The defaults are the
 paper's recipe: SGD with momentum 0.99, one large tile per step (the largest
-valid tile up to 572 px, output 388), weighted cross-entropy with the weight
-map w0 = 10, sigma = 5 px, drop-out 0.5, elastic deformations.
+valid one up to the paper's: 572 px in, 388 px out), weighted cross-entropy
+with the weight map w0 = 10, sigma = 5 px, drop-out 0.5, elastic deformations.
+A tile (--tile, --max-tile) is the output tile, as in 'unetile predict'.
 
 The run folder (--out) receives model.safetensors + config.json (the model to
 use: the best on the validation images by --keep-best, or the last one without
