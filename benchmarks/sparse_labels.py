@@ -23,7 +23,8 @@
    FULL ground truth at threshold 0.5 (the network's own decision): pixel
    error, cell IoU, F1 at IoU 0.5 and SEG of the connected components, and the
    Rand error, and the predicted cell area over the true one; mean over the
-   test images.
+   test images. Each arm also records how its weight maps weigh the cell
+   pixels against the background pixels (what the loss asks before any step).
 
 Prints a table and each arm's F1 and pixel error against the full-label arm
 of the same run; writes ``sparse_labels.json`` beside this script with the
@@ -159,8 +160,29 @@ def evaluate(run_dir: Path, images, truths) -> dict[str, float]:
     return {name: value / len(images) for name, value in totals.items()}
 
 
+def loss_balance(data) -> dict[str, float]:
+    """How the training loss weighs cells against background, from the arm's weight maps.
+
+    ``cell_weight_vs_background``: the summed weight of the cell pixels over
+    that of the background pixels (unknown pixels weigh 0);
+    ``cell_pixel_weight_vs_background``: the same per pixel (mean over mean).
+    """
+    cell_weight = background_weight = cell_pixels = background_pixels = 0.0
+    for item in data.train:
+        cells, background = item.classes == 1, item.classes == 0
+        cell_weight += float(item.weights[cells].sum())
+        background_weight += float(item.weights[background].sum())
+        cell_pixels += float(cells.sum())
+        background_pixels += float(background.sum())
+    return {
+        "cell_weight_vs_background": cell_weight / background_weight,
+        "cell_pixel_weight_vs_background": (cell_weight / cell_pixels)
+        / (background_weight / background_pixels),
+    }
+
+
 def train_arm(recipe: dict, args, out: Path, images, labels, ignore_value) -> dict:
-    """Train one arm for ``args.steps`` steps into ``out``; its steps and seconds."""
+    """Train one arm for ``args.steps`` steps into ``out``; its steps, seconds, loss balance."""
     config = make_config(
         **recipe,
         out=str(out),
@@ -170,8 +192,9 @@ def train_arm(recipe: dict, args, out: Path, images, labels, ignore_value) -> di
         checkpoint_every=max(args.steps, 1),
         validate_every=max(args.steps, 1),
     )
-    summary = train(config, progress=False, data=prepare_arrays(config, images, labels))
-    return {"steps": summary["step"], "seconds": round(summary["seconds"], 1)}
+    data = prepare_arrays(config, images, labels)
+    summary = train(config, progress=False, data=data)
+    return {"steps": summary["step"], "seconds": round(summary["seconds"], 1), **loss_balance(data)}
 
 
 def main(argv=None) -> int:
