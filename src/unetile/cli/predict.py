@@ -323,31 +323,41 @@ def run(args: argparse.Namespace) -> int:
             )
         options = dict(options=how, instance_options=options, grow=args.grow)
         return _predict_by_regions(args, model, jobs, options)
+
+    def predict_one(path: Path, outputs: dict) -> None:
+        image = io.read_image(path, memmap=True)
+        if image.ndim == model.config.dims + 1:
+            # The same layout rule as training (PNG and RGB TIFF channels last).
+            image = channels_first(
+                image, model.config.dims, channels_last=path.suffix.lower() == ".png"
+            )
+        if image.ndim == model.config.dims + 1 or model.config.in_channels > 1:
+            image = fit_channels(image, model.config.dims, model.config.in_channels)
+        pixel_size = stated_pixel_size or io.read_pixel_size(path, model.config.dims)
+        rescale = _needs_rescaling(args, path, pixel_size, model_pixel_size)
+        predict = predict_to_files
+        if rescale:
+            image = np.asarray(image)
+            predict = functools.partial(
+                predict_rescaled_to_files,
+                pixel_size=pixel_size,
+                model_pixel_size=model_pixel_size,
+            )
+        predict(model, image, options=how, **outputs, instance_options=options, grow=args.grow)
+
+    return _each_input(jobs, predict_one)
+
+
+def _each_input(jobs: list[tuple[Path, dict[str, Path]]], predict_one) -> int:
+    """``predict_one(path, outputs)`` for every input; a bad one is reported and the rest go on.
+
+    Returns the exit status: 2 if any input failed.
+    """
     failed = 0
     for path, outputs in jobs:
         try:
-            image = io.read_image(path, memmap=True)
             try:
-                if image.ndim == model.config.dims + 1:
-                    # The same layout rule as training (PNG and RGB TIFF channels last).
-                    image = channels_first(
-                        image, model.config.dims, channels_last=path.suffix.lower() == ".png"
-                    )
-                if image.ndim == model.config.dims + 1 or model.config.in_channels > 1:
-                    image = fit_channels(image, model.config.dims, model.config.in_channels)
-                pixel_size = stated_pixel_size or io.read_pixel_size(path, model.config.dims)
-                rescale = _needs_rescaling(args, path, pixel_size, model_pixel_size)
-                predict = predict_to_files
-                if rescale:
-                    image = np.asarray(image)
-                    predict = functools.partial(
-                        predict_rescaled_to_files,
-                        pixel_size=pixel_size,
-                        model_pixel_size=model_pixel_size,
-                    )
-                predict(
-                    model, image, options=how, **outputs, instance_options=options, grow=args.grow
-                )
+                predict_one(path, outputs)
             except ValueError as error:
                 if isinstance(error, io.InputError):
                     raise
@@ -357,10 +367,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"unetile predict: error: {error}", file=sys.stderr)
             failed += 1
             continue
-        written = ", ".join(str(p) for p in outputs.values())
-        print(f"{path}: wrote {written}")
+        print(f"{path}: wrote {', '.join(str(p) for p in outputs.values())}")
     if failed:
-        print(f"unetile predict: {failed} of {len(paths)} input(s) failed", file=sys.stderr)
+        print(f"unetile predict: {failed} of {len(jobs)} input(s) failed", file=sys.stderr)
         return 2
     return 0
 
@@ -404,33 +413,24 @@ def _predict_by_regions(args, model, jobs, options) -> int:
     """Every input region by region: on a Dask cluster, or here one region after another."""
     from ..distributed import dask_client, predict_regions
 
-    failed = 0
     with contextlib.ExitStack() as stack:
         client = None
         if args.workers is not None or args.scheduler is not None:
             client = stack.enter_context(dask_client(args.workers, args.scheduler))
-        for path, outputs in jobs:
+
+        def predict_one(path: Path, outputs: dict) -> None:
             try:
-                try:
-                    # Each worker opens the image itself, by path, and resolves the device.
-                    predict_regions(
-                        model,
-                        path,
-                        **outputs,
-                        device=args.device,
-                        client=client,
-                        resume=args.resume,
-                        region_tiles=args.region_tiles,
-                        **options,
-                    )
-                except ValueError as error:
-                    if isinstance(error, io.InputError):
-                        raise
-                    raise io.InputError(f"{path}: {error}") from None
-            except io.InputError as error:
-                print(f"unetile predict: error: {error}", file=sys.stderr)
-                failed += 1
-                continue
+                # Each worker opens the image itself, by path, and resolves the device.
+                predict_regions(
+                    model,
+                    path,
+                    **outputs,
+                    device=args.device,
+                    client=client,
+                    resume=args.resume,
+                    region_tiles=args.region_tiles,
+                    **options,
+                )
             except KeyboardInterrupt:
                 print(
                     f"unetile predict: {path}: the regions done so far are kept; add --resume "
@@ -438,8 +438,5 @@ def _predict_by_regions(args, model, jobs, options) -> int:
                     file=sys.stderr,
                 )
                 raise
-            print(f"{path}: wrote {', '.join(str(p) for p in outputs.values())}")
-    if failed:
-        print(f"unetile predict: {failed} of {len(jobs)} input(s) failed", file=sys.stderr)
-        return 2
-    return 0
+
+        return _each_input(jobs, predict_one)
