@@ -40,7 +40,6 @@ import math
 import os
 import pickle
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ sys.path.append(_HERE)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import in_subprocess as run_script_child  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 from unetile.distributed import Plan, model_payload, predict_regions, region_grid  # noqa: E402
@@ -201,18 +201,7 @@ def run_child(spec: dict) -> dict:
 
 
 def in_subprocess(spec: dict) -> dict:
-    load_before = os.getloadavg()[0]
-    completed = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"job": spec, "failed": tail[0]}
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    return {"job": spec, **result, "load_average_before": load_before}
+    return run_script_child(__file__, spec)
 
 
 # --------------------------------------------------------------------------

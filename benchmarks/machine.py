@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -39,3 +43,23 @@ def machine_info(**extra) -> dict:
         "torch": torch.__version__,
         **extra,
     }
+
+
+def in_subprocess(script: str, spec: dict) -> dict:
+    """Run ``script --child SPEC`` in a fresh process (its own peak memory); its JSON result.
+
+    The child prints its result as JSON on its last line; a failure comes back as
+    ``{"job": spec, "failed": <last stderr line>}``.
+    """
+    load_before = os.getloadavg()[0]
+    completed = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"job": spec, "failed": tail[0]}
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {"job": spec, **result, "load_average_before": load_before}

@@ -34,7 +34,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import in_subprocess as run_script_child
 from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
@@ -222,18 +222,7 @@ def run_child(spec: dict) -> dict:
 
 
 def in_subprocess(spec: dict) -> dict:
-    load_before = os.getloadavg()[0]
-    completed = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"job": spec, "failed": tail[0]}
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    return {"job": spec, **result, "load_average_before": load_before}
+    return run_script_child(__file__, spec)
 
 
 def gib(value: float) -> str:
