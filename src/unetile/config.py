@@ -130,6 +130,16 @@ class TrainConfig:
     out: str | None = option(
         None, group=RUN, help="run folder to write", metavar="RUN_DIR", shown="required"
     )
+    holdout: float | None = option(
+        None,
+        group=RUN,
+        help="without --val-images, hold out this share of the training data for validation "
+        "(the kept model, the calibrated threshold): whole images when there are 4 or more, "
+        "else a strip at one end of each image; chosen from the file names, not the seed; "
+        "--no-holdout turns it off",
+        metavar="FRACTION",
+        shown="none",
+    )
     preset: str = option(
         "paper",
         group=RUN,
@@ -394,6 +404,7 @@ class TrainConfig:
         real("weight_decay", 0.0, 1000.0)
         real("clip_grad_norm", 0.0, None, open_low=True, optional=True)
         real("max_minutes", 0.0, 10**7, open_low=True, optional=True)
+        real("holdout", 0.0, 0.5, open_low=True, optional=True)
         if self.tile is not None:
             object.__setattr__(
                 self,

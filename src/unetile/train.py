@@ -281,6 +281,7 @@ class TrainingData:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     pixel_size: tuple[float, ...] | None = None
+    holdout: dict | None = None  # the validation held out of the training images (holdout.py)
 
 
 def _label_options(config: TrainConfig) -> dict:
@@ -305,11 +306,22 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
     if config.images is None or config.labels is None:
         raise io.InputError("no training data: give the images and labels folders")
     options = _label_options(config)
+    holding_out = holds_out(config, config.val_images is not None)
     train_images, num_classes = load_labeled_images(
-        config.images, config.labels, num_classes=config.num_classes, cache_dir=cache_dir, **options
+        config.images,
+        config.labels,
+        num_classes=config.num_classes,
+        cache_dir=cache_dir,
+        with_weights=not holding_out,
+        **options,
     )
     validation: list[LabeledImage] = []
-    if config.val_images is not None:
+    record = None
+    if holding_out:
+        train_images, validation, record = hold_out(
+            config, train_images, cache_dir, config.images, io.InputError
+        )
+    elif config.val_images is not None:
         validation, _ = load_labeled_images(
             config.val_images,
             config.val_labels,
@@ -321,7 +333,46 @@ def prepare_data(config: TrainConfig, cache_dir: str | os.PathLike | None = None
         config, train_images, validation, num_classes, config.val_images, io.InputError
     )
     data.pixel_size = training_pixel_size(config)
+    data.holdout = record
     return data
+
+
+def holds_out(config: TrainConfig, validation_given: bool) -> bool:
+    """Whether validation is held out of the training images: ``holdout`` set and no
+    validation images given (they win)."""
+    return config.holdout is not None and not validation_given
+
+
+def hold_out(config: TrainConfig, items, cache_dir, source, error_type):
+    """Training and validation images split from ``items`` (:func:`unetile.holdout.split`),
+    the training ones with their weight maps; and the record of the split.
+
+    The weight maps are computed here, after the split, so that a training part's
+    map sees its own labels only.
+    """
+    from .data import compute_weight_map
+    from .holdout import split
+
+    try:
+        train_images, validation, record = split(items, config.holdout, config.foreground)
+    except ValueError as error:
+        raise error_type(f"{source}: {error}; give --val-images or --no-holdout") from None
+    for item in train_images:
+        item.weights = compute_weight_map(
+            item.instances, item.classes, config.w0, config.sigma, config.class_weights, cache_dir
+        )
+    return train_images, validation, record
+
+
+def holdout_note(config: TrainConfig, data: TrainingData) -> str | None:
+    """The line said before training about held-out validation (None: nothing to say)."""
+    from .holdout import describe
+
+    if data.holdout is not None:
+        return describe(data.holdout)
+    if config.holdout is not None and data.validation:
+        return f"validating on the given validation images; --holdout {config.holdout:g} unused"
+    return None
 
 
 def training_pixel_size(config: TrainConfig) -> tuple[float, ...] | None:
@@ -380,15 +431,27 @@ def prepare_arrays(
         Naming ``images[i]`` / ``labels[i]`` for the same faults files are checked for.
     """
     options = _label_options(config)
+    holding_out = holds_out(config, len(val_images) > 0)
     train_images, num_classes = labeled_images_from_arrays(
-        images, labels, num_classes=config.num_classes, cache_dir=cache_dir, **options
+        images,
+        labels,
+        num_classes=config.num_classes,
+        cache_dir=cache_dir,
+        with_weights=not holding_out,
+        **options,
     )
     validation: list[LabeledImage] = []
-    if len(val_images):
+    record = None
+    if holding_out:
+        train_images, validation, record = hold_out(
+            config, train_images, cache_dir, "images", ValueError
+        )
+    elif len(val_images):
         validation, _ = labeled_images_from_arrays(
             val_images, val_labels, num_classes=num_classes, with_weights=False, **options
         )
     data = _assemble(config, train_images, validation, num_classes, "val_images", ValueError)
+    data.holdout = record
     if config.pixel_size is not None:
         from .scale import check_pixel_size
 
@@ -466,6 +529,7 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
         "tile": {"input_shape": list(data.input_shape), "output_shape": list(data.output_shape)},
         "pixel_size_um": None if data.pixel_size is None else list(data.pixel_size),
         "instances": default_options(config.label_mode, config.target, config.foreground).to_dict(),
+        "holdout": data.holdout,
         "training": config.to_dict(),
     }
 
@@ -690,6 +754,7 @@ def train(
     data: TrainingData | None = None,
     stop_after: int | None = None,
     overwrite: bool = False,
+    notes=None,
 ) -> dict:
     """Train a U-Net as configured; return the run summary.
 
@@ -715,6 +780,9 @@ def train(
     overwrite : bool
         Start afresh in a folder that holds another run or model, removing
         its files (:data:`RUN_FILES`) first.
+    notes : callable or None
+        Called with each one-line note for the user before training (the
+        validation held out, :func:`holdout_note`); None keeps them silent.
 
     Returns
     -------
@@ -757,7 +825,9 @@ def train(
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             ranks = parallel.start(ranks, device)
-            return _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks)
+            return _train(
+                config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes
+            )
         except OSError as error:
             if error.filename is not None and run_dir.resolve() not in (
                 Path(error.filename).resolve().parents
@@ -880,11 +950,14 @@ class RunState:
         self.earlier_wall_seconds = saved["wall_seconds"]
 
 
-def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks) -> dict:
+def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes):
     from tqdm.auto import tqdm
 
     # Set up: data, network, optimiser, sampler; the state of a resumed run.
     run = _set_up(config, run_dir, device, resume, data, ranks)
+    note = holdout_note(config, run.data)
+    if notes is not None and note is not None and ranks.writes:
+        notes(note)
     state = RunState(
         began=began,
         loss_sum=torch.zeros((), device=device),

@@ -83,6 +83,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--quiet", action="store_true", help="no progress bar and no summary (default: off)"
     )
+    run.add_argument(
+        "--no-holdout",
+        action="store_true",
+        help="hold nothing out for validation, whatever the preset or --config says",
+    )
     parser.set_defaults(run=run_command)
     return parser
 
@@ -143,6 +148,12 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if isinstance(given.get("augment"), dict) and isinstance(options.get("augment"), dict):
         given["augment"] = {**options["augment"], **given["augment"]}
     given.update(options_from_args(args))
+    if getattr(args, "no_holdout", False):
+        if args.holdout is not None:
+            raise io.InputError(
+                "--holdout holds out validation and --no-holdout does not: give one"
+            )
+        given["holdout"] = None  # over the preset's and the stored value
     options.update(given)
     if options.get("init") is not None and not args.resume:
         options = {**init_options(options["init"]), **options}
@@ -176,7 +187,11 @@ def run_command(args: argparse.Namespace) -> int:
         )
     try:
         summary = train(
-            config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+            config,
+            resume=args.resume,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            notes=print if speaks else None,
         )
     except FloatingPointError as error:  # diverged: say what to change, no traceback
         print(f"unetile train: error: {error}", file=sys.stderr)
