@@ -60,11 +60,15 @@ from .predict import (
     PredictOptions,
     auto_tile_shape,
     class_dtype,
+    follow_threshold,
     forward_probabilities,
+    labels_from_probabilities,
+    model_foreground,
     output_chunks,
     read_inputs,
     requested_outputs,
     resolve_device,
+    resolve_threshold,
     spatial_shape,
 )
 from .tiling import Tiling, grid_axes, owned_region, widened_box
@@ -279,6 +283,8 @@ class Plan:
     device: str | None
     normalization: Normalization | None
     num_classes: int
+    threshold: float | None = None  # the labels' foreground threshold (None: the argmax)
+    foreground: int = 1  # the class it applies to
 
 
 def _store(plan: Plan, name: str):
@@ -316,7 +322,7 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
         owned = owned_region(origin, per_axis, plan.spatial)
         block = output[(slice(None), *_local(owned, [slice(o, None) for o in origin]))]
         where = _local(owned, region.box)
-        tile_classes = block.argmax(axis=0)
+        tile_classes = labels_from_probabilities(block, plan.threshold, plan.foreground)
         classes[where] = tile_classes
         if probabilities is not None:
             probabilities[(slice(None), *where)] = block
@@ -709,6 +715,8 @@ def predict_regions(
         )
     tile_shape = tiling.check(tile_shape)
     chunks = output_chunks(model, spatial, tile_shape, grow)
+    threshold = resolve_threshold(model, options.threshold)
+    instance_options = follow_threshold(instance_options, threshold)
     normalization = Normalization.of(options.normalization) or model.normalization
     if normalization is not None:
         normalization = normalization.broadcast(config.in_channels)
@@ -727,6 +735,8 @@ def predict_regions(
         device=None if options.device is None else str(options.device),
         normalization=normalization,
         num_classes=config.num_classes,
+        threshold=threshold,
+        foreground=model_foreground(model),
     )
     payload = model_payload(model)
     manifest = {
@@ -737,6 +747,7 @@ def predict_regions(
         "region_tiles": region_tiles,
         "outputs": list(plan.kinds),
         "instances": plan.instance_options if "instances" in requested else None,
+        "threshold": threshold,
         "grow": grow,
         "batch_size": plan.batch_size,
         "tta": plan.tta,

@@ -75,6 +75,11 @@ class InstanceOptions:
         Largest component extent (px per axis) region-by-region extraction
         accepts (its margin); None: :data:`DEFAULT_MAX_EXTENT` of the image's
         dimensions.
+    threshold : float or None
+        Two-class networks: foreground where the foreground class's
+        probability is above this, in (0, 1), as the labels are drawn with a
+        calibrated threshold (:mod:`unetile.calibration`); None: the argmax.
+        ``predict_to_files`` sets it to the labels' threshold when None.
     """
 
     method: str = "components"
@@ -85,10 +90,15 @@ class InstanceOptions:
     foreground_classes: tuple[int, ...] = (1,)
     seed_class: int | None = None
     max_extent: int | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.threshold is not None:
+            from .calibration import check_threshold
+
+            object.__setattr__(self, "threshold", check_threshold(self.threshold))
         if not 0 < self.seed_threshold <= 1:
             raise ValueError(f"seed_threshold must be in (0, 1], got {self.seed_threshold}")
         if not self.h > 0:
@@ -125,6 +135,11 @@ class InstanceOptions:
                 raise ValueError(f"{name} {value} is not one of the {num_classes} classes")
         if not 0 <= self.seed < num_classes:
             raise ValueError(f"seed class {self.seed} is not one of the {num_classes} classes")
+        if self.threshold is not None and (num_classes != 2 or len(self.foreground_classes) != 1):
+            raise ValueError(
+                f"a foreground threshold decides between two classes; this network has "
+                f"{num_classes}: its instances come from the argmax"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""
@@ -153,8 +168,12 @@ def _face_structure(ndim: int) -> np.ndarray:
 
 
 def foreground_mask(probabilities: np.ndarray, options: InstanceOptions) -> np.ndarray:
-    """Pixels whose most probable class is one of ``options.foreground_classes``."""
+    """Pixels whose most probable class is one of ``options.foreground_classes``; with
+    ``options.threshold``, whose foreground probability is above it (two classes)."""
     probabilities = np.asarray(probabilities)
+    if options.threshold is not None:
+        options.check_classes(probabilities.shape[0])
+        return probabilities[options.foreground_classes[0]] > options.threshold
     if probabilities.shape[0] == 2 and len(set(options.foreground_classes)) == 1:
         # argmax of two classes, ties to the first, without the K-axis pass.
         cell = options.foreground_classes[0]
@@ -545,6 +564,7 @@ def candidate_options(
         foreground_classes=base.foreground_classes,
         seed_class=base.seed_class,
         max_extent=base.max_extent,
+        threshold=base.threshold,
     )
     grid = {
         "components": [InstanceOptions(min_size=m, fill_holes=m > 0, **common) for m in min_sizes],

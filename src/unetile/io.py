@@ -409,7 +409,9 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
 
     The model carries its input normalisation (``model.normalization``, a
     :class:`unetile.normalization.Normalization` or None), which
-    :func:`unetile.predict.predict` applies.
+    :func:`unetile.predict.predict` applies, and its calibrated foreground
+    threshold (``model.threshold``, None without calibration) and class
+    (``model.foreground``), with which ``predict_to_files`` draws the labels.
 
     Everything is checked before the network is allocated: the ``model``
     entry (whole numbers in sane ranges), the shapes stored in the weights
@@ -466,6 +468,9 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
     model = UNet.from_config(model_config)
     model.load_state_dict(state)
     model.normalization = Normalization.of(config.get("normalization"))
+    # The labels' foreground threshold calibrated in training (None: the argmax).
+    model.threshold = (config.get("calibration") or {}).get("threshold")
+    model.foreground = int((config.get("classes") or {}).get("foreground", 1))
     model.eval()
     return model, config
 
@@ -519,6 +524,20 @@ def _check_run_entries(path: Path, config: dict, model_config) -> None:
             )
         if "foreground" in classes:
             check_int("classes foreground", classes["foreground"], 0, model_config.num_classes - 1)
+        calibration = config.get("calibration")
+        if calibration is not None:
+            from .calibration import check_threshold
+
+            if not isinstance(calibration, dict) or "threshold" not in calibration:
+                raise ValueError("'calibration' must hold a 'threshold'")
+            calibration["threshold"] = check_threshold(
+                calibration["threshold"], "calibration threshold"
+            )
+            if model_config.num_classes != 2:
+                raise ValueError(
+                    f"'calibration' thresholds two classes; the model has "
+                    f"{model_config.num_classes}"
+                )
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
 

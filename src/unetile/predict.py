@@ -92,6 +92,11 @@ class PredictOptions:
     overlap : float
         Tile overlap fraction for ``same`` models (blended); ignored for
         ``valid`` models, which are exact without overlap.
+    threshold : float, optional
+        Labels (and instances) of a two-class model: foreground where its
+        probability is above this, in (0, 1); default the model's calibrated
+        threshold (``model.threshold``, from ``config.json`` ``"calibration"``)
+        or, without one, the argmax. The probabilities do not depend on it.
     """
 
     tile_shape: int | tuple[int, ...] | None = None
@@ -102,6 +107,7 @@ class PredictOptions:
     normalization: Normalization | dict | tuple | None = None
     progress: bool = True
     overlap: float = SAME_OVERLAP
+    threshold: float | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -129,8 +135,41 @@ class PredictOptions:
         if normalization is not None:
             normalization.check_channels(model.config.in_channels)
         return dataclasses.replace(
-            self, device=device, tile_shape=tile_shape, normalization=normalization
+            self,
+            device=device,
+            tile_shape=tile_shape,
+            normalization=normalization,
+            threshold=resolve_threshold(model, self.threshold),
         )
+
+
+def resolve_threshold(model: UNet, threshold: float | None = None) -> float | None:
+    """The labels' foreground threshold: ``threshold``, else the model's calibrated one
+    (``model.threshold``), else None (the argmax).
+
+    Raises
+    ------
+    ValueError
+        For a threshold outside (0, 1) or a model of more than two classes.
+    """
+    from .calibration import check_threshold
+
+    if threshold is None:
+        threshold = getattr(model, "threshold", None)
+    if threshold is None:
+        return None
+    threshold = check_threshold(threshold)
+    if model.config.num_classes != 2:
+        raise ValueError(
+            f"a threshold decides between two classes; this model has "
+            f"{model.config.num_classes}: its labels are the argmax"
+        )
+    return threshold
+
+
+def model_foreground(model: UNet) -> int:
+    """The class a threshold applies to: ``model.foreground`` (``config.json``), else 1."""
+    return int(getattr(model, "foreground", 1))
 
 
 def activation_bytes_per_pixel(model: UNet) -> int:
@@ -578,10 +617,40 @@ def class_dtype(num_classes: int):
     return np.uint8 if num_classes <= 256 else np.uint16
 
 
-def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """Class map (argmax over the first axis) of ``(K, *spatial)`` probabilities."""
+def labels_from_probabilities(
+    probabilities: np.ndarray, threshold: float | None = None, foreground: int = 1
+) -> np.ndarray:
+    """Class map of ``(K, *spatial)`` probabilities: the argmax over the first axis, or
+    with ``threshold`` (two classes) ``foreground`` where its probability is above it.
+
+    Parameters
+    ----------
+    probabilities : ndarray ``(K, *spatial)``
+    threshold : float or None
+        In (0, 1), for two classes only; ``model.threshold`` is a model's
+        calibrated one (:mod:`unetile.calibration`). At 0.5 it is the argmax.
+    foreground : int
+        The class whose probability is thresholded (0 or 1).
+
+    Examples
+    --------
+    >>> p = np.array([[0.8, 0.6, 0.3]]); probabilities = np.concatenate([p, 1 - p])
+    >>> labels_from_probabilities(probabilities).tolist()
+    [0, 0, 1]
+    >>> labels_from_probabilities(probabilities, threshold=0.35).tolist()
+    [0, 1, 1]
+    """
     probabilities = np.asarray(probabilities)
-    return probabilities.argmax(axis=0).astype(class_dtype(probabilities.shape[0]))
+    dtype = class_dtype(probabilities.shape[0])
+    if threshold is None:
+        return probabilities.argmax(axis=0).astype(dtype)
+    if probabilities.shape[0] != 2 or foreground not in (0, 1):
+        raise ValueError(
+            f"a threshold decides between two classes; got {probabilities.shape[0]} classes "
+            f"and foreground class {foreground}"
+        )
+    cells = probabilities[foreground] > threshold
+    return np.where(cells, foreground, 1 - foreground).astype(dtype)
 
 
 # --------------------------------------------------------------------------
@@ -645,6 +714,7 @@ def predict_to_files(
     )
     spatial = spatial_shape(model, image)
     options = PredictOptions.of(options, **changes).resolve(model, spatial)
+    instance_options = follow_threshold(instance_options, options.threshold)
     chunks = output_chunks(model, spatial, options.tile_shape, grow)
     first = next(iter(requested.values()))
     first.parent.mkdir(parents=True, exist_ok=True)
@@ -698,6 +768,14 @@ def requested_outputs(
     if "instances" in requested:
         instance_options.check_classes(model.config.num_classes)
     return requested, grow, instance_options
+
+
+def follow_threshold(instance_options: InstanceOptions, threshold: float | None):
+    """The instance options with the labels' ``threshold`` where they name none, so that
+    the cells are drawn from the same foreground as the labels."""
+    if instance_options.threshold is not None or threshold is None:
+        return instance_options
+    return dataclasses.replace(instance_options, threshold=threshold)
 
 
 def output_chunks(model: UNet, spatial, tile_shape, grow: int = 0) -> tuple[int, ...]:
@@ -776,10 +854,15 @@ def _write_predictions(model, image, options, arrays, instances, instance_option
     """Stream the predicted tiles into the stores; label the cells of each tile."""
     cells = _TileCells(arrays.get("provisional"))
     per_tile = instances is not None and not instance_options.needs_whole_objects
+    if per_tile and instance_options.threshold != options.threshold:
+        raise ValueError(
+            f"instance threshold {instance_options.threshold} differs from the labels' "
+            f"{options.threshold}; the per-tile cells are drawn from the labels"
+        )
     for region, block in iter_predictions(model, image, options):
         if "probabilities" in arrays:
             arrays["probabilities"][(slice(None), *region)] = block
-        classes = block.argmax(axis=0)
+        classes = labels_from_probabilities(block, options.threshold, model_foreground(model))
         if "labels" in arrays:
             arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
         if per_tile:

@@ -530,6 +530,7 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
         "pixel_size_um": None if data.pixel_size is None else list(data.pixel_size),
         "instances": default_options(config.label_mode, config.target, config.foreground).to_dict(),
         "holdout": data.holdout,
+        "calibration": None,  # filled when training ends with validation (calibrate)
         "training": config.to_dict(),
     }
 
@@ -566,14 +567,9 @@ def validate(
                 normalization=normalization,
                 progress=False,
             )
-            if config.label_mode == "instances":
-                truth = item.instances.astype(np.int64)
-            else:
-                truth = (item.classes == config.foreground).astype(np.int64)
-            truth[item.classes == IGNORE] = IGNORE
             values = score(
                 probabilities[config.foreground],
-                truth,
+                validation_truth(item, config),
                 metrics=list(config.metrics),
                 thresholds=(0.5,),
                 ignore_value=IGNORE if config.ignore_value is not None else None,
@@ -590,15 +586,82 @@ def validate(
 UNTRAINED_PIECES = 10
 
 
-def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> dict:
+def validation_probabilities(
+    run_dir: Path, data: TrainingData, config: TrainConfig, device: torch.device
+) -> list[np.ndarray]:
+    """The kept model's probabilities on each validation image, predicted as in validation."""
+    from .predict import predict
+
+    model, _ = io.load_model(run_dir)
+    return [
+        predict(
+            model,
+            item.image,
+            tile_shape=data.output_shape,
+            tta=config.val_tta,
+            device=device,
+            normalization=data.normalization,
+            progress=False,
+        )
+        for item in data.validation
+    ]
+
+
+def calibrate(
+    run_dir: Path, data: TrainingData, config: TrainConfig, probabilities: list[np.ndarray]
+) -> dict | None:
+    """The kept model's foreground threshold for ``keep_best`` on the validation images,
+    stored in ``config.json`` (``"calibration"``); None (nothing stored) for a network of
+    more than two classes, whose labels stay the argmax.
+
+    The validation images are scored as :func:`validate` scores them.
+    """
+    from .calibration import calibrate_threshold
+
+    if data.num_classes != 2:
+        return None
+    truths = [validation_truth(item, config) for item in data.validation]
+    calibration = calibrate_threshold(
+        [probability[config.foreground] for probability in probabilities],
+        truths,
+        config.keep_best,
+        ignore_value=IGNORE if config.ignore_value is not None else None,
+    )
+    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    stored["calibration"] = calibration
+    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    return calibration
+
+
+def validation_truth(item: LabeledImage, config: TrainConfig) -> np.ndarray:
+    """What the validation metrics compare with: the cells (instances or the foreground
+    class), :data:`IGNORE` where unannotated."""
+    if config.label_mode == "instances":
+        truth = item.instances.astype(np.int64)
+    else:
+        truth = (item.classes == config.foreground).astype(np.int64)
+    truth[item.classes == IGNORE] = IGNORE
+    return truth
+
+
+def tune_instances(
+    run_dir: Path,
+    data: TrainingData,
+    probabilities: list[np.ndarray],
+    threshold: float | None = None,
+) -> dict:
     """Pick the kept model's instance extraction on the validation images; store it.
 
     The options (:func:`unetile.instances.candidate_options`, scaled by the
     true cells' size) with the best F1 at IoU 0.5 go into ``config.json``
     (``"instances"``), so the model carries its own post-processing. A
     foreground in more than ``UNTRAINED_PIECES`` pieces per true cell keeps
-    the defaults (``"validation": None``).
+    the defaults (``"validation": None``). The foreground is drawn at the
+    calibrated ``threshold`` (None: the argmax), as ``predict`` will draw it;
+    the stored options leave the threshold to the calibration.
     """
+    import dataclasses
+
     from .instances import (
         InstanceOptions,
         candidate_options,
@@ -606,28 +669,18 @@ def tune_instances(run_dir: Path, data: TrainingData, device: torch.device) -> d
         foreground_mask,
         tune_options,
     )
-    from .predict import predict
 
-    model, stored = io.load_model(run_dir)
-    probabilities = [
-        predict(
-            model,
-            item.image,
-            tile_shape=data.output_shape,
-            device=device,
-            normalization=data.normalization,
-            progress=False,
-        )
-        for item in data.validation
-    ]
+    stored = io.read_json(run_dir / io.MODEL_CONFIG)
     truths = [item.instances for item in data.validation]
     base = InstanceOptions.from_dict(stored["instances"])
+    base = dataclasses.replace(base, threshold=threshold)
     pieces = sum(count_objects(foreground_mask(p, base)) for p in probabilities)
     cells = sum(count_objects(truth > 0) for truth in truths)
     if pieces > UNTRAINED_PIECES * max(cells, 1):
         # A network this far from cells has nothing to tune on; it keeps the defaults.
-        return {"options": base.to_dict(), "validation": None}
+        return {"options": dataclasses.replace(base, threshold=None).to_dict(), "validation": None}
     best, scores = tune_options(probabilities, truths, candidate_options(truths, base))
+    best = dataclasses.replace(best, threshold=None)  # the calibration's, applied by predict
     stored["instances"] = best.to_dict()
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
     return {"options": best.to_dict(), "validation": scores}
@@ -1215,16 +1268,21 @@ def _warn_empty_tiles(state: RunState) -> None:
 
 
 def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
-    """Save the last and the kept model, draw the curves, tune instances; the summary."""
+    """Save the last and the kept model, draw the curves, calibrate the threshold and tune
+    instances on the validation images; the summary."""
     config, run_dir, writes = run.config, run.run_dir, run.ranks.writes
-    tuned = None
+    tuned = calibration = None
     if writes:
         io.save_model(run_dir, run.model, run.saved_config, name=LAST_WEIGHTS)
         if state.best_step is None:
             io.save_model(run_dir, run.model, run.saved_config)
         plot_curves(rows, config.metrics, run_dir / CURVES)
-        if config.label_mode == "instances" and run.data.validation and not state.interrupted:
-            tuned = tune_instances(run_dir, run.data, run.device)
+        if run.data.validation and not state.interrupted:
+            probabilities = validation_probabilities(run_dir, run.data, config, run.device)
+            calibration = calibrate(run_dir, run.data, config, probabilities)
+            if config.label_mode == "instances":
+                threshold = None if calibration is None else calibration["threshold"]
+                tuned = tune_instances(run_dir, run.data, probabilities, threshold)
     summary = {
         "run_dir": str(run_dir),
         "step": state.step,
@@ -1244,6 +1302,7 @@ def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
         "output_shape": list(run.data.output_shape),
         "num_parameters": sum(p.numel() for p in run.model.parameters()),
         "instances": tuned,
+        "calibration": calibration,
     }
     if run.ranks.distributed:
         summary["processes"] = run.ranks.describe(config.batch_size, config.learning_rate)

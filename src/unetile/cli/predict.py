@@ -53,6 +53,16 @@ def add_parser(subparsers) -> None:
         "--save-probabilities", action="store_true", help="also write the per-class probabilities"
     )
     parser.add_argument(
+        "--threshold",
+        type=real_option(0, 1, open_minimum=True),
+        metavar="P",
+        help=(
+            "two-class models: labels and instances are foreground where its probability "
+            "is above P, 0 < P < 1 (default: the threshold calibrated in training, "
+            "config.json 'calibration', else the argmax, i.e. 0.5)"
+        ),
+    )
+    parser.add_argument(
         "--instances",
         action="store_true",
         help=(
@@ -207,6 +217,30 @@ def instance_options(args: argparse.Namespace, config: dict):
         raise io.InputError(f"instance options: {error}") from None
 
 
+def _threshold(args: argparse.Namespace, model, config: dict) -> float | None:
+    """``--threshold``, else the model's calibrated one (said in one line), else None."""
+    from ..calibration import check_threshold
+
+    if args.threshold is not None:
+        if model.config.num_classes != 2:
+            raise io.InputError(
+                f"--threshold decides between two classes; {args.model} has "
+                f"{model.config.num_classes}: its labels are the argmax"
+            )
+        try:
+            return check_threshold(args.threshold, "--threshold")
+        except ValueError as error:
+            raise io.InputError(str(error)) from None
+    if model.threshold is not None:
+        calibration = config["calibration"]
+        print(
+            f"labels at the calibrated threshold {model.threshold:g} (best "
+            f"{calibration.get('metric', 'metric')} on the validation images; --threshold "
+            "overrides)"
+        )
+    return model.threshold
+
+
 def _stated_pixel_size(text: str | None, dims: int) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -282,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
         raise io.InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise io.InputError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
+    threshold = _threshold(args, model, config)
     # The model brings its normalisation (config.json), which prediction applies.
     how = PredictOptions(
+        threshold=threshold,
         tile_shape=args.tile,
         batch_size=args.batch_size,
         tta=args.tta,
