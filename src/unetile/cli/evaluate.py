@@ -29,6 +29,10 @@ how the files are read:
             reported at its best threshold of 0.0, 0.1, ..., 0.9 (cell where
             probability > threshold), per image; the mean row takes the best
             threshold of the mean over images, as the ISBI 2012 script does.
+            With --threshold P, or --model RUN_DIR (the threshold calibrated
+            in training, config.json 'calibration'), at that threshold only.
+            NAME_labels of 'unetile predict' are already drawn at the model's
+            calibrated threshold.
 
 PRED and GT are files or folders; files are paired by stem (07.png with 07.tif),
 ignoring a trailing _labels, _probabilities or _instances of a prediction.
@@ -95,6 +99,20 @@ def add_parser(subparsers) -> None:
         "--probabilities",
         action="store_true",
         help="PRED holds probabilities of the cell class (see below); best threshold per metric",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=real_option(0, 1),
+        metavar="P",
+        help="with --probabilities: score at this threshold only (cell where probability > P), "
+        "not at the best of the sweep",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        metavar="RUN_DIR",
+        help="with --probabilities: score at the threshold calibrated in training for the model "
+        "of this run folder (its config.json 'calibration'; 0.5 without one)",
     )
     parser.add_argument(
         "--cell-class",
@@ -279,9 +297,39 @@ def _table(rows: list[tuple[str, dict]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def fixed_threshold(args: argparse.Namespace) -> float | None:
+    """The one threshold probabilities are scored at: --threshold, the --model's calibrated
+    one (0.5 without calibration), or None for the sweep."""
+    if args.threshold is None and args.model is None:
+        return None
+    if not args.probabilities:
+        flag = "--threshold" if args.threshold is not None else "--model"
+        raise io.InputError(
+            f"{flag} thresholds probabilities: add --probabilities (labels written by 'unetile "
+            "predict' are already drawn at the model's calibrated threshold)"
+        )
+    if args.threshold is not None and args.model is not None:
+        raise io.InputError("give --threshold or --model (its calibrated threshold), not both")
+    if args.threshold is not None:
+        if args.threshold >= 1:
+            raise io.InputError(f"--threshold must be below 1, got {args.threshold}")
+        return args.threshold
+    config = io.read_json(args.model / io.MODEL_CONFIG)
+    calibration = config.get("calibration") if isinstance(config, dict) else None
+    if calibration is None:
+        return 0.5  # the argmax of a two-class model, which its labels are
+    from ..calibration import check_threshold
+
+    try:
+        return check_threshold(calibration.get("threshold"), "calibration threshold")
+    except (AttributeError, ValueError) as error:
+        raise io.InputError(f"{args.model / io.MODEL_CONFIG}: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..metrics import DEFAULT_METRICS, best_scores, score, score_per_threshold
 
+    threshold = fixed_threshold(args)
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
     pairs = pair_files(predictions, truths, args.probabilities)
@@ -301,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             if args.probabilities:
-                sweep = score_per_threshold(prediction, truth, **options)
+                thresholds = None if threshold is None else (threshold,)
+                sweep = score_per_threshold(prediction, truth, thresholds=thresholds, **options)
                 sweeps.append(sweep)
                 values = best_scores(sweep)
             else:
