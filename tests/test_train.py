@@ -340,6 +340,7 @@ def test_three_class_target_trains_and_the_model_carries_instance_options_tuned_
     summary = train(config, progress=False, data=data)
     _, saved = io.load_model(tmp_path / "run")
     assert saved["model"]["num_classes"] == 3
+    assert saved["calibration"] is None  # more than two classes: the labels stay the argmax
     options = InstanceOptions.from_dict(saved["instances"])
     assert options.foreground_classes == (1, 2) and options.seed == 1
     assert summary["instances"]["options"] == saved["instances"]

@@ -127,18 +127,19 @@ class TrainConfig:
     val_labels: str | None = option(
         None, group=RUN, help="folder of validation labels", metavar="DIR", shown="none"
     )
-    out: str | None = option(
-        None, group=RUN, help="run folder to write", metavar="RUN_DIR", shown="required"
-    )
     holdout: float | None = option(
         None,
         group=RUN,
-        help="without --val-images, hold out this share of the training data for validation "
+        help="without --val-images, hold out this share (at most 0.5) of the training data for "
+        "validation "
         "(the kept model, the calibrated threshold): whole images when there are 4 or more, "
         "else a strip at one end of each image; chosen from the file names, not the seed; "
         "--no-holdout turns it off",
         metavar="FRACTION",
         shown="none",
+    )
+    out: str | None = option(
+        None, group=RUN, help="run folder to write", metavar="RUN_DIR", shown="required"
     )
     preset: str = option(
         "paper",
