@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_holdout import write_pairs
 
 from unetile import io
 from unetile.calibration import THRESHOLDS, calibrate_threshold
@@ -11,8 +12,6 @@ from unetile.instances import InstanceOptions
 from unetile.model import UNet, UNetConfig
 from unetile.predict import PredictOptions, labels_from_probabilities, predict, predict_to_files
 from unetile.train import make_config, train
-
-from test_holdout import write_pairs
 
 
 def test_the_sweep_picks_the_threshold_of_the_best_mean_over_images():
