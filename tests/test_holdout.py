@@ -182,6 +182,7 @@ def test_cli_holdout_gives_way_to_validation_images_and_to_no_holdout(tmp_path, 
     assert "validating on the given validation images; --holdout 0.2 unused" in out
     saved = json.loads((tmp_path / "given" / "config.json").read_text())
     assert saved["holdout"] is None and saved["calibration"]["images"] == 1
+    assert "calibrated threshold" in out and "predict uses it" in out
     assert main([*common, "--out", str(tmp_path / "strips"), "--holdout", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "holding out a strip of 2 training image(s) for validation" in out

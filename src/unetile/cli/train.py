@@ -216,5 +216,12 @@ def run_command(args: argparse.Namespace) -> int:
                 f"best {summary['best_metric']} {summary['best_value']:.4f} "
                 f"at step {summary['best_step']}"
             )
+        calibration = summary.get("calibration")
+        if calibration is not None:
+            print(
+                f"calibrated threshold {calibration['threshold']:g}: {calibration['metric']} "
+                f"{calibration['value']:.4f} on the validation images ({calibration['at_0.5']:.4f} "
+                "at 0.5); predict uses it"
+            )
         print(f"model: {Path(config.out) / io.MODEL_WEIGHTS}")
     return 0
