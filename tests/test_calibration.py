@@ -123,6 +123,7 @@ def test_training_calibrates_and_predict_and_evaluate_use_it(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     calibration = saved["calibration"]
     assert saved["holdout"]["images"] == ["02"]
+    assert saved["instances"]["threshold"] == calibration["threshold"]  # cells as the labels
     assert summary["calibration"] == calibration and calibration["images"] == 1
     assert calibration["threshold"] in THRESHOLDS and calibration["metric"] == "rand_error"
     # Scored as validation scores the kept model: at 0.5 it is the best validation value.

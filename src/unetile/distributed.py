@@ -47,6 +47,7 @@ import torch
 from . import io
 from .instances import (
     InstanceOptions,
+    foreground_mask,
     grow_cells,
     join_labels,
     label_foreground,
@@ -327,7 +328,7 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
         if probabilities is not None:
             probabilities[(slice(None), *where)] = block
         if "instances" in plan.kinds and not plan.by_region:
-            foreground = np.isin(tile_classes, plan.instance_options["foreground_classes"])
+            foreground = foreground_mask(block, InstanceOptions.from_dict(plan.instance_options))
             pieces, found = label_foreground(foreground)
             number = region.tile_numbers[len(counts)]
             provisional[where] = np.where(

@@ -78,8 +78,9 @@ class InstanceOptions:
     threshold : float or None
         Two-class networks: foreground where the foreground class's
         probability is above this, in (0, 1), as the labels are drawn with a
-        calibrated threshold (:mod:`unetile.calibration`); None: the argmax.
-        ``predict_to_files`` sets it to the labels' threshold when None.
+        calibrated threshold (:mod:`unetile.calibration`, which training
+        stores here too); None: the argmax, or in ``predict_to_files`` the
+        labels' threshold.
     """
 
     method: str = "components"

@@ -38,6 +38,7 @@ from .instances import (  # noqa: F401 - importable from here as before they mov
     check_grow,
     chunk_regions,
     final_instances,
+    foreground_mask,
     grow_cells,
     instances_from_probabilities,
     join_labels,
@@ -854,11 +855,6 @@ def _write_predictions(model, image, options, arrays, instances, instance_option
     """Stream the predicted tiles into the stores; label the cells of each tile."""
     cells = _TileCells(arrays.get("provisional"))
     per_tile = instances is not None and not instance_options.needs_whole_objects
-    if per_tile and instance_options.threshold != options.threshold:
-        raise ValueError(
-            f"instance threshold {instance_options.threshold} differs from the labels' "
-            f"{options.threshold}; the per-tile cells are drawn from the labels"
-        )
     for region, block in iter_predictions(model, image, options):
         if "probabilities" in arrays:
             arrays["probabilities"][(slice(None), *region)] = block
@@ -866,7 +862,7 @@ def _write_predictions(model, image, options, arrays, instances, instance_option
         if "labels" in arrays:
             arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
         if per_tile:
-            cells.add(region, np.isin(classes, instance_options.foreground_classes))
+            cells.add(region, foreground_mask(block, instance_options))
     return cells
 
 

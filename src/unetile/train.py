@@ -629,6 +629,8 @@ def calibrate(
     )
     stored = io.read_json(run_dir / io.MODEL_CONFIG)
     stored["calibration"] = calibration
+    # The cells are drawn from the same foreground as the labels.
+    stored["instances"]["threshold"] = calibration["threshold"]
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
     return calibration
 
@@ -657,8 +659,8 @@ def tune_instances(
     (``"instances"``), so the model carries its own post-processing. A
     foreground in more than ``UNTRAINED_PIECES`` pieces per true cell keeps
     the defaults (``"validation": None``). The foreground is drawn at the
-    calibrated ``threshold`` (None: the argmax), as ``predict`` will draw it;
-    the stored options leave the threshold to the calibration.
+    calibrated ``threshold`` (None: the argmax), which the stored options
+    carry, as ``predict`` draws the labels.
     """
     import dataclasses
 
@@ -678,9 +680,10 @@ def tune_instances(
     cells = sum(count_objects(truth > 0) for truth in truths)
     if pieces > UNTRAINED_PIECES * max(cells, 1):
         # A network this far from cells has nothing to tune on; it keeps the defaults.
-        return {"options": dataclasses.replace(base, threshold=None).to_dict(), "validation": None}
+        stored["instances"] = base.to_dict()
+        io.write_json(run_dir / io.MODEL_CONFIG, stored)
+        return {"options": base.to_dict(), "validation": None}
     best, scores = tune_options(probabilities, truths, candidate_options(truths, base))
-    best = dataclasses.replace(best, threshold=None)  # the calibration's, applied by predict
     stored["instances"] = best.to_dict()
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
     return {"options": best.to_dict(), "validation": scores}

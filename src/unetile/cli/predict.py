@@ -211,6 +211,8 @@ def instance_options(args: argparse.Namespace, config: dict):
         stored["foreground_classes"] = classes.get(
             "foreground_classes", [int(classes.get("foreground", 1))]
         )
+    if getattr(args, "threshold", None) is not None:
+        given["threshold"] = args.threshold  # the cells follow the labels
     try:
         return InstanceOptions.from_dict({**stored, **given})
     except ValueError as error:
