@@ -18,7 +18,7 @@ printed for comparison.
 Prints a table and the ratio of the calibrated Rand error to that at 0.5;
 writes ``calibration.json`` beside this script with the command line.
 
-    python benchmarks/calibration.py                      # ~6 minutes on 2 cores
+    python benchmarks/calibration.py                      # ~8 minutes on 2 shared cores
     python benchmarks/calibration.py --steps 20           # a quick look
 """
 
