@@ -259,3 +259,35 @@ def test_instance_options_come_from_config_json_and_the_command_line_overrides_t
         assert relabel_equal(written, extract_instances(expected, **options))
     assert main([*arguments, "--min-size", "3"]) == 2
     assert "--min-size sets how --instances are extracted" in capsys.readouterr().err
+
+
+def test_a_folder_of_slices_is_predicted_together_and_a_bad_slice_is_named(tmp_path, capsys):
+    """Slices share forward passes (--batch-size 2 across files); a slice with NaN, found
+    only while predicting, stops its pass: it is named, the others are all written."""
+    model = save_run(tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    slices = [rng.random((30, 30), dtype=np.float32) for _ in range(5)]
+    slices[3][7, 9] = np.nan
+    for number, image in enumerate(slices):
+        tifffile.imwrite(images / f"{number:02d}.tif", image)
+    out = tmp_path / "out"
+    arguments = [str(tmp_path / "run"), str(images), "--out", str(out), "--no-progress"]
+
+    status = main(["predict", *arguments, "--batch-size", "2", "--save-probabilities"])
+
+    assert status == 2
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert errors[0].startswith("unetile predict: error: ") and "03.tif: holds NaN" in errors[0]
+    assert errors[1] == "unetile predict: 1 of 5 input(s) failed"
+    written = [line.split(":")[0][-6:] for line in captured.out.splitlines()]
+    assert written == ["00.tif", "01.tif", "02.tif", "04.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{n:02d}_{kind}.tif" for n in (0, 1, 2, 4) for kind in ("labels", "probabilities")
+    ]
+    for number in (0, 1, 2, 4):
+        alone = predict(model, slices[number], normalization=([0.5], [0.25]), progress=False)
+        written = tifffile.imread(out / f"{number:02d}_probabilities.tif")
+        assert np.abs(written - alone).max() < 1e-5

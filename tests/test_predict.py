@@ -21,11 +21,13 @@ from unetile.instances import (
 )
 from unetile.model import UNet, input_size_for_output, size_multiple
 from unetile.predict import (
+    _tile_batches,
     activation_bytes_per_pixel,
     auto_tile_shape,
     gaussian_importance,
     labels_from_probabilities,
     predict,
+    predict_images,
     predict_to_files,
 )
 from unetile.tiling import axis_origins, tile_step
@@ -515,3 +517,49 @@ def test_a_loaded_model_brings_its_normalisation_and_options_are_one_object(tmp_
         predict(loaded, image, options, batch_size=0)
     with pytest.raises(TypeError):
         predict(loaded, image, tile_size=8)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=4),
+    tile_steps=st.integers(0, 2),
+    batch_size=st.integers(1, 5),
+    padding=st.sampled_from(["valid", "same"]),
+    seed=st.integers(0, 2**16),
+)
+@example(shapes=[(20, 20)] * 3, tile_steps=1, batch_size=2, padding="valid", seed=0)
+def test_tiles_batched_across_images_equal_each_image_alone(
+    shapes, tile_steps, batch_size, padding, seed
+):
+    """A folder of slices: tiles of consecutive images share forward passes, and each
+    result is the image predicted alone (and, for valid models, the whole image)."""
+    model = small_model(depth=3, base=2, seed=seed, padding=padding)
+    rng = np.random.default_rng(seed)
+    images = [rng.random(shape, dtype=np.float32) for shape in shapes]
+    tile = valid_tile(3, tile_steps) if padding == "valid" else 8 * (1 + tile_steps)
+    together = predict_images(model, images, tile_shape=tile, batch_size=batch_size, progress=False)
+    for image, result in zip(images, together, strict=True):
+        alone = predict(model, image, tile_shape=tile, progress=False)
+        assert result.shape == alone.shape == (2, *image.shape)
+        assert np.abs(result - alone).max() < 1e-5
+        if padding == "valid":
+            assert np.abs(result - whole_image_reference(model, image)).max() < 1e-5
+
+
+def test_batches_of_tiles_cross_images_of_one_shape_only():
+    tiles = [["a0", "a1", "a2"], ["b0"], ["c0", "c1"]]
+    batches = _tile_batches(tiles, [(8, 8), (8, 8), (16, 8)], batch_size=2)
+    assert batches == [
+        [(0, "a0"), (0, "a1")],
+        [(0, "a2"), (1, "b0")],
+        [(2, "c0"), (2, "c1")],
+    ]
+
+
+def test_a_bad_image_among_several_is_named_by_its_number():
+    model = small_model(depth=2)
+    good = np.zeros((12, 12), dtype=np.float32)
+    bad = good.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"^image 1: holds NaN"):
+        predict_images(model, [good, bad, good], batch_size=2, progress=False)

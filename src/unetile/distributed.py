@@ -286,6 +286,7 @@ class Plan:
     num_classes: int
     threshold: float | None = None  # the labels' foreground threshold (None: the argmax)
     foreground: int = 1  # the class it applies to
+    precision: str = "fp32"
 
 
 def _store(plan: Plan, name: str):
@@ -368,7 +369,9 @@ def _tile_outputs(model, image, origins, plan: Plan, device):
             inputs = pending.result()
             if number + 1 < len(batches):
                 pending = reader.submit(load, batches[number + 1])
-            outputs = forward_probabilities(model, inputs, device, plan.tta, channels_last)
+            outputs = forward_probabilities(
+                model, inputs, device, plan.tta, channels_last, plan.precision
+            )
             yield from zip(batch, outputs, strict=True)
 
 
@@ -738,6 +741,7 @@ def predict_regions(
         num_classes=config.num_classes,
         threshold=threshold,
         foreground=model_foreground(model),
+        precision=options.precision,
     )
     payload = model_payload(model)
     manifest = {

@@ -50,6 +50,7 @@ from .instances import (  # noqa: F401 - importable from here as before they mov
 )
 from .model import UNet
 from .normalization import Normalization
+from .precision import autocast, check_precision
 from .tiling import Tiling, Window, axis_origins
 
 GIB = 2**30
@@ -98,6 +99,9 @@ class PredictOptions:
         probability is above this, in (0, 1); default the model's calibrated
         threshold (``model.threshold``, from ``config.json`` ``"calibration"``)
         or, without one, the argmax. The probabilities do not depend on it.
+    precision : {"fp32", "bf16"}
+        Arithmetic of the network (:mod:`unetile.precision`); ``bf16`` only
+        where the device computes it natively (ValueError otherwise).
     """
 
     tile_shape: int | tuple[int, ...] | None = None
@@ -109,6 +113,7 @@ class PredictOptions:
     progress: bool = True
     overlap: float = SAME_OVERLAP
     threshold: float | None = None
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -123,6 +128,7 @@ class PredictOptions:
         """These options with the device, the tile shape and the normalisation settled for
         ``model`` on an image of ``spatial`` shape; ValueError naming what does not fit."""
         device = resolve_device(self.device)
+        check_precision(self.precision, device)
         tile_shape = self.tile_shape
         if tile_shape is None:
             tile_shape = auto_tile_shape(
@@ -459,14 +465,20 @@ def dihedral_transforms(tta: bool) -> list[tuple[int, bool]]:
 
 
 def forward_probabilities(
-    model: UNet, batch: np.ndarray, device: torch.device, tta: bool, channels_last: bool
+    model: UNet,
+    batch: np.ndarray,
+    device: torch.device,
+    tta: bool,
+    channels_last: bool,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Class probabilities (softmax) of a batch of input tiles, averaged over the TTA views."""
+    """Class probabilities (softmax) of a batch of input tiles, averaged over the TTA views;
+    the network runs at ``precision`` (:mod:`unetile.precision`), the soft-max in float32."""
     with torch.inference_mode():
-        return _forward_views(model, batch, device, tta, channels_last)
+        return _forward_views(model, batch, device, tta, channels_last, precision)
 
 
-def _forward_views(model, batch, device, tta, channels_last) -> np.ndarray:
+def _forward_views(model, batch, device, tta, channels_last, precision) -> np.ndarray:
     inputs = torch.from_numpy(batch).to(device)
     total = None
     transforms = dihedral_transforms(tta)
@@ -476,7 +488,9 @@ def _forward_views(model, batch, device, tta, channels_last) -> np.ndarray:
             view = view.flip(-1)
         if channels_last:
             view = view.contiguous(memory_format=torch.channels_last)
-        probabilities = torch.softmax(model(view), dim=1)
+        with autocast(precision, device):
+            scores = model(view)
+        probabilities = torch.softmax(scores.float(), dim=1)
         # De-augment the output of this view before averaging.
         if mirrored:
             probabilities = probabilities.flip(-1)
@@ -517,55 +531,170 @@ def iter_predictions(
     probabilities of the whole image are yielded as one block. Options as
     for :func:`predict`.
     """
-    spatial = spatial_shape(model, image)
-    options = PredictOptions.of(options, **changes).resolve(model, spatial)
-    config, device = model.config, options.device
-    tiles = Tiling.of(model).tiles(spatial, options.tile_shape, options.overlap)
-    batches = [tiles[i : i + options.batch_size] for i in range(0, len(tiles), options.batch_size)]
+    for _, region, block in iter_image_predictions(model, [image], options, **changes):
+        yield region, block
+
+
+@dataclass
+class _Blend:
+    """Gaussian-weighted sum of one image's overlapping tiles (``same`` models)."""
+
+    weight: np.ndarray
+    numerator: np.ndarray
+    denominator: np.ndarray
+
+    @classmethod
+    def of(cls, num_classes: int, spatial, tile_shape) -> _Blend:
+        return cls(
+            gaussian_importance(tile_shape),
+            np.zeros((num_classes, *spatial), dtype=np.float32),
+            np.zeros(spatial, dtype=np.float32),
+        )
+
+    def add(self, tile, output: np.ndarray) -> None:
+        local = tile.local(tile.region)
+        self.numerator[(slice(None), *tile.region)] += (
+            output[(slice(None), *local)] * (self.weight[local])
+        )
+        self.denominator[tile.region] += self.weight[local]
+
+    def result(self) -> np.ndarray:
+        self.numerator /= self.denominator
+        return self.numerator
+
+
+def _tile_batches(tiles_per_image, tile_shapes, batch_size: int) -> list[list]:
+    """``(image number, tile)`` pairs in order, cut into batches of at most ``batch_size``
+    tiles of the same shape: consecutive images of one tile shape share forward passes."""
+    batches, batch, shape = [], [], None
+    for number, tiles in enumerate(tiles_per_image):
+        for tile in tiles:
+            if batch and (len(batch) == batch_size or tile_shapes[number] != shape):
+                batches.append(batch)
+                batch = []
+            batch.append((number, tile))
+            shape = tile_shapes[number]
+    return batches + [batch] if batch else batches
+
+
+def iter_image_predictions(
+    model: UNet, images: Sequence, options: PredictOptions | None = None, **changes
+) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:
+    """Yield ``(image number, region, probabilities)`` blocks of several images, in order.
+
+    The network is set up on the device once for all the images, and the
+    tiles of consecutive images of one tile shape share forward passes,
+    ``batch_size`` tiles at a time: a folder of small slices, one tile each,
+    runs ``batch_size`` slices per pass. The blocks of each image are those
+    of :func:`iter_predictions` for it alone (the same numbers up to float
+    rounding of a batched convolution; ``same`` models are blended per image).
+    Options as for :func:`predict`; an automatic tile is chosen per image.
+    """
+    images = list(images)
+    if not images:
+        return
+    spatials, resolved = _resolve_each(model, images, PredictOptions.of(options, **changes))
+    yield from _iter_resolved(model, images, spatials, resolved)
+
+
+def _resolve_each(model: UNet, images: list, options: PredictOptions):
+    """Each image's spatial shape and its options resolved (tile shape, device...)."""
+    spatials = [spatial_shape(model, image) for image in images]
+    return spatials, [options.resolve(model, spatial) for spatial in spatials]
+
+
+def _iter_resolved(model, images, spatials, resolved):
+    """:func:`iter_image_predictions` with each image's options already resolved."""
+    options, device, config = resolved[0], resolved[0].device, model.config
+    tiling = Tiling.of(model)
+    tiles = [
+        tiling.tiles(s, o.tile_shape, o.overlap) for s, o in zip(spatials, resolved, strict=True)
+    ]
+    batches = _tile_batches(tiles, [o.tile_shape for o in resolved], options.batch_size)
+    left = [len(image_tiles) for image_tiles in tiles]
     channels_last = device.type == "cpu" and config.dims == 2
     valid = config.padding == "valid"
-    if not valid:
-        weight = gaussian_importance(options.tile_shape)
-        numerator = np.zeros((config.num_classes, *spatial), dtype=np.float32)
-        denominator = np.zeros(spatial, dtype=np.float32)
+    blends = {}
 
     def load(batch):
-        return read_inputs(image, [tile.window for tile in batch], options.normalization)
+        inputs = []
+        for number, tile in batch:
+            try:
+                inputs.append(read_input(images[number], tile.window, options.normalization))
+            except ValueError as error:
+                raise ValueError(f"image {number}: {error}" if len(images) > 1 else error) from None
+        return np.stack(inputs)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(tiles), unit="tile", disable=not options.progress, desc="predict")
+    bar = tqdm(total=sum(left), unit="tile", disable=not options.progress, desc="predict")
     # One reader thread fetches the next batch of tiles while the network runs.
     reader = ThreadPoolExecutor(max_workers=1)
     try:
         with _inference(model, device, channels_last):
             pending = reader.submit(load, batches[0])
-            for number, batch in enumerate(batches):
+            for index, batch in enumerate(batches):
                 inputs = pending.result()
-                if number + 1 < len(batches):
-                    pending = reader.submit(load, batches[number + 1])
-                outputs = forward_probabilities(model, inputs, device, options.tta, channels_last)
+                if index + 1 < len(batches):
+                    pending = reader.submit(load, batches[index + 1])
+                outputs = forward_probabilities(
+                    model, inputs, device, options.tta, channels_last, options.precision
+                )
                 if not np.isfinite(outputs).all():
                     raise ValueError(
                         "the network gave NaN probabilities from finite input: its weights "
                         "or normalisation are broken; train again or take an earlier checkpoint"
                     )
-                for tile, output in zip(batch, outputs, strict=True):
-                    if valid:
-                        yield tile.owned, output[(slice(None), *tile.local(tile.owned))]
-                    else:
-                        local = tile.local(tile.region)
-                        numerator[(slice(None), *tile.region)] += (
-                            output[(slice(None), *local)] * (weight[local])
-                        )
-                        denominator[tile.region] += weight[local]
+                for (number, tile), output in zip(batch, outputs, strict=True):
                     bar.update(1)
+                    left[number] -= 1
+                    if valid:
+                        yield number, tile.owned, output[(slice(None), *tile.local(tile.owned))]
+                        continue
+                    if number not in blends:
+                        blends[number] = _Blend.of(
+                            config.num_classes, spatials[number], resolved[number].tile_shape
+                        )
+                    blends[number].add(tile, output)
+                    if not left[number]:
+                        whole = tuple(slice(0, s) for s in spatials[number])
+                        yield number, whole, blends.pop(number).result()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    if not valid:
-        numerator /= denominator
-        yield tuple(slice(0, s) for s in spatial), numerator
+
+
+def predict_images(
+    model: UNet, images: Sequence, options: PredictOptions | None = None, **changes
+) -> list[np.ndarray]:
+    """Per-class probability maps of several images, their tiles batched together.
+
+    For a stack or folder of small images (EM slices): the network is set up
+    once and ``batch_size`` tiles, from one image or the next, run in each
+    forward pass (:func:`iter_image_predictions`). Each result equals
+    :func:`predict` of that image alone up to float rounding.
+
+    Parameters
+    ----------
+    model : UNet
+    images : sequence of array-like
+        Images as :func:`predict` takes them, of any (also differing) sizes.
+    options, keywords
+        As for :func:`predict`.
+
+    Returns
+    -------
+    list of ndarray
+        A ``(K, *spatial)`` float32 probability map per image, in order.
+    """
+    images = list(images)
+    results = [
+        np.empty((model.config.num_classes, *spatial_shape(model, image)), dtype=np.float32)
+        for image in images
+    ]
+    for number, region, block in iter_image_predictions(model, images, options, **changes):
+        results[number][(slice(None), *region)] = block
+    return results
 
 
 def predict(model: UNet, image, options: PredictOptions | None = None, *, out=None, **changes):
@@ -709,31 +838,164 @@ def predict_to_files(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    outputs = (labels, probabilities, instances)
-    requested, grow, instance_options = requested_outputs(
-        model, outputs, grow, foreground_class, instance_options
-    )
-    spatial = spatial_shape(model, image)
-    options = PredictOptions.of(options, **changes).resolve(model, spatial)
-    instance_options = follow_threshold(instance_options, options.threshold)
-    chunks = output_chunks(model, spatial, options.tile_shape, grow)
-    first = next(iter(requested.values()))
-    first.parent.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_scratch(first.parent)
-    with io.scratch_folder(first.parent) as scratch:
+    outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
+    for _ in predict_images_to_files(
+        model,
+        [image],
+        [outputs],
+        options,
+        foreground_class=foreground_class,
+        grow=grow,
+        instance_options=instance_options,
+        **changes,
+    ):
+        pass
+    return {kind: Path(path) for kind, path in outputs.items() if path is not None}
+
+
+def predict_images_to_files(
+    model: UNet,
+    images: Sequence,
+    outputs: Sequence[dict],
+    options: PredictOptions | None = None,
+    *,
+    foreground_class: int = 1,
+    grow: int = 0,
+    instance_options: InstanceOptions | None = None,
+    **changes,
+) -> Iterator[int]:
+    """:func:`predict_to_files` for several images, their tiles batched together.
+
+    The network is set up once and the tiles of consecutive images share
+    forward passes (:func:`iter_image_predictions`), ``batch_size`` at a
+    time: a folder of small slices runs several slices per pass. Each
+    image's files are written as :func:`predict_to_files` writes them.
+
+    Parameters
+    ----------
+    images : sequence of array-like
+        As :func:`predict` takes them.
+    outputs : sequence of dict
+        Per image, its ``labels``, ``probabilities`` and ``instances`` paths
+        (as the keywords of :func:`predict_to_files`; None or absent: not written).
+    options, foreground_class, grow, instance_options, keywords
+        As for :func:`predict_to_files`, the same for every image.
+
+    Yields
+    ------
+    int
+        The number of each image whose files are complete, in order.
+    """
+    images = list(images)
+    if len(outputs) != len(images):
+        raise ValueError(f"give one outputs dict per image: {len(outputs)} for {len(images)}")
+    plans = []
+    for paths in outputs:
+        paths = tuple(paths.get(kind) for kind in ("labels", "probabilities", "instances"))
+        plans.append(requested_outputs(model, paths, grow, foreground_class, instance_options))
+    spatials, resolved = _resolve_each(model, images, PredictOptions.of(options, **changes))
+    # The cells are drawn from the same foreground as the labels (one threshold for all).
+    plans = [
+        (requested, grow, follow_threshold(instances, each.threshold))
+        for (requested, grow, instances), each in zip(plans, resolved, strict=True)
+    ]
+    # Checked for every image before any is predicted (a grow wider than the tile).
+    chunks = [
+        output_chunks(model, spatial, each.tile_shape, plan[1])
+        for spatial, each, plan in zip(spatials, resolved, plans, strict=True)
+    ]
+    blocks = _iter_resolved(model, images, spatials, resolved) if images else iter(())
+    with contextlib.ExitStack() as stack:
+        # Each image's files are opened when its first block comes, closed after its last.
+        current, files = None, None
+        for number, region, block in blocks:
+            if number != current:
+                if files is not None:
+                    files.finish()
+                    stack.close()
+                    yield current
+                files = _ImageFiles.open(
+                    model, spatials[number], resolved[number], plans[number], chunks[number], stack
+                )
+                current = number
+            files.write(region, block)
+        if files is not None:
+            files.finish()
+            stack.close()
+            yield current
+
+
+@dataclass
+class _ImageFiles:
+    """One image's output files while its predictions stream in (:func:`predict_to_files`)."""
+
+    requested: dict[str, Path]
+    arrays: dict
+    stores: _ScratchStores
+    cells: _TileCells
+    chunks: tuple[int, ...]
+    grow: int
+    instance_options: InstanceOptions
+    options: PredictOptions
+    per_tile: bool
+    by_region: bool
+    foreground: int  # the class the labels' threshold applies to
+
+    @classmethod
+    def open(cls, model, spatial, options, plan, chunks, stack: contextlib.ExitStack):
+        """The scratch stores of one image, in a scratch folder that ``stack`` removes."""
+        requested, grow, instance_options = plan
+        first = next(iter(requested.values()))
+        first.parent.mkdir(parents=True, exist_ok=True)
+        io.remove_stale_scratch(first.parent)
+        scratch = stack.enter_context(io.scratch_folder(first.parent))
         stores = _ScratchStores(scratch, spatial, chunks)
-        by_region = instances is not None and instance_options.needs_whole_objects
+        instances = "instances" in requested
+        by_region = instances and instance_options.needs_whole_objects
         arrays = stores.outputs(requested, model.config.num_classes, by_region)
-        tiles = _write_predictions(model, image, options, arrays, instances, instance_options)
-        if instances is not None:
-            if by_region:
-                lut = _ranked_objects(arrays, tiles.provisional, chunks, instance_options, options)
+        cells = _TileCells(arrays.get("provisional"))
+        per_tile = instances and not by_region
+        return cls(
+            requested,
+            arrays,
+            stores,
+            cells,
+            chunks,
+            grow,
+            instance_options,
+            options,
+            per_tile,
+            by_region,
+            model_foreground(model),
+        )
+
+    def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
+        """Stream one predicted block into the stores; label the cells of each tile."""
+        arrays = self.arrays
+        if "probabilities" in arrays:
+            arrays["probabilities"][(slice(None), *region)] = block
+        options = self.options
+        classes = labels_from_probabilities(block, options.threshold, self.foreground)
+        if "labels" in arrays:
+            arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
+        if self.per_tile:
+            self.cells.add(region, foreground_mask(block, self.instance_options))
+
+    def finish(self) -> None:
+        """Instances joined across tiles; every output moved or written under its final name."""
+        arrays, stores, scratch = self.arrays, self.stores, self.stores.folder
+        if "instances" in self.requested:
+            provisional = self.cells.provisional
+            if self.by_region:
+                lut = _ranked_objects(
+                    arrays, provisional, self.chunks, self.instance_options, self.options
+                )
             else:
-                lut = tiles.lookup()
+                lut = self.cells.lookup()
             arrays["instances"] = stores.create("instances", np.uint32)
-            for region in chunk_regions(spatial, chunks):
-                arrays["instances"][region] = final_instances(tiles.provisional, lut, region, grow)
-        for kind, path in requested.items():
+            for region in chunk_regions(stores.spatial, self.chunks):
+                arrays["instances"][region] = final_instances(provisional, lut, region, self.grow)
+        for kind, path in self.requested.items():
             if path.suffix.lower() == ".zarr":
                 io.move_directory(scratch / f"{kind}.zarr", path)
             else:
@@ -741,7 +1003,6 @@ def predict_to_files(
                 # nothing beside the outputs that the next run would not remove.
                 io.write_tiled_tiff(scratch / f"{kind}{path.suffix}", arrays[kind])
                 os.replace(scratch / f"{kind}{path.suffix}", path)
-    return requested
 
 
 def requested_outputs(
@@ -849,21 +1110,6 @@ class _TileCells:
     def lookup(self) -> np.ndarray:
         """The table joining the pieces of a cell across tiles (:func:`merge_tile_labels`)."""
         return merge_tile_labels(self.provisional, [sorted(b) for b in self.boundaries], self.count)
-
-
-def _write_predictions(model, image, options, arrays, instances, instance_options) -> _TileCells:
-    """Stream the predicted tiles into the stores; label the cells of each tile."""
-    cells = _TileCells(arrays.get("provisional"))
-    per_tile = instances is not None and not instance_options.needs_whole_objects
-    for region, block in iter_predictions(model, image, options):
-        if "probabilities" in arrays:
-            arrays["probabilities"][(slice(None), *region)] = block
-        classes = labels_from_probabilities(block, options.threshold, model_foreground(model))
-        if "labels" in arrays:
-            arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
-        if per_tile:
-            cells.add(region, foreground_mask(block, instance_options))
-    return cells
 
 
 def _ranked_objects(arrays, provisional, chunks, instance_options, options):

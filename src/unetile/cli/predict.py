@@ -136,6 +136,13 @@ def add_parser(subparsers) -> None:
         "else mps, else cpu)",
     )
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="arithmetic of the network: fp32 (default) or bf16, only where the processor "
+        "computes bf16 natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX)",
+    )
+    parser.add_argument(
         "--memory-budget",
         type=real_option(0, 10**6, open_minimum=True),
         metavar="GB",
@@ -285,7 +292,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..data import channels_first, fit_channels
-    from ..predict import GIB, PredictOptions, predict_to_files, resolve_device
+    from ..precision import check_precision
+    from ..predict import (
+        GIB,
+        PredictOptions,
+        predict_images_to_files,
+        predict_to_files,
+        resolve_device,
+    )
     from ..scale import predict_rescaled_to_files
     from ..tiling import Tiling
 
@@ -293,6 +307,10 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as error:
         raise io.InputError(f"--device: {error}") from None
+    try:
+        check_precision(args.precision, device)
+    except ValueError as error:
+        raise io.InputError(f"--{error}") from None
     model, config = io.load_model(args.model)
     if args.tile is not None:
         try:
@@ -328,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         memory_budget=None if args.memory_budget is None else args.memory_budget * GIB,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     model_pixel_size = config.get("pixel_size_um")
     stated_pixel_size = _stated_pixel_size(args.pixel_size, model.config.dims)
@@ -362,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
         options = dict(options=how, instance_options=options, grow=args.grow)
         return _predict_by_regions(args, model, jobs, options)
 
-    def predict_one(path: Path, outputs: dict) -> None:
+    def prepare(path: Path):
+        """The image to predict, and the rescaling prediction when it needs one (else None)."""
         image = io.read_image(path, memmap=True)
         if image.ndim == model.config.dims + 1:
             # The same layout rule as training (PNG and RGB TIFF channels last).
@@ -372,18 +392,92 @@ def run(args: argparse.Namespace) -> int:
         if image.ndim == model.config.dims + 1 or model.config.in_channels > 1:
             image = fit_channels(image, model.config.dims, model.config.in_channels)
         pixel_size = stated_pixel_size or io.read_pixel_size(path, model.config.dims)
-        rescale = _needs_rescaling(args, path, pixel_size, model_pixel_size)
-        predict = predict_to_files
-        if rescale:
-            image = np.asarray(image)
-            predict = functools.partial(
-                predict_rescaled_to_files,
-                pixel_size=pixel_size,
-                model_pixel_size=model_pixel_size,
-            )
+        if not _needs_rescaling(args, path, pixel_size, model_pixel_size):
+            return image, None
+        rescaled = functools.partial(
+            predict_rescaled_to_files, pixel_size=pixel_size, model_pixel_size=model_pixel_size
+        )
+        return np.asarray(image), rescaled
+
+    def predict_alone(image, rescaled, outputs: dict) -> None:
+        predict = rescaled or predict_to_files
         predict(model, image, options=how, **outputs, instance_options=options, grow=args.grow)
 
-    return _each_input(jobs, predict_one)
+    def predict_together(images, outputs):
+        return predict_images_to_files(
+            model, images, outputs, how, instance_options=options, grow=args.grow
+        )
+
+    return _each_input_together(jobs, prepare, predict_together, predict_alone)
+
+
+GROUP_INPUTS = 16  # inputs predicted together: one set-up, tiles batched across them
+GROUP_PIXELS = 2**26  # ... up to this many pixels in all, which they may hold in memory
+
+
+def _each_input_together(jobs, prepare, predict_together, predict_alone) -> int:
+    """Every input, consecutive ones predicted together; a bad one is reported, the rest go on.
+
+    ``prepare(path)`` gives ``(image, rescaled)``; inputs without a rescaling
+    prediction are grouped (:data:`GROUP_INPUTS`, :data:`GROUP_PIXELS`) and
+    ``predict_together(images, outputs)`` yields the number of each finished
+    one. When a group fails, its unfinished inputs run one by one through
+    ``predict_alone(image, rescaled, outputs)``, so that the bad one is named
+    and the others are written. Returns the exit status: 2 if any input failed.
+    """
+    group, failed = [], []
+
+    def predict_group() -> None:
+        finished = 0
+        try:
+            images, outputs = [g[2] for g in group], [g[1] for g in group]
+            for number in predict_together(images, outputs):
+                _report_written(*group[number][:2])
+                finished = number + 1
+        except ValueError:
+            # A bad input stops the shared forward passes: the rest go one at a time.
+            for path, outputs, image in group[finished:]:
+                if _reported(path, failed, predict_alone, image, None, outputs):
+                    _report_written(path, outputs)
+        group.clear()
+
+    for path, outputs in jobs:
+        prepared = _reported(path, failed, prepare, path)
+        if prepared is None:
+            continue
+        image, rescaled = prepared
+        if rescaled is not None:
+            predict_group()  # outputs in input order
+            if _reported(path, failed, predict_alone, image, rescaled, outputs):
+                _report_written(path, outputs)
+            continue
+        group.append((path, outputs, image))
+        if len(group) >= GROUP_INPUTS or sum(g[2].size for g in group) >= GROUP_PIXELS:
+            predict_group()
+    predict_group()
+    return _exit_status(failed, jobs)
+
+
+def _reported(path: Path, failed: list, function, *arguments):
+    """``function(*arguments)``, or None with the error printed as one line naming ``path``
+    (and ``path`` added to ``failed``); True when ``function`` returns None."""
+    try:
+        try:
+            result = function(*arguments)
+        except ValueError as error:
+            if isinstance(error, io.InputError):
+                raise
+            raise io.InputError(f"{path}: {error}") from None
+    except io.InputError as error:
+        # One bad file must not stop a long batch; report it and go on.
+        print(f"unetile predict: error: {error}", file=sys.stderr)
+        failed.append(path)
+        return None
+    return True if result is None else result
+
+
+def _report_written(path: Path, outputs: dict) -> None:
+    print(f"{path}: wrote {', '.join(str(p) for p in outputs.values())}")
 
 
 def _each_input(jobs: list[tuple[Path, dict[str, Path]]], predict_one) -> int:
@@ -391,23 +485,16 @@ def _each_input(jobs: list[tuple[Path, dict[str, Path]]], predict_one) -> int:
 
     Returns the exit status: 2 if any input failed.
     """
-    failed = 0
+    failed = []
     for path, outputs in jobs:
-        try:
-            try:
-                predict_one(path, outputs)
-            except ValueError as error:
-                if isinstance(error, io.InputError):
-                    raise
-                raise io.InputError(f"{path}: {error}") from None
-        except io.InputError as error:
-            # One bad file must not stop a long batch; report it and go on.
-            print(f"unetile predict: error: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{path}: wrote {', '.join(str(p) for p in outputs.values())}")
+        if _reported(path, failed, predict_one, path, outputs):
+            _report_written(path, outputs)
+    return _exit_status(failed, jobs)
+
+
+def _exit_status(failed: list, jobs: list) -> int:
     if failed:
-        print(f"unetile predict: {failed} of {len(jobs)} input(s) failed", file=sys.stderr)
+        print(f"unetile predict: {len(failed)} of {len(jobs)} input(s) failed", file=sys.stderr)
         return 2
     return 0
 
