@@ -1,7 +1,9 @@
 """Where prediction time goes at width 16, and a folder of small slices against MONAI.
 
 Everything is measured against the fp32 matmul peak (4096 x 4096
-``torch.matmul``, best of several) or a reference taken in the same run:
+``torch.matmul``, best of several; this shared machine's rate drifts, so the
+peak is taken just before and just after each part and the larger is used)
+or a reference taken in the same run:
 
 1. Profile (``torch.profiler``) of one forward pass of a width-16 network
    (the ``cpu-fast`` width) on one input tile of ``--tile-sizes`` (1564: the
@@ -16,16 +18,19 @@ Everything is measured against the fp32 matmul peak (4096 x 4096
    against channels-last memory layout, ``torch.jit.freeze`` (oneDNN
    convolution + ReLU fusion), one thread against all, and a batch of 4 tiles.
 3. A folder of ``--slices`` 512 x 512 slices, width 16, seconds per slice
-   after one warm-up slice (the set-up of a long run is paid once): unetile
-   file by file as ``unetile predict`` did before (``predict_to_files`` per
-   slice, a TIFF of labels each), unetile with the tiles of several slices in
-   one pass (``predict_images``, batch 1 and ``--batch``), one whole-image
-   forward pass per slice (the network alone), MONAI's
-   ``sliding_window_inference`` of a ``same``-padded network of equal width
-   (512 x 512 window, as its users run it) and unetile's own prediction of
-   that ``same`` network. A ``valid`` network reads 700 x 700 pixels for a
-   512 x 512 output, (700 / 512)^2 = 1.87x the FLOPs of a ``same`` one; the
-   ratio of each rate to the peak says how much of a gap is arithmetic.
+   after one warm-up slice (the set-up of a long run is paid once), best of
+   ``--rounds`` in which the methods take turns: the
+   ``unetile predict`` on the folder
+   of TIFFs, in process (reading, labels written as TIFFs), unetile file by
+   file as ``unetile predict`` ran before (``predict_to_files`` per slice),
+   unetile with the tiles of several slices in one pass (``predict_images``,
+   batch 1 and ``--batch``), one whole-image forward pass per slice (the
+   network alone), MONAI's ``sliding_window_inference`` of a
+   ``same``-padded network of equal width (512 x 512 window, as its users run
+   it) and unetile's own prediction of that ``same`` network. A ``valid``
+   network reads 700 x 700 pixels for a 512 x 512 output: more FLOPs per
+   slice than a ``same`` one (``flops_per_slice``); each rate over the peak
+   says how much of a gap in time is arithmetic.
 
 Writes benchmarks/predict_speed.json beside this script.
 
@@ -36,6 +41,8 @@ Writes benchmarks/predict_speed.json beside this script.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io as io_module
 import sys
 import tempfile
 import time
@@ -47,6 +54,7 @@ import torch
 from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
+from unetile.allocator import keep_freed_memory
 from unetile.model import UNet, forward_flops, input_size_for_output
 from unetile.predict import predict, predict_images, predict_to_files
 
@@ -100,7 +108,7 @@ def category_of(name: str) -> str:
     return "other"
 
 
-def profile_tile(side: int, peak: float, repeats: int) -> dict:
+def profile_tile(side: int, repeats: int, peak: float) -> dict:
     """Shares of one channels-last forward pass by kind of operation, and the rates."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,7 +157,7 @@ def profile_tile(side: int, peak: float, repeats: int) -> dict:
 # --------------------------------------------------------------------------
 
 
-def variants(side: int, peak: float, repeats: int) -> dict:
+def variants(side: int, repeats: int, peak: float) -> dict:
     """Fraction of the peak of the same forward pass, computed in several ways."""
     model = make_model()
     generator = torch.Generator().manual_seed(0)
@@ -185,20 +193,68 @@ def variants(side: int, peak: float, repeats: int) -> dict:
 # --------------------------------------------------------------------------
 
 
-def per_slice(run_one, slices: list[np.ndarray]) -> dict:
-    """Seconds of the first (cold) slice and per slice over the rest, run one by one."""
-    start = time.perf_counter()
-    run_one(slices[:1])
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    run_one(slices[1:])
-    return {
-        "first_slice_seconds": cold,
-        "seconds_per_slice": (time.perf_counter() - start) / (len(slices) - 1),
-    }
+def per_slice(methods: dict, slices: list[np.ndarray], rounds: int) -> dict:
+    """Per method: seconds of its first (cold) slice, and its best seconds per slice over
+    ``rounds`` runs of the other slices, the methods taking turns (this machine drifts)."""
+    runs = {}
+    for name, run in methods.items():
+        start = time.perf_counter()
+        run(slices[:1])
+        runs[name] = {"first_slice_seconds": time.perf_counter() - start, "round_seconds": []}
+    for _ in range(rounds):
+        for name, run in methods.items():
+            start = time.perf_counter()
+            run(slices[1:])
+            runs[name]["round_seconds"].append(time.perf_counter() - start)
+    for run in runs.values():
+        run["seconds_per_slice"] = min(run["round_seconds"]) / (len(slices) - 1)
+    return runs
 
 
-def folder(count: int, batch: int, peak: float) -> dict:
+def cli_method(model: UNet, slices: list[np.ndarray], scratch: Path):
+    """``unetile predict RUN FOLDER`` in this process, as a method of :func:`per_slice`."""
+    from unetile.cli import main
+
+    config = {"model": model.config.to_dict(), "normalization": NORMALIZATION}
+    io.save_model(scratch / "run", model, config)
+    folders = {1: scratch / "first", len(slices) - 1: scratch / "slices"}
+    for number, image in enumerate(slices):
+        folder = folders[1 if number == 0 else len(slices) - 1]
+        folder.mkdir(exist_ok=True)
+        io.write_tiled_tiff(folder / f"{number:03d}.tif", image)
+
+    def run(images):
+        arguments = [str(scratch / "run"), str(folders[len(images)]), "--out", str(scratch / "out")]
+        with contextlib.redirect_stdout(io_module.StringIO()):
+            if main(["predict", *arguments, "--no-progress", "--device", "cpu"]) != 0:
+                raise RuntimeError("unetile predict failed")
+
+    return run
+
+
+def monai_method(model: UNet):
+    """MONAI's sliding window over each slice (512 x 512 window, Gaussian blending)."""
+    from monai.inferers import sliding_window_inference
+
+    def run(images):
+        with torch.inference_mode():
+            for image in images:
+                values = (image.astype(np.float32) - 127.5) / 64.0
+                scores = sliding_window_inference(
+                    torch.from_numpy(values)[None, None],
+                    roi_size=(512, 512),
+                    sw_batch_size=1,
+                    predictor=lambda x: model(channels_last(x)),
+                    overlap=0.25,
+                    mode="gaussian",
+                    progress=False,
+                )
+                torch.softmax(scores, 1)[0].argmax(0)
+
+    return run
+
+
+def folder(count: int, batch: int, rounds: int, peak: float) -> dict:
     slices = [
         np.random.default_rng(seed).integers(0, 256, (512, 512), dtype=np.uint8)
         for seed in range(count + 1)
@@ -209,17 +265,12 @@ def folder(count: int, batch: int, peak: float) -> dict:
         "valid": forward_flops(valid.config, (side, side)),
         "same": forward_flops(same.config, (512, 512)),
     }
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="unetile-bench-") as scratch:
+    whole = channels_last(make_model())
 
-        def file_by_file(images):
-            for number, image in enumerate(images):
-                path = Path(scratch) / f"{number}_labels.tif"
-                predict_to_files(
-                    valid, image, labels=path, normalization=NORMALIZATION, progress=False
-                )
-
-        runs["unetile_file_by_file"] = per_slice(file_by_file, slices)
+    def file_by_file(images):
+        for number, image in enumerate(images):
+            path = Path(scratch) / f"{number}_labels.tif"
+            predict_to_files(valid, image, labels=path, normalization=NORMALIZATION, progress=False)
 
     def batched(model, size):
         def run(images):
@@ -230,10 +281,6 @@ def folder(count: int, batch: int, peak: float) -> dict:
 
         return run
 
-    runs["unetile_predict_images_batch_1"] = per_slice(batched(valid, 1), slices)
-    runs[f"unetile_predict_images_batch_{batch}"] = per_slice(batched(valid, batch), slices)
-    whole = channels_last(make_model())
-
     def whole_image(images):
         margin = whole.context_margin
         with torch.inference_mode():
@@ -243,41 +290,51 @@ def folder(count: int, batch: int, peak: float) -> dict:
                 scores = whole(channels_last(torch.from_numpy(values)[None, None]))
                 torch.softmax(scores, 1)[0, :, :512, :512].argmax(0)
 
-    runs["whole_image_forward"] = per_slice(whole_image, slices)
-    runs["unetile_same_predict_images"] = per_slice(batched(same, 1), slices)
-    try:
-        from monai.inferers import sliding_window_inference
-    except ImportError as error:
-        runs["monai_same"] = {"skipped": f"MONAI cannot be imported ({error}); pip install monai"}
-    else:
-        monai_model = channels_last(make_model("same"))
-
-        def monai(images):
-            with torch.inference_mode():
-                for image in images:
-                    values = (image.astype(np.float32) - 127.5) / 64.0
-                    scores = sliding_window_inference(
-                        torch.from_numpy(values)[None, None],
-                        roi_size=(512, 512),
-                        sw_batch_size=1,
-                        predictor=lambda x: monai_model(channels_last(x)),
-                        overlap=0.25,
-                        mode="gaussian",
-                        progress=False,
-                    )
-                    torch.softmax(scores, 1)[0].argmax(0)
-
-        runs["monai_same"] = per_slice(monai, slices)
-    reference = runs["monai_same"].get("seconds_per_slice")
+    with tempfile.TemporaryDirectory(prefix="unetile-bench-") as scratch:
+        methods = {
+            "unetile_cli": cli_method(valid, slices, Path(scratch)),
+            "unetile_file_by_file": file_by_file,
+            "unetile_predict_images_batch_1": batched(valid, 1),
+            f"unetile_predict_images_batch_{batch}": batched(valid, batch),
+            "whole_image_forward": whole_image,
+            "unetile_same_predict_images": batched(same, 1),
+        }
+        try:
+            methods["monai_same"] = monai_method(channels_last(make_model("same")))
+        except ImportError as error:
+            monai_missing = f"MONAI cannot be imported ({error}); pip install monai"
+        else:
+            monai_missing = None
+        runs = per_slice(methods, slices, rounds)
+    reference = runs["monai_same"]["seconds_per_slice"] if monai_missing is None else None
     for name, run in runs.items():
-        if "seconds_per_slice" not in run:
-            continue
         kind = "same" if "same" in name else "valid"
         run["network"] = kind
         run["fraction_of_peak"] = flops[kind] / run["seconds_per_slice"] / 1e9 / peak
         if reference:
             run["time_over_monai"] = run["seconds_per_slice"] / reference
-    return {"slices": count, "slice_shape": [512, 512], "flops_per_slice": flops, "runs": runs}
+    if monai_missing:
+        runs["monai_same"] = {"skipped": monai_missing}
+    return {
+        "slices": count,
+        "rounds": rounds,
+        "slice_shape": [512, 512],
+        "flops_per_slice": flops,
+        "valid_over_same_flops": flops["valid"] / flops["same"],
+        "runs": runs,
+    }
+
+
+def over_peak(result: dict, peak: float) -> None:
+    """Divide, in place, every ``*fraction_of_peak`` rate (GFLOP/s) in ``result`` by ``peak``."""
+    for key, value in result.items():
+        if isinstance(value, dict):
+            if key.endswith("fraction_of_peak"):
+                result[key] = {name: rate / peak for name, rate in value.items()}
+            else:
+                over_peak(value, peak)
+        elif key.endswith("fraction_of_peak"):
+            result[key] = value / peak
 
 
 def main() -> None:
@@ -285,40 +342,49 @@ def main() -> None:
     parser.add_argument("--tile-sizes", type=int, nargs="+", default=[1564, 700])
     parser.add_argument("--slices", type=int, default=8, help="timed 512 x 512 slices")
     parser.add_argument("--batch", type=int, default=4, help="tiles per pass across slices")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="turns of the folder methods")
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=HERE / "predict_speed.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
     started = time.perf_counter()
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine_info(keep_freed_memory=True),
     }
-    peaks = [matmul_peak_gflops(args.peak_repeats)]
-    print(f"fp32 matmul peak: {peaks[-1]:.1f} GFLOP/s")
+    peaks = []
+
+    def bracketed(part, *arguments) -> dict:
+        """``part(*arguments, peak=1)`` (rates in GFLOP/s) over the larger peak around it."""
+        before = matmul_peak_gflops(args.peak_repeats)
+        result = part(*arguments, 1.0)
+        after = matmul_peak_gflops(args.peak_repeats)
+        peaks.extend([before, after])
+        over_peak(result, max(before, after))
+        return {"peak_gflops": max(before, after), **result}
 
     report["profile"] = []
     for side in args.tile_sizes:
-        result = profile_tile(side, peaks[-1], args.repeats)
+        result = bracketed(profile_tile, side, args.repeats)
         report["profile"].append(result)
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["share_by_kind"].items())
         print(
-            f"profile {side}^2: forward {100 * result['forward_fraction_of_peak']:.0f}% of peak, "
+            f"profile {side}^2 (peak {result['peak_gflops']:.0f} GFLOP/s): forward "
+            f"{100 * result['forward_fraction_of_peak']:.0f}% of peak, "
             f"convolutions alone {100 * result['convolutions_fraction_of_peak']:.0f}%, end to end "
             f"{100 * result['end_to_end_fraction_of_peak']:.0f}% "
             f"({result['end_to_end_over_forward']:.2f}x the forward pass); time: {shares}"
         )
     report["variants"] = []
     for side in args.tile_sizes:
-        peaks.append(matmul_peak_gflops(args.peak_repeats))
-        result = variants(side, peaks[-1], args.repeats)
+        result = bracketed(variants, side, args.repeats)
         report["variants"].append(result)
         print(
             f"variants {side}^2 (fraction of peak): "
             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["fraction_of_peak"].items())
         )
-    peaks.append(matmul_peak_gflops(args.peak_repeats))
-    report["folder"] = folder(args.slices, args.batch, peaks[-1])
+    report["folder"] = bracketed(folder, args.slices, args.batch, args.rounds)
     for name, run in report["folder"]["runs"].items():
         if "seconds_per_slice" in run:
             print(
