@@ -73,8 +73,9 @@ def test_few_images_give_a_strip_at_the_far_end_of_the_longest_axis():
     # No cell at the far end: the near end is held out.
     membrane[:, 60:] = 0
     assert split([labeled("a", membrane)], 0.2)[2]["strips"][0]["region"] == "[:, 0:32]"
-    with pytest.raises(ValueError, match="a: 40 px along its longest axis cannot give a 32 px"):
-        split([labeled("a", membrane_map((40, 40)))], 0.2)
+    with pytest.raises(ValueError, match="a: 60 px along its longest axis cannot give a 32 px"):
+        split([labeled("a", membrane_map((40, 60)))], 0.2)  # the strip would be the larger
+    assert split([labeled("a", membrane_map((40, 64)))], 0.2)[2]["strips"][0]["start"] == 32
 
 
 def test_the_training_part_and_its_weight_map_never_see_the_held_out_strip(tmp_path):

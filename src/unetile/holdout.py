@@ -9,7 +9,8 @@ the same data always gives the same split and ``--resume`` finds it again:
   scores cells).
 - With fewer images, a strip at the far end of each image along its longest
   axis (the near end when the far one holds no foreground) is held out:
-  ``ceil(fraction * length)`` pixels, at least :data:`MIN_STRIP` px. The rest
+  ``ceil(fraction * length)`` pixels, at least :data:`MIN_STRIP` px and at
+  most half the image (smaller images are refused). The rest
   of the image trains. The training part is a copy of the rest: the tile
   sampler cannot read the strip (it mirrors at the cut as at any border), and
   its weight map and the normalisation are computed from the rest alone, its
@@ -104,17 +105,17 @@ def choose_strip(item: LabeledImage, fraction: float, foreground: int) -> Strip 
     Raises
     ------
     ValueError
-        When the image is too small to keep :data:`MIN_TRAINING_EXTENT` px for training
-        besides a strip of :data:`MIN_STRIP` px.
+        When the strip would be more than half the image (an image under
+        ``2 * MIN_STRIP`` px along its longest axis): the training part stays the larger.
     """
     shape = item.classes.shape
     # The longest axis; among equals the last (x), so a 3D stack keeps all its planes.
     axis = max(range(len(shape)), key=lambda index: (shape[index], index))
     width = strip_width(shape[axis], fraction)
-    if shape[axis] - width < MIN_TRAINING_EXTENT:
+    if width > shape[axis] // 2:
         raise ValueError(
             f"{shape[axis]} px along its longest axis cannot give a {width} px validation "
-            f"strip and keep {MIN_TRAINING_EXTENT} px to train on"
+            f"strip and keep as much to train on"
         )
     length = shape[axis]
     for start, stop in ((length - width, length), (0, width)):
