@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ import torch
 
 from . import io
 from .normalization import Normalization
-from .tiling import Window
+from .tiling import Window, tile_grid
 
 LABEL_MODES = ("membrane", "instances", "classes")
 #: Training targets of instance labels: the paper's background / cell, or
@@ -414,6 +414,7 @@ def load_labeled_images(
     cache_dir: str | os.PathLike | None = None,
     with_weights: bool = True,
     ignore_value: int | None = None,
+    limit: int | None = None,
 ) -> tuple[list[LabeledImage], int]:
     """Read and check every image/label pair of two folders matched by file stem.
 
@@ -448,6 +449,8 @@ def load_labeled_images(
         Compute weight maps (False for validation images).
     ignore_value : int or None
         Label value of unannotated pixels (:func:`labels_to_classes`).
+    limit : int or None
+        Read at most this many pairs, evenly spaced in file order (all are matched).
 
     Returns
     -------
@@ -455,6 +458,8 @@ def load_labeled_images(
     num_classes : int
     """
     pairs = io.match_by_stem(io.list_images(image_folder), io.list_images(label_folder))
+    if limit is not None and len(pairs) > limit:
+        pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, limit).round().astype(int)]
     entries = []
     for image_path, label_path in pairs:
         image = io.read_image(image_path)
@@ -832,6 +837,33 @@ class TileSampler:
             label_batch[crop].contiguous(),
             weight_batch[crop].contiguous(),
         )
+
+    def plain_tiles(self, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Input tiles ``(1, C, *input_shape)`` over the grid of every image, not augmented.
+
+        What prediction would read: the output tiles cover each image, the
+        window around each is mirrored at the border. With ``limit``, that
+        many tiles spread evenly over the whole list (never random: the rng
+        is the sampler's state). Used to estimate batch-norm statistics.
+        """
+        windows = [
+            (index, Window(origin, stop, shape))
+            for index, shape in enumerate(self.spatial_shapes)
+            for origin, stop in (
+                (
+                    tuple(o - self.margin for o in start),
+                    tuple(
+                        o - self.margin + i for o, i in zip(start, self.input_shape, strict=True)
+                    ),
+                )
+                for start in tile_grid(shape, self.output_shape)
+            )
+        ]
+        if limit is not None and len(windows) > limit:
+            keep = np.linspace(0, len(windows) - 1, limit).round().astype(int)
+            windows = [windows[i] for i in keep]
+        for index, window in windows:
+            yield window.read(self.images[index])[None].to(self.device).contiguous()
 
     def state(self) -> dict:
         """JSON-able sampler state (the rng's bit generator state)."""

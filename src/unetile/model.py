@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -370,6 +370,51 @@ class UNet(nn.Module):
     def context_margin(self) -> int:
         """Pixels of context per side that each output pixel needs (92 for the paper)."""
         return context_margin(self.config.depth, self.config.padding)
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch-norm layers of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def estimate_batch_norm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
+    """Set every batch norm's statistics to the plain average over ``inputs``; return their count.
+
+    Training with one tile per step normalises each tile by its own
+    statistics (as instance norm does); evaluation then uses the stored
+    averages, which are only as good as the tiles they came from. Averaging
+    over un-augmented tiles of the training images, with no momentum, gives
+    the statistics that prediction will meet, and makes the network's output
+    independent of the tile (the paper's overlap-tile promise). Weights are
+    untouched; each layer sees the inputs as the layers before it already
+    normalise them in training mode.
+    """
+    norms = batch_norms(model)
+    modes = [m.training for m in norms]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    count = 0
+    try:
+        for batch in inputs:
+            model(batch)
+            count += 1
+    finally:
+        for norm, mode, momentum in zip(norms, modes, momenta, strict=True):
+            norm.momentum = momentum
+            norm.train(mode)
+    if count == 0:
+        raise ValueError("estimate_batch_norm needs at least one input tile")
+    return count
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """Batch norms in evaluation mode: they use, and no longer update, their statistics."""
+    for norm in batch_norms(model):
+        norm.eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -73,7 +73,7 @@ from .data import (
     load_labeled_images,
 )
 from .instances import default_options
-from .model import UNet
+from .model import UNet, estimate_batch_norm, freeze_batch_norm
 from .normalization import Normalization
 from .parallel import Ranks
 from .predict import resolve_device
@@ -200,12 +200,36 @@ def freeze_encoder(model: UNet) -> None:
         parameter.requires_grad_(False)
 
 
-def training_mode(model: UNet, config: TrainConfig) -> None:
+def training_mode(model: UNet, config: TrainConfig, norms_frozen: bool = False) -> None:
     """``model.train()``, with a frozen contracting path left in evaluation mode
-    (batch norm then uses, and keeps, the statistics of the run it came from)."""
+    (batch norm then uses, and keeps, the statistics of the run it came from),
+    and every batch norm so once its statistics are frozen (``freeze_batch_norm``)."""
     model.train()
     if config.freeze_encoder:
         model.contracting.eval()
+    if norms_frozen:
+        freeze_batch_norm(model)
+
+
+#: Training tiles (no augmentation) over which frozen batch-norm statistics are averaged.
+STATISTICS_TILES = 64
+
+
+def freeze_norms_if_due(run: Run, state: RunState, finishing: bool = False) -> None:
+    """At ``freeze_batch_norm`` of the run (or when it finishes short of it), average
+    the batch-norm statistics over whole training images and freeze them."""
+    share = run.config.freeze_batch_norm
+    if share is None or state.norms_frozen:
+        return
+    done = state.step / run.config.steps
+    if run.budget is not None:
+        done = max(done, state.wall_seconds() / run.budget)
+    (due,) = parallel.agree(run.ranks, finishing or done >= share)
+    if not due:
+        return
+    estimate_batch_norm(run.model, run.sampler.plain_tiles(STATISTICS_TILES))
+    freeze_batch_norm(run.model)
+    state.norms_frozen = True
 
 
 def build_sampler(
@@ -982,6 +1006,7 @@ class RunState:
     last_metrics: dict = field(default_factory=dict)
     interrupted: bool = False
     out_of_time: bool = False
+    norms_frozen: bool = False  # batch-norm statistics averaged and fixed (freeze_batch_norm)
 
     def wall_seconds(self) -> float:
         return self.earlier_wall_seconds + time.perf_counter() - self.began
@@ -994,6 +1019,7 @@ class RunState:
             "data_seconds": self.data_seconds,
             "step_seconds": self.step_seconds,
             "wall_seconds": self.wall_seconds(),
+            "norms_frozen": self.norms_frozen,
         }
 
     def restore(self, saved: dict) -> None:
@@ -1004,6 +1030,7 @@ class RunState:
         )
         self.data_seconds, self.step_seconds = saved["data_seconds"], saved["step_seconds"]
         self.earlier_wall_seconds = saved["wall_seconds"]
+        self.norms_frozen = saved.get("norms_frozen", False)
 
 
 def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes):
@@ -1071,6 +1098,8 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
     finally:
         bar.close()
         log.close()
+    if not state.interrupted:
+        freeze_norms_if_due(run, state, finishing=True)
     _checkpoint(run, state)
     return _finish(run, state, log.rows)
 
@@ -1148,6 +1177,7 @@ def _restore(run: Run, state: RunState) -> None:
     path = run.run_dir / CHECKPOINT
     saved = load_checkpoint(path, run.model, run.optimizer)
     state.restore(saved)
+    training_mode(run.model, run.config, state.norms_frozen)
     parallel.restore_generators(run.ranks, saved, run.sampler, path)
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
@@ -1174,6 +1204,7 @@ def _checkpoint(run: Run, state: RunState) -> None:
 def _step(run: Run, state: RunState, compiling: bool) -> None:
     """One training step: sample and augment tiles, forward, loss, backward, update."""
     config, device = run.config, run.device
+    freeze_norms_if_due(run, state)
     tick = time.perf_counter()
     images, labels, weights = run.sampler.sample(config.batch_size)
     images = images.to(device, non_blocking=True, memory_format=run.memory_format)
@@ -1247,11 +1278,13 @@ def _report(run: Run, state: RunState, validating: bool) -> dict:
     state.last_metrics = validate(
         run.model, data.validation, config, data.normalization, data.output_shape, run.device
     )
-    training_mode(run.model, config)
+    training_mode(run.model, config, state.norms_frozen)
     value = state.last_metrics[config.keep_best]
     better = state.best_value is None or (
         value < state.best_value if lower_is_better(config.keep_best) else value > state.best_value
     )
+    # Before its statistics are frozen the network is not the one that will predict.
+    better = better and (config.freeze_batch_norm is None or state.norms_frozen)
     if better:
         state.best_value, state.best_step = value, state.step
         io.save_model(run.run_dir, run.model, run.saved_config)
