@@ -72,6 +72,19 @@ PRESETS: dict[str, dict] = {
         # 1.23x the steps in 4 minutes (699 against 568), after ~30 s of compiling.
         "compile": True,
     },
+    # What the data and the device say (unetile.auto chooses the weight map, tile, depth,
+    # width, normalisation, augmentation and budget; these are the rest).
+    "auto": {
+        "dropout": 0.0,
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "schedule": "cosine",
+        # The time budget ends the run; the cosine schedule follows it.
+        "steps": 1_000_000,
+        "validate_every": 250,
+        "checkpoint_every": 250,
+        "compile": True,
+    },
 }
 """Named configurations: each fills TrainConfig defaults; explicit options override them."""
 
@@ -145,8 +158,16 @@ class TrainConfig:
         "paper",
         group=RUN,
         choices=tuple(PRESETS),
-        help="named configuration filling the defaults: 'paper' (the paper's recipe) or "
-        "'cpu-fast' (base 16, instance norm, w0 10, sigma 2, Adam 1e-3 cosine, torch.compile)",
+        help="named configuration filling the defaults: 'paper' (the paper's recipe), "
+        "'cpu-fast' (base 16, instance norm, w0 10, sigma 2, Adam 1e-3 cosine, torch.compile) "
+        "or 'auto' (measured from the training data and the device; printed before training)",
+    )
+    auto: dict | None = option(
+        None,
+        group=RUN,
+        flag=False,
+        help="the plan of --preset auto: fingerprint, choices and reasons (written by unetile)",
+        shown="none",
     )
     label_mode: str = option(
         "membrane",
@@ -215,6 +236,16 @@ class TrainConfig:
         shown="none",
     )
     dropout: float = option(0.5, group=NETWORK, help="drop-out at the end of the contracting path")
+    freeze_batch_norm: float | None = option(
+        None,
+        group=NETWORK,
+        help="with --norm batch: at this share of the run (0-1), set the statistics to their "
+        "average over whole training images (no augmentation) and freeze them for the rest, so "
+        "that prediction does not depend on the tile",
+        shown="off",
+        metavar="SHARE",
+    )
+
     init: str | None = option(
         None,
         group=FINE_TUNING,
@@ -406,6 +437,12 @@ class TrainConfig:
         real("clip_grad_norm", 0.0, None, open_low=True, optional=True)
         real("max_minutes", 0.0, 10**7, open_low=True, optional=True)
         real("holdout", 0.0, 0.5, open_low=True, optional=True)
+        real("freeze_batch_norm", 0.0, 1.0, optional=True)
+        if self.freeze_batch_norm is not None and self.norm != "batch":
+            raise ValueError(
+                f"freeze_batch_norm needs norm 'batch' (it freezes batch-norm statistics), "
+                f"got norm {self.norm!r}"
+            )
         if self.tile is not None:
             object.__setattr__(
                 self,
@@ -580,10 +617,26 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     options.pop("preset", None)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    if preset == "auto" and options.get("auto") is None:
+        options = _planned(options)
     merged = {**PRESETS[preset], **options, "preset": preset}
     if "tile_shape" in merged:
         merged = _read_tile_shape(merged, warn=True)
     return TrainConfig(**{name: _coerce(name, value) for name, value in merged.items()})
+
+
+def _planned(options: dict) -> dict:
+    """``options`` with what :func:`unetile.auto.plan` chose where they are silent, and the plan.
+
+    Without training folders (a config built before the data is known) the
+    preset's fixed values stand alone and nothing is measured.
+    """
+    if options.get("images") is None or options.get("labels") is None:
+        return options
+    from .auto import plan
+
+    record = plan(options)
+    return {**record["choices"], **options, "auto": record}
 
 
 def _read_tile_shape(options: dict, warn: bool) -> dict:
@@ -713,6 +766,8 @@ def options_table() -> str:
     rows = ["| TOML name | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for item in fields(TrainConfig):
         meta = item.metadata
+        if meta["flag"] is False:
+            continue
         flag = meta["flag"] or "--" + item.name.replace("_", "-")
         rows.append(
             f"| `{item.name}` | `{flag}` | {shown_default(item, defaults)} | {meta['help']} |"

@@ -63,7 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     defaults = field_defaults()
     for item in fields(TrainConfig):
-        _add_field(groups[item.metadata["group"]], item, defaults)
+        if item.metadata["flag"] is not False:  # written by unetile, not an option
+            _add_field(groups[item.metadata["group"]], item, defaults)
     run = groups["run"]
     run.add_argument(
         "--config",
@@ -179,6 +180,10 @@ def run_command(args: argparse.Namespace) -> int:
 
     ranks = ranks_from_environment()
     speaks = ranks.writes and not args.quiet  # under torchrun, rank 0 speaks for all
+    if config.auto is not None and speaks and not args.resume:
+        from ..auto import describe
+
+        print(describe(config.auto), flush=True)
     if ranks.distributed and speaks:
         print(
             f"training on {ranks.world_size} processes: {config.batch_size} tile(s) each, an "

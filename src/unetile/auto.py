@@ -1,0 +1,396 @@
+"""``--preset auto``: a fingerprint of the training data chooses the configuration.
+
+nnU-Net's lasting lesson, applied to the paper's network: measure the data
+and the device first, then fill in what the user left open by written
+rules. Each rule below rests on a measurement in ``benchmarks/`` (README,
+"Presets"):
+
+* **Border term.** Where the background is mostly narrow gaps between cells
+  (membranes, as in ISBI 2012), the paper's sigma = 5 weighs every gap and
+  the network draws them too thick: sigma = 2 and no class balance won on
+  ISBI. Where cells lie on a background and only some touch, the paper's
+  sigma = 5, w0 = 10 and class balance separate them (benchmarks/instances.py).
+  Without any narrow gap the border term has nothing to stress: w0 = 0.
+* **Tile and depth.** The largest valid output tile up to the paper's 388
+  that does not exceed the images (a tile larger than the image mostly reads
+  its mirror); the paper's depth 5 unless its context (92 px a side) is more
+  than half the smallest image, then the deepest that fits.
+* **Width.** The widest of 16, 32, 64 base channels that still takes
+  ``MIN_STEPS`` steps in the time budget, measured on this device with a few
+  steps before training: on ISBI at a CPU budget, 16 channels and ~2,000
+  steps beat 32 channels and ~600 (benchmarks/isbi2012_tuning).
+* **Normalisation.** Batch norm whose statistics are averaged over whole
+  training images and frozen for the last fifth of the run: instance norm's
+  fast start without its per-tile statistics, so prediction stays tile-exact.
+* **Intensity.** When the training images' brightness or contrast differ by
+  more than ``INTENSITY_SPREAD`` (coefficient of variation of the per-image
+  means or standard deviations), wider gray-value augmentation.
+* **Validation.** A held-out share of the training images when none is
+  given, to keep the best model and calibrate the threshold.
+
+:func:`fingerprint` measures, :func:`choose` applies the rules, :func:`plan`
+does both and times the device; :func:`describe` prints the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .weights import nearest_two_distances
+
+#: Gaps up to this width (px, d1 + d2 of the weight map) are "narrow": the paper's
+#: border term (sigma = 5) still weighs them more than 1 + w0 / e^2.
+NARROW_GAP = 10.0
+#: A background that is mostly narrow gaps is a membrane map.
+MEMBRANE_SHARE = 0.5
+#: Cells within this gap of another count as touching.
+TOUCH_GAP = 3.0
+#: Share of touching cells below which the border term is switched off.
+MIN_TOUCHING = 0.02
+#: Fewest training steps a width must reach in the budget.
+MIN_STEPS = 1500
+WIDTHS = (16, 32, 64)
+#: Coefficient of variation of per-image intensity beyond which gray augmentation widens.
+INTENSITY_SPREAD = 0.15
+#: Budget when none is given (minutes).
+DEFAULT_MINUTES = 15.0
+#: Share of the run after which batch-norm statistics are frozen.
+FREEZE_SHARE = 0.8
+HOLDOUT = 0.1
+#: The largest output tile the rules choose: the paper's (572 input).
+PAPER_TILE = 388
+#: Fields the plan decides; a field given explicitly is left as given.
+CHOSEN = (
+    "depth",
+    "base_channels",
+    "tile",
+    "w0",
+    "sigma",
+    "class_weights",
+    "norm",
+    "freeze_batch_norm",
+    "augment",
+    "max_minutes",
+    "holdout",
+)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the rules read from the training data (lengths in pixels)."""
+
+    images: int
+    channels: int
+    median_shape: tuple[int, ...]
+    smallest_side: int
+    intensity_mean_spread: float  # coefficient of variation of per-image means
+    intensity_std_spread: float  # of per-image standard deviations
+    foreground_share: float  # of labelled pixels
+    cells: int
+    cell_diameter: float  # median equivalent diameter
+    narrow_gap_share: float  # background pixels in gaps up to NARROW_GAP wide
+    median_gap: float  # median d1 + d2 over background pixels in narrow gaps
+    touching_share: float  # cells within TOUCH_GAP of another cell
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
+
+
+def fingerprint(images, instances, classes=None, foreground: int = 1) -> Fingerprint:
+    """Measure images ``(C, *S)`` and their cell instances ``S`` (0 = background).
+
+    ``classes`` (per-pixel class ids, -1 or any negative value unknown) gives
+    the labelled area; without it every pixel is labelled. Gaps are measured
+    as the weight map sees them: d1 + d2, the distances from a background
+    pixel to its nearest and second-nearest cell.
+    """
+    means = [float(np.mean(image)) for image in images]
+    stds = [float(np.std(image)) for image in images]
+    shapes = np.array([instance.shape for instance in instances])
+    foreground_pixels = labelled_pixels = 0
+    diameters, gap_widths, background_pixels = [], [], 0
+    cells = touching = 0
+    for index, cells_map in enumerate(instances):
+        labelled = np.ones(cells_map.shape, bool) if classes is None else classes[index] >= 0
+        if classes is None:
+            foreground_pixels += int(np.count_nonzero(cells_map))
+        else:
+            foreground_pixels += int(np.count_nonzero(classes[index] == foreground))
+        labelled_pixels += int(np.count_nonzero(labelled))
+        ids, sizes = np.unique(cells_map[cells_map > 0], return_counts=True)
+        if ids.size == 0:
+            continue
+        dims = cells_map.ndim
+        diameters.extend(_equivalent_diameter(sizes, dims))
+        nearest, second = nearest_two_distances(cells_map, max_distance=4 * NARROW_GAP)
+        background = (cells_map == 0) & labelled
+        widths = (nearest + second)[background]
+        background_pixels += int(background.sum())
+        gap_widths.append(widths[widths <= NARROW_GAP])
+        cells += ids.size
+        touching += _touching_cells(cells_map, ids, second)
+    gaps = np.concatenate(gap_widths) if gap_widths else np.zeros(0)
+    return Fingerprint(
+        images=len(instances),
+        channels=int(images[0].shape[0]),
+        median_shape=tuple(int(s) for s in np.median(shapes, axis=0)),
+        smallest_side=int(shapes.min()),
+        intensity_mean_spread=_spread(means),
+        intensity_std_spread=_spread(stds),
+        foreground_share=foreground_pixels / max(labelled_pixels, 1),
+        cells=cells,
+        cell_diameter=float(np.median(diameters)) if diameters else 0.0,
+        narrow_gap_share=gaps.size / max(background_pixels, 1),
+        median_gap=float(np.median(gaps)) if gaps.size else math.inf,
+        touching_share=touching / max(cells, 1),
+    )
+
+
+def _equivalent_diameter(sizes: np.ndarray, dims: int) -> list[float]:
+    if dims == 2:
+        return list(2.0 * np.sqrt(sizes / math.pi))
+    return list(2.0 * np.cbrt(3.0 * sizes / (4.0 * math.pi)))
+
+
+def _touching_cells(cells_map: np.ndarray, ids: np.ndarray, second: np.ndarray) -> int:
+    """Cells with a pixel whose second-nearest cell lies within TOUCH_GAP."""
+    near_other = (cells_map > 0) & (second <= TOUCH_GAP)
+    return int(np.unique(cells_map[near_other]).size)
+
+
+def _spread(values: list[float]) -> float:
+    mean = float(np.mean(values))
+    return float(np.std(values) / abs(mean)) if mean else 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decided option: its value and the reason, in a line."""
+
+    value: object
+    why: str
+
+
+def choose(print_: Fingerprint, dims: int = 2) -> dict[str, Choice]:
+    """The rules (module docstring): options from a fingerprint, the width left to timing."""
+    membranes = print_.narrow_gap_share >= MEMBRANE_SHARE
+    share = f"{100 * print_.narrow_gap_share:.0f} % of the background"
+    if membranes:
+        weights = {
+            "w0": Choice(10.0, f"{share} is gaps <= {NARROW_GAP:g} px: a membrane map"),
+            "sigma": Choice(2.0, "narrow border term: stress the narrowest membranes only"),
+            "class_weights": Choice("none", "class balance draws membranes too thick"),
+        }
+    elif print_.touching_share >= MIN_TOUCHING:
+        weights = {
+            "w0": Choice(10.0, f"{100 * print_.touching_share:.0f} % of cells touch another"),
+            "sigma": Choice(5.0, f"the paper's border term for the gaps between them ({share})"),
+            "class_weights": Choice(
+                "balanced", "the paper's class balance for cells on background"
+            ),
+        }
+    else:
+        weights = {
+            "w0": Choice(0.0, f"only {100 * print_.touching_share:.1f} % of cells touch"),
+            "sigma": Choice(5.0, "(unused without a border term)"),
+            "class_weights": Choice("balanced", "the paper's class balance"),
+        }
+    from .tiling import Tiling
+
+    depth = next(
+        (d for d in (5, 4, 3) if 2 * Tiling(depth=d, dims=dims).margin <= print_.smallest_side), 2
+    )
+    tiling = Tiling(depth=depth, dims=dims)
+    side = min(print_.median_shape)
+    tile = max(tiling.smallest, tiling.at_most(min(side, PAPER_TILE)))
+    choices = {
+        "depth": Choice(
+            depth,
+            f"the deepest (<= 5) whose context ({tiling.margin} px a side) is at most half the "
+            f"smallest image side ({print_.smallest_side} px); more would read mostly mirror",
+        ),
+        "tile": Choice(
+            (tile,) * dims, f"largest valid output tile <= min({side} px image, {PAPER_TILE})"
+        ),
+        **weights,
+        "norm": Choice("batch", "per-tile statistics while training, like instance norm"),
+        "freeze_batch_norm": Choice(
+            FREEZE_SHARE, "then averaged over whole images and frozen: prediction is tile-exact"
+        ),
+    }
+    spread = max(print_.intensity_mean_spread, print_.intensity_std_spread)
+    if spread > INTENSITY_SPREAD:
+        from .augment import AugmentParams
+
+        choices["augment"] = Choice(
+            asdict(AugmentParams(contrast=(0.67, 1.5), brightness=(-0.2, 0.2), gamma=(0.67, 1.5))),
+            f"image intensities differ by {100 * spread:.0f} % (> {100 * INTENSITY_SPREAD:.0f} %): "
+            "wider gray-value augmentation",
+        )
+    return choices
+
+
+def seconds_per_step(config, in_channels: int, num_classes: int, device, steps: int = 3) -> float:
+    """Best time of a training step (forward, backward, Adam) of ``config``'s network."""
+    from .model import UNet
+
+    model = UNet(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        depth=config["depth"],
+        base_channels=config["base_channels"],
+        norm="batch",
+        dims=config["dims"],
+        dropout=0.0,
+    ).to(device)
+    tile = config["tile"]
+    from .tiling import Tiling
+
+    shape = Tiling(depth=config["depth"], dims=config["dims"]).input_shape(tile)
+    images = torch.randn((1, in_channels, *shape), device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    best = math.inf
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        loss = model(images).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step:  # the first step warms up
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def choose_width(seconds_16: float, minutes: float, flops: dict[int, float]) -> Choice:
+    """The widest base width that still takes MIN_STEPS steps in the budget.
+
+    A step's time is taken to grow with its FLOPs from the measured width 16
+    (wider networks use the hardware better, so this errs towards narrow).
+    """
+    budget = 60.0 * minutes
+    steps = {w: budget / (seconds_16 * flops[w] / flops[16]) for w in WIDTHS}
+    fits = [w for w in WIDTHS if steps[w] >= MIN_STEPS]
+    width = max(fits) if fits else WIDTHS[0]
+    listed = ", ".join(f"{w}: ~{steps[w]:,.0f}" for w in WIDTHS)
+    return Choice(
+        width,
+        f"steps in {minutes:g} min measured at {seconds_16:.3f} s/step for 16 ({listed}); "
+        f"widest with >= {MIN_STEPS}",
+    )
+
+
+#: Images read for the fingerprint at most (evenly spaced over the sorted folder).
+FINGERPRINT_IMAGES = 50
+
+
+def plan(options: dict, device: torch.device | str | None = None) -> dict:
+    """Fingerprint the training data of ``options``, time the device, choose.
+
+    ``options`` are TrainConfig fields (folders, label mode...); the options
+    it holds among :data:`CHOSEN` are kept as given. Returns the plan as it is
+    stored in ``config.json`` (``training.auto``): ``fingerprint``,
+    ``choices`` (field -> value), ``reasons`` (field -> why), ``given``
+    (fields the user set), ``device`` and ``seconds``.
+    """
+    from .config import PRESETS, field_defaults
+    from .data import load_labeled_images
+    from .model import forward_flops
+    from .predict import resolve_device
+
+    started = time.perf_counter()
+    merged = {**field_defaults(), **PRESETS["auto"], **options}
+    labelled, num_classes = load_labeled_images(
+        merged["images"],
+        merged["labels"],
+        dims=merged["dims"],
+        label_mode=merged["label_mode"],
+        num_classes=merged["num_classes"],
+        cell_value=merged["cell_value"],
+        target=merged["target"],
+        with_weights=False,
+        ignore_value=merged["ignore_value"],
+        limit=FINGERPRINT_IMAGES,
+    )
+    measured = fingerprint(
+        [item.image for item in labelled],
+        [item.instances for item in labelled],
+        [item.classes for item in labelled],
+        foreground=merged["foreground"],
+    )
+    choices = choose(measured, merged["dims"])
+    given = sorted(name for name in CHOSEN if options.get(name) is not None)
+    minutes = options.get("max_minutes") or DEFAULT_MINUTES
+    choices["max_minutes"] = Choice(
+        minutes, "as given" if options.get("max_minutes") else "the default budget of auto"
+    )
+    if merged.get("val_images") is None:
+        choices["holdout"] = Choice(HOLDOUT, "no validation images given: hold some out")
+    values = {name: choice.value for name, choice in choices.items()}
+    values.update({name: options[name] for name in given if name in options})
+    device = resolve_device(merged["device"]) if device is None else torch.device(device)
+    if "base_channels" not in given:
+        shape = {**merged, **values, "base_channels": 16}
+        shape["tile"] = tuple(shape["tile"])
+        in_channels = labelled[0].image.shape[0]
+        seconds = seconds_per_step(shape, in_channels, num_classes, device)
+        from .tiling import Tiling
+
+        input_shape = Tiling(depth=shape["depth"], dims=shape["dims"]).input_shape(shape["tile"])
+        flops = {
+            width: forward_flops(
+                {
+                    "depth": shape["depth"],
+                    "base_channels": width,
+                    "dims": shape["dims"],
+                    "in_channels": in_channels,
+                    "num_classes": num_classes,
+                },
+                input_shape,
+            )
+            for width in WIDTHS
+        }
+        choices["base_channels"] = choose_width(seconds, values["max_minutes"], flops)
+        values["base_channels"] = choices["base_channels"].value
+    return {
+        "fingerprint": measured.to_dict(),
+        "fingerprint_images": len(labelled),
+        "choices": {name: _plain(value) for name, value in values.items()},
+        "reasons": {
+            name: ("as given" if name in given else choice.why) for name, choice in choices.items()
+        },
+        "given": given,
+        "device": str(device),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def describe(record: dict) -> str:
+    """The plan as printed before the first step: what was measured, chosen and why."""
+    data = record["fingerprint"]
+    shape = " x ".join(map(str, data["median_shape"]))
+    percent = {key: f"{100 * data[key]:.0f} %" for key in data if key.endswith(("share", "spread"))}
+    lines = [
+        f"auto: measured {data['images']} image(s) ({record['fingerprint_images']} read) on "
+        f"{record['device']} in {record['seconds']:.1f} s: median {shape} px; {data['cells']} "
+        f"cells, median diameter {data['cell_diameter']:.1f} px, {percent['touching_share']} "
+        f"touching; foreground {percent['foreground_share']}; narrow gaps "
+        f"{percent['narrow_gap_share']} of the background (median {data['median_gap']:.1f} px); "
+        f"intensity spread {percent['intensity_mean_spread']} (means), "
+        f"{percent['intensity_std_spread']} (contrast)"
+    ]
+    for name, value in record["choices"].items():
+        shown = "wider" if isinstance(value, dict) else value
+        lines.append(f"  {name} = {shown}: {record['reasons'][name]}")
+    return "\n".join(lines)
