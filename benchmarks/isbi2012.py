@@ -9,10 +9,12 @@ and scores both on images 25-29 (the benchmark split of the data's README):
 * pixel, Rand and warping error from :mod:`unetile.metrics` at the best of
   the thresholds 0.0, ..., 0.9 (as the challenge scored), per image and mean;
 * ``skimage.metrics.adapted_rand_error`` and the variation of information
-  between the 4-connected cell components at threshold 0.5 (the argmax, as
-  other tools report them), and for scale the same error of the ground truth
-  with its membranes dilated by 1 and 2 px; and both again at the thresholds
-  0.3, 0.4, 0.5 and 0.6 with the share of pixels drawn as membrane, since a
+  between the 4-connected cell components at the model's decision threshold
+  (0.5, the argmax, as other tools report them; a calibrated model's own
+  threshold, as ``unetile predict`` draws its labels), and for scale the
+  same error of the ground truth with its membranes dilated by 1 and 2 px;
+  and both again at the thresholds 0.3, 0.4, 0.5 and 0.6 with the share of
+  pixels drawn as membrane, since a
   component score hangs on how thick the membranes come out; and of the
   cells grown by 1, 2 and 5 px over the membranes (``predict --grow``);
 * steps, steps/s, training FLOP/s as a fraction of the measured fp32 matmul
@@ -88,6 +90,10 @@ def run_unetile(data: Path, preset: str, minutes: float, seed: int, work: Path, 
         max_minutes=minutes,
         seed=seed,
     )
+    if config.auto is not None:
+        from unetile.auto import describe
+
+        print(describe(config.auto), flush=True)
     started = time.perf_counter()
     summary = train(config, progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
@@ -117,7 +123,8 @@ def tile_size_check(model, saved, images, cells, whole: np.ndarray, tile: int) -
     """
     tiled = predict_unetile(model, saved, images, tta=False, tile=tile)
     difference = np.abs(tiled - whole)
-    scores = evaluate(tiled, cells)["mean"]
+    threshold = (saved.get("calibration") or {}).get("threshold") or 0.5
+    scores = evaluate(tiled, cells, threshold)["mean"]
     return {
         "output_tile": tile,
         "max_abs_difference": float(difference.max()),
@@ -186,14 +193,16 @@ def predict_peer(model, images: np.ndarray) -> np.ndarray:
 # Scores
 
 
-def evaluate(probabilities: np.ndarray, cells: np.ndarray) -> dict:
+def evaluate(probabilities: np.ndarray, cells: np.ndarray, threshold: float = 0.5) -> dict:
+    """The challenge's errors at their best thresholds; the component scores at ``threshold``,
+    the model's own decision (0.5, the argmax, unless training calibrated another)."""
     from skimage.measure import label
     from skimage.metrics import adapted_rand_error, variation_of_information
 
     per_image = []
     for probability, truth in zip(probabilities, cells, strict=True):
         result = score(probability.astype(np.float32), truth, CHALLENGE_METRICS)
-        predicted_components = label(probability > 0.5, connectivity=1)
+        predicted_components = label(probability >= threshold, connectivity=1)
         true_components = label(truth, connectivity=1)
         result["skimage_adapted_rand_error"] = float(
             adapted_rand_error(true_components, predicted_components)[0]
@@ -392,6 +401,8 @@ def main(argv=None) -> int:
         model, saved, summary, wall, flops_per_step, config = run_unetile(
             args.data, args.preset, args.minutes, args.seed, folder, parse_options(args.set)
         )
+    # A calibrated model draws its labels at its own threshold (unetile predict does).
+    threshold = (saved.get("calibration") or {}).get("threshold") or 0.5
     started = time.perf_counter()
     ours = predict_unetile(model, saved, val_images, tta=False)
     predict_seconds = (time.perf_counter() - started) / len(val_images)
@@ -408,8 +419,10 @@ def main(argv=None) -> int:
         "fraction_of_matmul_peak": round(train_gflops / peak, 3),
         "data_fraction": round(summary["data_fraction"], 3),
         "seconds_per_512_slice": round(predict_seconds, 2),
-        "scores": evaluate(ours, val_cells),
-        "scores_tta": evaluate(ours_tta, val_cells),
+        "decision_threshold": threshold,
+        "calibration": saved.get("calibration"),
+        "scores": evaluate(ours, val_cells, threshold),
+        "scores_tta": evaluate(ours_tta, val_cells, threshold),
         "component_scores_by_threshold": component_scores_by_threshold(ours, val_cells),
         "grown_cell_scores": grown_cell_scores(ours, val_cells),
         # Against the whole 512 x 512 slice in one tile (the automatic tile here).
