@@ -30,7 +30,7 @@ def test_a_membrane_map_gets_the_narrow_border_term_without_class_balance():
     chosen = {name: choice.value for name, choice in auto.choose(print_).items()}
     assert (chosen["w0"], chosen["sigma"], chosen["class_weights"]) == (10.0, 2.0, "none")
     assert chosen["depth"] == 5 and chosen["tile"] == (244, 244)  # at most the 256 px image
-    assert chosen["norm"] == "batch" and chosen["freeze_batch_norm"] == auto.FREEZE_SHARE
+    assert chosen["norm"] == "instance"
     assert "augment" not in chosen  # synthetic slices share their intensities
 
 
@@ -84,7 +84,7 @@ def test_the_plan_fills_what_is_not_given_and_says_why(folders, monkeypatch):
     plan = config.auto
     assert config.sigma == 3.0 and plan["reasons"]["sigma"] == "as given"
     assert "sigma" in plan["given"] and config.w0 == 10.0  # membranes 2 px wide
-    assert config.class_weights == "none" and config.norm == "batch"
+    assert config.class_weights == "none" and config.norm == "instance"
     assert config.max_minutes == auto.DEFAULT_MINUTES and config.holdout == auto.HOLDOUT
     # 0.2 s a step at width 16 over 15 minutes: 4,500 steps at 16, fewer than 1,500 at 32.
     assert config.base_channels == 16 and "4,500" in plan["reasons"]["base_channels"]
@@ -133,3 +133,34 @@ def test_the_plan_of_isbi_like_folders_reads_their_files_only_once_each(folders,
     plan = auto.plan({"images": str(images), "labels": str(labels)})
     assert plan["fingerprint_images"] == 3 and len([r for r in reads if "images" in str(r)]) == 3
     assert np.isfinite(plan["fingerprint"]["cell_diameter"])
+
+
+def test_plan_flag_writes_a_config_file_that_trains_without_timing_again(
+    folders, tmp_path, capsys, monkeypatch
+):
+    images, labels = folders
+    monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
+    data = ["--images", str(images), "--labels", str(labels)]
+    assert main(["train", *data, "--preset", "auto", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith('preset = "auto"') and "sigma = 2.0  # " in text
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(text)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("every timed choice is in the file")
+
+    monkeypatch.setattr(auto, "seconds_per_step", no_timing)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would: the file makes it safe
+    config = make_config(**{**io_options(plan_file), "images": str(images), "labels": str(labels)})
+    assert config.base_channels == 16 and config.steps == 6800 and config.sigma == 2.0
+    with pytest.raises(ValueError, match="each process would time it apart"):
+        make_config("auto", images=str(images), labels=str(labels))
+    assert main(["train", *data, "--plan"]) == 2
+    assert "add --preset auto" in capsys.readouterr().err
+
+
+def io_options(path):
+    from unetile.config import read_toml
+
+    return read_toml(path)

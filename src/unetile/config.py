@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import typing
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -79,8 +80,7 @@ PRESETS: dict[str, dict] = {
         "optimizer": "adam",
         "learning_rate": 1e-3,
         "schedule": "cosine",
-        # The time budget ends the run; the cosine schedule follows it.
-        "steps": 1_000_000,
+        # unetile.auto sets the steps a measured step time allows; the budget ends the run.
         "validate_every": 250,
         "checkpoint_every": 250,
         "compile": True,
@@ -634,6 +634,14 @@ def _planned(options: dict) -> dict:
     if options.get("images") is None or options.get("labels") is None:
         return options
     from .auto import plan
+
+    timed = ("base_channels", "steps")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(options.get(n) is None for n in timed):
+        raise ValueError(
+            "--preset auto times this device, and each process would time it apart: write the "
+            "plan once with 'unetile train --preset auto ... --plan > plan.toml' and start "
+            "torchrun with --config plan.toml"
+        )
 
     record = plan(options)
     return {**record["choices"], **options, "auto": record}

@@ -89,6 +89,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="hold nothing out for validation, whatever the preset or --config says",
     )
+    run.add_argument(
+        "--plan",
+        action="store_true",
+        help="with --preset auto: print the plan as a --config TOML file and stop (no training)",
+    )
     parser.set_defaults(run=run_command)
     return parser
 
@@ -172,6 +177,13 @@ def run_command(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as error:
         where = f"{args.config} or the command line" if args.config else "command line"
         raise io.InputError(f"bad training option ({where}): {error}") from None
+    if args.plan:
+        if config.auto is None:
+            raise io.InputError("--plan shows what --preset auto chooses: add --preset auto")
+        from ..auto import as_toml
+
+        print(as_toml(config.auto), end="")
+        return 0
     for name in ("images", "labels", "out"):
         if getattr(config, name) is None:
             flag = "--" + name.replace("_", "-")
