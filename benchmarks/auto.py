@@ -131,6 +131,7 @@ def score_cells(model, saved, test) -> dict:
     threshold = decision_threshold(saved)
     options = InstanceOptions.from_dict(saved["instances"])
     if options.threshold is None and saved.get("calibration"):
+        # As predict draws the instances of a calibrated model.
         options = InstanceOptions.from_dict({**options.to_dict(), "threshold": threshold})
     rows = []
     for image, truth in zip(*test, strict=True):
