@@ -153,7 +153,7 @@ def test_plan_flag_writes_a_config_file_that_trains_without_timing_again(
     monkeypatch.setattr(auto, "seconds_per_step", no_timing)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would: the file makes it safe
     config = make_config(**{**io_options(plan_file), "images": str(images), "labels": str(labels)})
-    assert config.base_channels == 16 and config.steps == 6800 and config.sigma == 2.0
+    assert config.base_channels == 16 and config.steps == 13500 and config.sigma == 2.0
     with pytest.raises(ValueError, match="each process would time it apart"):
         make_config("auto", images=str(images), labels=str(labels))
     assert main(["train", *data, "--plan"]) == 2
