@@ -298,7 +298,7 @@ def width_flops(config: dict, in_channels: int, num_classes: int) -> dict[int, f
 def choose_steps(seconds_16: float, values: dict, flops: dict[int, float]) -> Choice:
     """Steps for the progress bar and the schedule: the expected count with room to spare.
 
-    The time budget ends the run; a step count 1.5 times what the measured
+    The time budget ends the run; a step count 3 times what the measured
     (uncompiled, possibly contended) speed allows never ends it first.
     """
     width = values["base_channels"]
