@@ -370,9 +370,7 @@ def plan(options: dict, device: torch.device | str | None = None) -> dict:
         "fingerprint": measured.to_dict(),
         "fingerprint_images": len(labelled),
         "choices": {name: _plain(value) for name, value in values.items()},
-        "reasons": {
-            name: ("as given" if name in given else choices[name].why) for name in values
-        },
+        "reasons": {name: ("as given" if name in given else choices[name].why) for name in values},
         "given": given,
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 1),
