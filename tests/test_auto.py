@@ -164,3 +164,17 @@ def io_options(path):
     from unetile.config import read_toml
 
     return read_toml(path)
+
+
+def test_instance_labels_keep_and_calibrate_by_seg(tmp_path, monkeypatch):
+    for index in range(4):
+        cells = synthetic.cells_like((96, 96), touching_fraction=0.6, rng=index)
+        io.write_image(tmp_path / "images" / f"{index}.tif", (cells.image * 255).astype(np.uint8))
+        io.write_image(tmp_path / "labels" / f"{index}.tif", cells.instances.astype(np.uint16))
+    monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
+    options = dict(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"))
+    config = make_config("auto", label_mode="instances", **options)
+    assert config.keep_best == "seg" and "seg" in config.metrics and config.sigma == 5.0
+    assert (
+        make_config("auto", label_mode="instances", keep_best="iou", **options).keep_best == "iou"
+    )
