@@ -250,7 +250,9 @@ def summarize() -> dict:
                 for a in autos
             ]
     for name, outcome in wins.items():
-        print(name, [f"seed {o['seed']}: {len(o['matches_or_beats_on'])}/" for o in outcome])
+        total = len(HEADLINE[name.split(":")[0]])
+        shown = [f"seed {o['seed']}: {len(o['matches_or_beats_on'])}/{total}" for o in outcome]
+        print(name, "matches or beats on", ", ".join(shown))
     return {"rows": rows, "auto_against_the_best_reference_run": wins}
 
 
