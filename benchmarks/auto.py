@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from isbi2012 import DEFAULT_DATA, TRAIN, VALIDATION, evaluate, read_split
+from isbi2012 import HEADLINE as ISBI_HEADLINE
 from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
@@ -50,17 +51,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = HERE / "auto_runs"
 DATASETS = ("isbi", "isbi-half", "cells")
 MINUTES = {"isbi": 12.0, "isbi-half": 3.0, "cells": 3.0}
-HEADLINE = {
-    "isbi": (
-        "pixel_error",
-        "rand_error",
-        "warping_error",
-        "info_error",
-        "skimage_adapted_rand_error",
-        "skimage_variation_of_information",
-    ),
-    "cells": ("iou", "f1@0.5", "seg", "merged_pairs"),
-}
+HEADLINE = {"isbi": tuple(ISBI_HEADLINE), "cells": ("iou", "f1@0.5", "seg", "merged_pairs")}
 HEADLINE["isbi-half"] = HEADLINE["isbi"]
 
 
