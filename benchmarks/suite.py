@@ -1,0 +1,371 @@
+"""The benchmark suite: every preset and two MONAI peers on real data of many kinds.
+
+For each set built by ``suite_data.py`` and each arm, trains for the same
+wall-clock budget on the set's training images, predicts its test images and
+scores them with unetile's own metrics:
+
+* pixels: foreground IoU, Dice and pixel error of the class map;
+* objects (sets with objects): F1 at IoU 0.5 (one-to-one matching), SEG and
+  the predicted / true object count.
+
+Arms:
+
+* ``cpu-fast``, ``auto``, ...: ``unetile train --preset P --max-minutes M``
+  then ``unetile predict RUN TEST --instances``, as a user would (instance
+  sets with ``--label-mode instances``); its objects are its ``_instances``.
+* ``monai-basic``: MONAI's ``BasicUNet``; ``monai-flex``: MONAI's
+  ``FlexibleUNet`` with a ResNet-18 encoder (no pretrained weights, there is
+  no internet). Each with its usual recipe: Adam 1e-3, cross-entropy, random
+  256 px crops with flips and 90-degree turns, batch 4, images standardised
+  by the training set's channel means and deviations; sliding-window
+  prediction (256 px, overlap 0.25); objects are the 8-connected components
+  of its class map.
+
+Results go to ``suite.json`` beside this script, one entry per set, arm and
+seed, written after each run, so an interrupted suite resumes where it
+stopped (``--force`` reruns). ``--table`` prints the README's table from the
+JSON; ``--figure`` draws one crop per set (image, truth, each arm's objects).
+
+    python benchmarks/suite_data.py                     # the data, once
+    python benchmarks/suite.py --minutes 5              # every set and arm
+    python benchmarks/suite.py --sets dic-hela --arms cpu-fast --seeds 0 1 2
+    python benchmarks/suite.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from unetile import io
+from unetile.metrics import dice, iou, match_objects, pixel_error, seg_score
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "suite.json"
+DEFAULT_DATA = HERE / "suite_data"
+DEFAULT_WORK = HERE / "suite_runs"
+SETS = ("isbi2012", "dsb2018", "dic-hela", "fluo-hela", "phc-psc", "monuseg", "drive")
+#: Sets whose truth has no objects to count (vessel trees).
+PIXELS_ONLY = ("drive",)
+PEERS = ("monai-basic", "monai-flex")
+ARMS = ("cpu-fast", "auto", *PEERS)
+UNETILE = Path(sys.executable).with_name("unetile")
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    images = sorted((root / split / "images").iterdir())
+    labels = {p.stem: p for p in (root / split / "labels").iterdir()}
+    return [(image, labels[image.stem]) for image in images]
+
+
+def is_instance_set(root: Path) -> bool:
+    return any(p.suffix == ".tif" for p in (root / "train" / "labels").iterdir())
+
+
+def truth_objects(label: np.ndarray, instances: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and objects of a truth label (binary: its 4-connected components)."""
+    if instances:
+        return label > 0, label.astype(np.int64)
+    foreground = label > 0
+    return foreground, ndimage.label(foreground)[0]
+
+
+# ---------------------------------------------------------------------------
+# unetile, as a user runs it
+
+
+def run_command(arguments: list[str], log: Path) -> None:
+    with open(log, "a") as handle:
+        handle.write("$ " + shlex.join(arguments) + "\n")
+        handle.flush()
+        done = subprocess.run(arguments, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(arguments[:3])} failed; see {log}")
+
+
+def run_unetile(preset, root, minutes, seed, work: Path) -> tuple[list[Path], dict]:
+    run, out, log = work / "run", work / "predicted", work / "log.txt"
+    train = [str(UNETILE), "train", "--images", str(root / "train" / "images")]
+    train += ["--labels", str(root / "train" / "labels"), "--out", str(run)]
+    train += ["--preset", preset, "--max-minutes", str(minutes), "--seed", str(seed)]
+    train += ["--overwrite"]
+    if is_instance_set(root):
+        train += ["--label-mode", "instances"]
+    started = time.perf_counter()
+    run_command(train, log)
+    trained = time.perf_counter() - started
+    predict = [str(UNETILE), "predict", str(run), str(root / "test" / "images")]
+    predict += ["--out", str(out), "--instances", "--no-progress"]
+    run_command(predict, log)
+    summary = json.loads((run / "summary.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
+    info = {
+        "train_seconds": round(trained, 1),
+        "steps": summary["step"],
+        "base_channels": saved["model"]["base_channels"],
+        "instances": saved.get("instances"),
+        "commands": [shlex.join(train), shlex.join(predict)],
+    }
+    return [out], info
+
+
+def unetile_outputs(out: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = io.read_image(next(out.glob(f"{stem}_labels.*")))
+    instances = io.read_image(next(out.glob(f"{stem}_instances.*")))
+    return np.asarray(labels) > 0, np.asarray(instances)
+
+
+# ---------------------------------------------------------------------------
+# The MONAI peers, with their usual recipe
+
+
+def read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = np.asarray(io.read_image(image_path), dtype=np.float32)
+    image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    return image, np.asarray(io.read_image(label_path))
+
+
+def peer_network(arm: str, channels: int):
+    from monai.networks.nets import BasicUNet, FlexibleUNet
+
+    if arm == "monai-basic":
+        return BasicUNet(spatial_dims=2, in_channels=channels, out_channels=2)
+    return FlexibleUNet(
+        in_channels=channels, out_channels=2, backbone="resnet18", pretrained=False
+    )
+
+
+def run_peer(arm: str, root: Path, minutes: float, seed: int) -> tuple[object, dict]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = [read_pair(i, lab) for i, lab in pairs(root, "train")]
+    instances = is_instance_set(root)
+    stacked = np.concatenate([image.reshape(image.shape[0], -1) for image, _ in data], axis=1)
+    mean, std = stacked.mean(axis=1), stacked.std(axis=1) + 1e-6
+    images = [torch.from_numpy((im - mean[:, None, None]) / std[:, None, None]) for im, _ in data]
+    targets = [torch.from_numpy(truth_objects(lab, instances)[0].astype(np.int64)) for _, lab in data]
+    model = peer_network(arm, images[0].shape[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crop, batch, steps = 256, 4, 0
+    started = time.perf_counter()
+    model.train()
+    while time.perf_counter() - started < 60 * minutes:
+        tiles, tile_targets = [], []
+        for _ in range(batch):
+            index = int(rng.integers(len(images)))
+            tile, target = _random_crop(images[index], targets[index], crop, rng)
+            tiles.append(tile)
+            tile_targets.append(target)
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.stack(tiles)), torch.stack(tile_targets)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    info = {"train_seconds": round(time.perf_counter() - started, 1), "steps": steps}
+    return (model, mean, std), info
+
+
+def _random_crop(image, target, crop, rng):
+    height, width = target.shape
+    pad = (0, max(0, crop - width), 0, max(0, crop - height))
+    if any(pad):
+        image = torch.nn.functional.pad(image[None], pad, mode="reflect")[0]
+        target = torch.nn.functional.pad(target[None, None].float(), pad, mode="reflect")
+        target = target[0, 0].long()
+        height, width = target.shape
+    top, left = int(rng.integers(height - crop + 1)), int(rng.integers(width - crop + 1))
+    tile = image[:, top : top + crop, left : left + crop]
+    target = target[top : top + crop, left : left + crop]
+    turns = int(rng.integers(4))
+    tile, target = torch.rot90(tile, turns, (1, 2)), torch.rot90(target, turns, (0, 1))
+    for axis in (0, 1):
+        if rng.random() < 0.5:
+            tile, target = tile.flip(axis + 1), target.flip(axis)
+    return tile, target
+
+
+@torch.inference_mode()
+def peer_outputs(peer, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from monai.inferers import sliding_window_inference
+
+    model, mean, std = peer
+    model.eval()
+    image, _ = read_pair(image_path, image_path)
+    image = torch.from_numpy((image - mean[:, None, None]) / std[:, None, None])[None]
+    logits = sliding_window_inference(image, (256, 256), 4, model, overlap=0.25)
+    foreground = (logits.argmax(dim=1)[0] == 1).numpy()
+    objects, _ = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+    return foreground, objects
+
+
+# ---------------------------------------------------------------------------
+# Scores
+
+
+def score_image(foreground, objects, label, instances: bool, with_objects: bool) -> dict:
+    true_foreground, true_objects = truth_objects(label, instances)
+    scores = {
+        "iou": iou(foreground, true_foreground),
+        "dice": dice(foreground, true_foreground),
+        "pixel_error": pixel_error(foreground, true_foreground),
+    }
+    if with_objects:
+        matching = match_objects(objects, true_objects, (0.5,))[0]
+        scores.update(
+            f1=matching.f1,
+            seg=seg_score(objects, true_objects),
+            tp=matching.true_positives,
+            predicted=int(len(np.unique(objects)) - 1),
+            true=int(len(np.unique(true_objects)) - 1),
+        )
+    return scores
+
+
+def summarise(per_image: list[dict]) -> dict:
+    summary = {
+        key: float(np.mean([s[key] for s in per_image]))
+        for key in ("iou", "dice", "pixel_error", "f1", "seg")
+        if key in per_image[0]
+    }
+    if "predicted" in per_image[0]:
+        predicted = sum(s["predicted"] for s in per_image)
+        true = sum(s["true"] for s in per_image)
+        summary.update(predicted=predicted, true=true, count_ratio=predicted / max(true, 1))
+    return summary
+
+
+def run_arm(name: str, arm: str, root: Path, minutes: float, seed: int, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    instances = is_instance_set(root)
+    with_objects = name not in PIXELS_ONLY
+    test = pairs(root, "test")
+    if arm in PEERS:
+        peer, info = run_peer(arm, root, minutes, seed)
+        outputs = [peer_outputs(peer, image) for image, _ in test]
+    else:
+        (out,), info = run_unetile(arm, root, minutes, seed, work)
+        outputs = [unetile_outputs(out, image.stem) for image, _ in test]
+    per_image = [
+        score_image(fg, objects, np.asarray(io.read_image(label)), instances, with_objects)
+        for (fg, objects), (_, label) in zip(outputs, test, strict=True)
+    ]
+    return {**summarise(per_image), **info, "per_image": per_image}
+
+
+# ---------------------------------------------------------------------------
+# Table
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+
+
+def table(results: dict) -> str:
+    """Markdown: per set and arm, the mean over seeds (and the spread where there are several)."""
+    runs = results["runs"]
+    lines = [
+        "| set | arm | seeds | foreground IoU | pixel error | object F1@0.5 | SEG "
+        "| objects predicted / true |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in SETS:
+        for arm in ARMS:
+            entries = [
+                v for k, v in runs.items() if k.startswith(f"{name}/{arm}/") and "error" not in v
+            ]
+            if not entries:
+                continue
+            lines.append(_row(name, arm, entries))
+    return "\n".join(lines)
+
+
+def _row(name: str, arm: str, entries: list[dict]) -> str:
+    def cell(key, digits=3):
+        values = [e[key] for e in entries if key in e]
+        if not values:
+            return "-"
+        text = f"{np.mean(values):.{digits}f}"
+        if len(values) > 1:
+            text += f" ± {np.std(values):.{digits}f}"
+        return text
+
+    count = "-"
+    if "predicted" in entries[0]:
+        count = f"{np.mean([e['predicted'] for e in entries]):.0f} / {entries[0]['true']}"
+    return (
+        f"| {name} | {arm} | {len(entries)} | {cell('iou')} | {cell('pixel_error', 4)} "
+        f"| {cell('f1')} | {cell('seg')} | {count} |"
+    )
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--force", action="store_true", help="rerun entries already in the JSON")
+    parser.add_argument("--table", action="store_true", help="print the table and stop")
+    args = parser.parse_args(argv)
+    results = load_results()
+    if args.table:
+        print(table(results))
+        return 0
+    torch.set_num_threads(os.cpu_count() or 1)
+    for seed in args.seeds:
+        for name in args.sets:
+            root = args.data / name
+            if not (root / "train").is_dir():
+                raise SystemExit(f"{root}: no data; run python benchmarks/suite_data.py first")
+            for arm in args.arms:
+                key = f"{name}/{arm}/{seed}"
+                if key in results["runs"] and not args.force:
+                    continue
+                print(f"{key}: {args.minutes:g} min", flush=True)
+                try:
+                    entry = run_arm(name, arm, root, args.minutes, seed, args.work / key)
+                except RuntimeError as error:
+                    entry = {"error": str(error)}
+                entry.update(minutes=args.minutes, date=time.strftime("%Y-%m-%d %H:%M"))
+                results = load_results()  # another invocation may have added entries
+                results["runs"][key] = entry
+                results["command"] = shlex.join([sys.executable, *sys.argv])
+                RESULTS.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+                shown = {k: v for k, v in entry.items() if not isinstance(v, list | dict)}
+                print(json.dumps(shown, default=_plain), flush=True)
+    print(table(load_results()))
+    return 0
+
+
+def _plain(value):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(type(value))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
