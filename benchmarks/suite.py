@@ -145,9 +145,7 @@ def peer_network(arm: str, channels: int):
 
     if arm == "monai-basic":
         return BasicUNet(spatial_dims=2, in_channels=channels, out_channels=2)
-    return FlexibleUNet(
-        in_channels=channels, out_channels=2, backbone="resnet18", pretrained=False
-    )
+    return FlexibleUNet(in_channels=channels, out_channels=2, backbone="resnet18", pretrained=False)
 
 
 def run_peer(arm: str, root: Path, minutes: float, seed: int) -> tuple[object, dict]:
@@ -158,7 +156,9 @@ def run_peer(arm: str, root: Path, minutes: float, seed: int) -> tuple[object, d
     stacked = np.concatenate([image.reshape(image.shape[0], -1) for image, _ in data], axis=1)
     mean, std = stacked.mean(axis=1), stacked.std(axis=1) + 1e-6
     images = [torch.from_numpy((im - mean[:, None, None]) / std[:, None, None]) for im, _ in data]
-    targets = [torch.from_numpy(truth_objects(lab, instances)[0].astype(np.int64)) for _, lab in data]
+    targets = [
+        torch.from_numpy(truth_objects(lab, instances)[0].astype(np.int64)) for _, lab in data
+    ]
     model = peer_network(arm, images[0].shape[0])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     crop, batch, steps = 256, 4, 0
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     if args.table:
         print(table(results))
         return 0
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     for seed in args.seeds:
         for name in args.sets:
             root = args.data / name

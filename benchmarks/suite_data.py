@@ -145,8 +145,7 @@ def _git_dir(mirror: Path, repo: str) -> Path:
         if (candidate / "HEAD").is_file() and (candidate / "objects").is_dir():
             return candidate
     raise SystemExit(
-        f"{root}: no git repository; clone https://github.com/{repo} there "
-        "(or give --mirror)"
+        f"{root}: no git repository; clone https://github.com/{repo} there (or give --mirror)"
     )
 
 

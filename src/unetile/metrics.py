@@ -51,7 +51,11 @@ METRICS = (
     "f1",
     "precision",
     "recall",
+    "objects",
 )
+#: What ``unetile evaluate`` reports by default for objects on a background
+#: (instance labels, or binary masks that are not membrane maps).
+OBJECT_METRICS = ("pixel_error", "iou", "dice", "seg", "f1", "objects")
 #: Metrics that :func:`score` computes when none are named.
 DEFAULT_METRICS = ("pixel_error", "rand_error", "info_error", "warping_error", "iou", "dice", "seg")
 # Metrics where lower is better; the others are scores in [0, 1] where higher is better.
@@ -413,6 +417,50 @@ def seg_score(prediction_labels: np.ndarray, true_labels: np.ndarray) -> float:
         raise ValueError("ground_truth has no object; SEG is undefined")
     matched = counts > 0.5 * true_sizes[true_ids]
     return float(np.sum(jaccard[matched]) / n_true)
+
+
+def object_counts(prediction_labels: np.ndarray, true_labels: np.ndarray) -> dict[str, int]:
+    """Objects predicted and true, and how many were split or merged.
+
+    Each true object's partner is the predicted object that covers most of
+    it, and each predicted object's the true object it covers most. A
+    predicted object that is the partner of several true objects merged
+    them (``merges`` counts the true objects beyond the first); a true
+    object that is the partner of several predicted objects was split
+    (``splits`` counts the pieces beyond the first).
+
+    >>> truth = np.array([[1, 1, 0, 2, 2, 0, 3, 3, 3]])
+    >>> found = np.array([[5, 5, 5, 5, 5, 0, 6, 0, 7]])
+    >>> object_counts(found, truth)
+    {'objects_predicted': 3, 'objects_true': 3, 'splits': 1, 'merges': 1}
+    """
+    predicted = np.asarray(prediction_labels).ravel().astype(np.int64)
+    true = np.asarray(true_labels).ravel().astype(np.int64)
+    counts = {
+        "objects_predicted": int(np.unique(predicted[predicted > 0]).size),
+        "objects_true": int(np.unique(true[true > 0]).size),
+    }
+    both = (predicted > 0) & (true > 0)
+    pairs, shared = np.unique(
+        np.stack([predicted[both], true[both]], axis=1), axis=0, return_counts=True
+    )
+    return {
+        **counts,
+        "splits": _extra_partners(pairs[:, 0], pairs[:, 1], shared),
+        "merges": _extra_partners(pairs[:, 1], pairs[:, 0], shared),
+    }
+
+
+def _extra_partners(objects: np.ndarray, others: np.ndarray, shared: np.ndarray) -> int:
+    """Objects of ``others`` beyond the first that pick the same partner among ``objects``,
+    each picking the one it shares most pixels with."""
+    if objects.size == 0:
+        return 0
+    order = np.lexsort((-shared, others))  # by other, then by overlap, largest first
+    first = np.ones(order.size, bool)
+    first[1:] = others[order][1:] != others[order][:-1]
+    partners = objects[order][first]
+    return int(partners.size - np.unique(partners).size)
 
 
 class Matching(NamedTuple):
@@ -787,6 +835,8 @@ def _score_binary(
             result[name] = dice(predicted_cells, true_cells)
         elif name == "seg":
             result[name] = seg_score(predicted_labels, true_labels)
+        elif name == "objects":
+            result.update(object_counts(predicted_labels, true_labels))
         else:  # f1, precision, recall
             if matches is None:
                 matches = match_objects(predicted_labels, true_labels, iou_thresholds)

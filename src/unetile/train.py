@@ -552,11 +552,26 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
         },
         "tile": {"input_shape": list(data.input_shape), "output_shape": list(data.output_shape)},
         "pixel_size_um": None if data.pixel_size is None else list(data.pixel_size),
-        "instances": default_options(config.label_mode, config.target, config.foreground).to_dict(),
+        **fitted_instances(config, data),
         "holdout": data.holdout,
         "calibration": None,  # filled when training ends with validation (calibrate)
         "training": config.to_dict(),
     }
+
+
+def fitted_instances(config: TrainConfig, data: TrainingData) -> dict:
+    """``config.json``'s ``"instances"`` (how objects are extracted) fitted to the training
+    labels, and ``"instances_fit"`` (what was measured, why); class maps keep the paper's
+    components (:mod:`unetile.instance_fit`)."""
+    from .instance_fit import fit_from_labels
+
+    base = default_options(config.label_mode, config.target, config.foreground)
+    if config.label_mode == "classes":
+        return {"instances": base.to_dict(), "instances_fit": None}
+    options, record = fit_from_labels(
+        [item.instances for item in data.train], base, config.label_mode
+    )
+    return {"instances": options.to_dict(), "instances_fit": record}
 
 
 def validate(
@@ -651,12 +666,45 @@ def calibrate(
         config.keep_best,
         ignore_value=IGNORE if config.ignore_value is not None else None,
     )
+    calibration = _calibration_beyond_noise(calibration, probabilities, truths, config)
     stored = io.read_json(run_dir / io.MODEL_CONFIG)
     stored["calibration"] = calibration
     # The cells are drawn from the same foreground as the labels.
     stored["instances"]["threshold"] = calibration["threshold"]
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
     return calibration
+
+
+def _calibration_beyond_noise(calibration, probabilities, truths, config) -> dict:
+    """Keep the argmax (0.5) unless the calibrated threshold's gain over it is beyond
+    the noise of the paired per-unit scores (:mod:`unetile.evidence`)."""
+    from .calibration import ARGMAX, lower_is_better
+    from .evidence import beyond_noise, scoring_units
+    from .metrics import score_per_threshold
+
+    best, metric = calibration["threshold"], calibration["metric"]
+    if best == ARGMAX:
+        return {**calibration, "moved": False}
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    ignore = IGNORE if config.ignore_value is not None else None
+    at = {best: [], ARGMAX: []}
+    foreground = [probability[config.foreground] for probability in probabilities]
+    for probability, truth in scoring_units(foreground, truths):
+        sweep = score_per_threshold(
+            probability, truth, [metric], thresholds=(ARGMAX, best), ignore_value=ignore
+        )
+        for threshold in at:
+            at[threshold].append(sign * float(sweep[threshold][metric]))
+    if beyond_noise(at[best], at[ARGMAX]):
+        return {**calibration, "moved": True}
+    # The best mean is within the noise: the network's own decision stays.
+    return {
+        **calibration,
+        "threshold": ARGMAX,
+        "value": calibration["at_0.5"],
+        "best_by_mean": best,
+        "moved": False,
+    }
 
 
 def validation_truth(item: LabeledImage, config: TrainConfig) -> np.ndarray:
@@ -676,25 +724,20 @@ def tune_instances(
     probabilities: list[np.ndarray],
     threshold: float | None = None,
 ) -> dict:
-    """Pick the kept model's instance extraction on the validation images; store it.
+    """Tune the kept model's instance extraction on the validation images; store it.
 
-    The options (:func:`unetile.instances.candidate_options`, scaled by the
-    true cells' size) with the best F1 at IoU 0.5 go into ``config.json``
-    (``"instances"``), so the model carries its own post-processing. A
+    The options fitted to the training labels (``config.json`` ``"instances"``)
+    are compared with a grid around them (:func:`unetile.instance_fit.tune`) by
+    object F1 at IoU 0.5, and replaced only for a gain beyond the noise. A
     foreground in more than ``UNTRAINED_PIECES`` pieces per true cell keeps
-    the defaults (``"validation": None``). The foreground is drawn at the
-    calibrated ``threshold`` (None: the argmax), which the stored options
-    carry, as ``predict`` draws the labels.
+    them (``"validation": None``). The foreground is drawn at the calibrated
+    ``threshold`` (None: the argmax), which the stored options carry, as
+    ``predict`` draws the labels.
     """
     import dataclasses
 
-    from .instances import (
-        InstanceOptions,
-        candidate_options,
-        count_objects,
-        foreground_mask,
-        tune_options,
-    )
+    from .instance_fit import tune
+    from .instances import InstanceOptions, count_objects, foreground_mask
 
     stored = io.read_json(run_dir / io.MODEL_CONFIG)
     truths = [item.instances for item in data.validation]
@@ -707,10 +750,13 @@ def tune_instances(
         stored["instances"] = base.to_dict()
         io.write_json(run_dir / io.MODEL_CONFIG, stored)
         return {"options": base.to_dict(), "validation": None}
-    best, scores = tune_options(probabilities, truths, candidate_options(truths, base))
+    diameter = (stored.get("instances_fit") or {}).get("diameter") or 10.0
+    best, record = tune(probabilities, truths, base, diameter)
     stored["instances"] = best.to_dict()
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
-    return {"options": best.to_dict(), "validation": scores}
+    chosen = record["best"] if record["moved"] else record["default"]
+    scores = {"f1@0.5": chosen["f1@0.5"], "seg": chosen["seg"]}
+    return {"options": best.to_dict(), "validation": scores, "tuning": record}
 
 
 class CsvLog:
@@ -1316,7 +1362,7 @@ def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
         if run.data.validation and not state.interrupted:
             probabilities = validation_probabilities(run_dir, run.data, config, run.device)
             calibration = calibrate(run_dir, run.data, config, probabilities)
-            if config.label_mode == "instances":
+            if config.label_mode != "classes":
                 threshold = None if calibration is None else calibration["threshold"]
                 tuned = tune_instances(run_dir, run.data, probabilities, threshold)
     summary = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,23 +142,26 @@ def _prediction_key(path: Path, truth_stems: set[str]) -> str:
     return stem
 
 
-def _preference(path: Path, key: str, probabilities: bool) -> int:
+def _preference(path: Path, key: str, probabilities: bool, objects: bool = False) -> int:
     """Rank of a prediction among several for one image: lower is chosen."""
     suffix = io.image_stem(path)[len(key) :]
     order = ["", "_probabilities", "_labels", "_instances"]
     if not probabilities:
         order = ["", "_labels", "_instances", "_probabilities"]
+        if objects:
+            order = ["", "_instances", "_labels", "_probabilities"]
     return order.index(suffix) if suffix in order else len(order)
 
 
 def pair_files(
-    predictions: list[Path], truths: list[Path], probabilities: bool = False
+    predictions: list[Path], truths: list[Path], probabilities: bool = False, objects=False
 ) -> list[tuple[Path, Path]]:
     """Pair prediction and ground-truth files by stem; InputError naming an unpaired file.
 
     A folder written by ``unetile predict`` may hold NAME_labels,
     NAME_probabilities and NAME_instances for one image: the probabilities are
-    scored with ``--probabilities``, the labels otherwise (then the instances).
+    scored with ``--probabilities``, the labels otherwise (then the instances),
+    and for ``objects`` (object data) the instances first.
     """
     if len(predictions) == 1 and len(truths) == 1:
         return [(predictions[0], truths[0])]
@@ -178,10 +182,9 @@ def pair_files(
         candidates.setdefault(key, []).append(prediction)
     pairs = []
     for key, found in candidates.items():
-        ranked = sorted(found, key=lambda path: _preference(path, key, probabilities))
-        if len(ranked) > 1 and _preference(ranked[0], key, probabilities) == _preference(
-            ranked[1], key, probabilities
-        ):
+        ranks = {path: _preference(path, key, probabilities, objects) for path in found}
+        ranked = sorted(found, key=ranks.__getitem__)
+        if len(ranked) > 1 and ranks[ranked[0]] == ranks[ranked[1]]:
             raise io.InputError(
                 f"{ranked[1]}: a second prediction for {by_stem[key].name} ({ranked[0].name})"
             )
@@ -326,16 +329,35 @@ def fixed_threshold(args: argparse.Namespace) -> float | None:
         raise io.InputError(f"{args.model / io.MODEL_CONFIG}: {error}") from None
 
 
+def _object_data(truth: np.ndarray) -> bool:
+    """Instance labels, or a binary map that is not a membrane map (objects on a background)."""
+    from ..instance_fit import is_membrane_map
+
+    values = np.unique(truth)
+    if values.size > 2:
+        return True
+    return values.size == 2 and not is_membrane_map(truth == values[-1])
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import DEFAULT_METRICS, best_scores, score, score_per_threshold
+    from ..metrics import DEFAULT_METRICS, OBJECT_METRICS, best_scores, score, score_per_threshold
 
     threshold = fixed_threshold(args)
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
-    pairs = pair_files(predictions, truths, args.probabilities)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loop below says how the truth is read
+        first = read_truth(truths[0], args.truth_mode, args.cell_value, args.ignore_value)
+    objects = args.metrics is None and _object_data(first)
+    if objects:
+        print(
+            f"{truths[0]}: objects on a background, so objects are scored (predicted / true, "
+            "splits, merges, F1, SEG) with the pixels; --metrics chooses others"
+        )
+    pairs = pair_files(predictions, truths, args.probabilities, objects and not args.probabilities)
     connectivity = 1 if args.connectivity == 4 else 2
     options = dict(
-        metrics=args.metrics,
+        metrics=OBJECT_METRICS if objects else args.metrics,
         cell_value=args.cell_value,
         connectivity=connectivity,
         ignore_value=args.ignore_value,
@@ -379,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         io.write_json(
             args.json,
             {
-                "metrics": list(args.metrics or [m for m in DEFAULT_METRICS if m in mean]),
+                "metrics": list(options["metrics"] or [m for m in DEFAULT_METRICS if m in mean]),
                 "probabilities": bool(args.probabilities),
                 "images": [
                     {"prediction": str(prediction), "ground_truth": str(truth), **values}

@@ -99,6 +99,13 @@ def add_parser(subparsers) -> None:
         help="remove cells of fewer pixels (0: keep all)",
     )
     parser.add_argument(
+        "--opening",
+        type=whole_option(0, 1000),
+        metavar="PX",
+        help="open each cell with a disk of radius PX before splitting: removes specks and "
+        "ragged edges, cuts thin bridges (0: none)",
+    )
+    parser.add_argument(
         "--fill-holes",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -198,6 +205,7 @@ INSTANCE_FLAGS = {
     "seed_threshold": "--seed-threshold",
     "h": "--h",
     "min_size": "--min-size",
+    "opening": "--opening",
     "fill_holes": "--fill-holes",
     "max_extent": "--max-extent",
 }
