@@ -4,9 +4,9 @@ Every file is read from a fixed commit of its repository (a local clone or a
 snapshot: ``git clone https://github.com/OWNER/NAME`` into
 ``MIRROR/OWNER+NAME/repo``), its git blob hash is recomputed from the bytes and
 compared with the commit's, and the set's files are compared with
-``suite_sources.json`` (the list of files read, as a count and
-a SHA-256 over every path and blob id, recorded once with ``--write-manifest``), then converted into the
-layout ``unetile train`` reads::
+``suite_sources.json`` (the list of files read, as a count and a SHA-256 over
+every path and blob id, recorded once with ``--write-manifest``), then
+converted into the layout ``unetile train`` reads::
 
     OUT/<set>/{train,test}/{images,labels}/<stem>.{png,tif}
     OUT/<set>/SOURCE.md                       citation, terms, split rule
@@ -253,7 +253,7 @@ def build_monuseg(repo: Repository, root: Path) -> str:
 
 
 def build_drive(repo: Repository, root: Path) -> str:
-    for split, folder, suffix in (("train", "training", "training"), ("test", "test", "test")):
+    for split, folder in (("train", "training"), ("test", "test")):
         for path in repo.list(f"DRIVE/{folder}/images/"):
             number = Path(path).name.split("_")[0]
             image = decode(repo.read(path), path)

@@ -13,6 +13,7 @@ from unetile.instances import (
     InstanceOptions,
     default_options,
     extract_instances,
+    foreground_mask,
     instances_from_probabilities,
     keys_by_region,
     rank_keys,
@@ -111,9 +112,11 @@ def test_instances_from_probabilities_keeps_the_papers_components_by_default():
     fill_holes=st.booleans(),
     classes=st.sampled_from([2, 3]),
     extent=st.integers(1, 30),
+    opening=st.integers(0, 2),
+    connectivity=st.integers(1, 3),
 )
 def test_region_by_region_equals_the_whole_image(
-    seed, dims, sizes, chunks, method, min_size, fill_holes, classes, extent
+    seed, dims, sizes, chunks, method, min_size, fill_holes, classes, extent, opening, connectivity
 ):
     shape, chunks = tuple(sizes[:dims]), tuple(chunks[:dims])
     probabilities = random_probabilities(seed, shape, classes)
@@ -125,6 +128,8 @@ def test_region_by_region_equals_the_whole_image(
         fill_holes=fill_holes,
         foreground_classes=(1, 2) if classes == 3 else (1,),
         max_extent=extent,
+        opening=opening,
+        connectivity=connectivity,
     )
     whole = extract_instances(probabilities, options)
     try:
@@ -132,7 +137,9 @@ def test_region_by_region_equals_the_whole_image(
     except ValueError as error:
         # Only a group of cells wider than the margin may stop it, and it says so.
         assert "max_extent" in str(error)
-        boxes = ndimage.find_objects(ndimage.label(whole > 0)[0]) or []
+        structure = ndimage.generate_binary_structure(dims, min(connectivity, dims))
+        groups = ndimage.label(foreground_mask(probabilities, options), structure)[0]
+        boxes = ndimage.find_objects(groups) or []
         widest = max(max(s.stop - s.start for s in box) for box in boxes)
         assert widest >= extent
         return
@@ -170,3 +177,27 @@ def test_options_check_their_values_and_round_trip_through_json():
     assert default_options("membrane").method == "components"
     with pytest.raises(ValueError, match="seed class 3 is not one of the 3 classes"):
         extract_instances(random_probabilities(0, (5, 5), 3), seed_class=3)
+
+
+def test_an_opening_removes_specks_and_cuts_a_thin_bridge():
+    cells = np.zeros((30, 60), np.float32)
+    rows, columns = np.indices(cells.shape)
+    cells[np.hypot(rows - 15, columns - 12) < 9] = 1
+    cells[np.hypot(rows - 15, columns - 46) < 9] = 1
+    cells[14:16, 20:40] = 1  # a bridge 2 px thick joins them
+    cells[2, 30] = cells[27, 3] = 1  # specks
+    probabilities = two_classes(cells)
+    assert extract_instances(probabilities).max() == 3  # components: one blob and two specks
+    opened = extract_instances(probabilities, opening=2)
+    assert opened.max() == 2  # the bridge is cut, the specks are gone
+    sizes = np.bincount(opened.ravel())[1:]
+    assert all(200 < size < 260 for size in sizes)  # each a disk of radius 9 (254 px)
+
+
+def test_full_connectivity_joins_objects_that_meet_at_corners():
+    line = np.eye(12, dtype=np.float32)  # a diagonal vessel, one pixel wide
+    probabilities = two_classes(line)
+    assert extract_instances(probabilities).max() == 12
+    assert extract_instances(probabilities, connectivity=2).max() == 1
+    with pytest.raises(ValueError, match="connectivity"):
+        InstanceOptions(connectivity=4)

@@ -923,6 +923,18 @@ def train(
         ``wall_seconds`` (all of it, over resumed parts), ``input_shape``,
         ``output_shape``, ``num_parameters``.
     """
+    from . import race
+
+    if data is None and race.should_race(config, resume):
+        config = race.race(config, train, progress, notes)
+    summary = _train_run(config, resume, progress, data, stop_after, overwrite, notes)
+    poor = race.poor_result(summary) if config.auto is not None else None
+    if poor and notes:
+        notes(poor)
+    return summary
+
+
+def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> dict:
     began = time.perf_counter()
     if config.out is None:
         raise io.InputError("no run folder: give --out")
