@@ -43,7 +43,7 @@ def test_cells_on_background_get_the_papers_border_term_only_where_they_touch(to
     assert print_.narrow_gap_share < 0.05  # the background is wide: not a membrane map
     assert (print_.touching_share > 0.4) == (touching > 0)
     chosen = {name: choice.value for name, choice in auto.choose(print_).items()}
-    assert (chosen["w0"], chosen["sigma"], chosen["class_weights"]) == (w0, sigma, "balanced")
+    assert (chosen["w0"], chosen["sigma"], chosen["class_weights"]) == (w0, sigma, "none")
 
 
 def test_small_images_get_a_shallower_network_and_a_tile_inside_them():
@@ -178,3 +178,57 @@ def test_instance_labels_keep_and_calibrate_by_seg(tmp_path, monkeypatch):
     assert (
         make_config("auto", label_mode="instances", keep_best="iou", **options).keep_best == "iou"
     )
+
+
+def touching_cells(root, count=4, size=96):
+    for index in range(count):
+        cells = synthetic.cells_like((size, size), touching_fraction=0.6, rng=index)
+        io.write_image(root / "images" / f"{index}.tif", (cells.image * 255).astype(np.uint8))
+        io.write_image(root / "labels" / f"{index}.tif", cells.instances.astype(np.uint16))
+    return dict(images=str(root / "images"), labels=str(root / "labels"))
+
+
+def test_auto_races_its_weight_map_against_the_baseline_and_keeps_the_record(tmp_path, monkeypatch):
+    from unetile import race
+    from unetile.train import train
+
+    options = touching_cells(tmp_path)
+    monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
+    small = dict(depth=2, base_channels=4, tile=(20,), steps=4, validate_every=2, threads=1)
+    small.update(compile=False, augment="none", holdout=0.25)
+    config = make_config(
+        "auto",
+        label_mode="instances",
+        out=str(tmp_path / "run"),
+        max_minutes=1.0,
+        **options,
+        **small,
+    )
+    entrants = race.contenders(config)
+    assert entrants["baseline"] == {"w0": 10.0, "sigma": 2.0, "class_weights": "none"}
+    assert entrants["rules"] == {name: getattr(config, name) for name in race.WEIGHT_FIELDS}
+    notes = []
+    summary = train(config, progress=False, notes=notes.append)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    record = saved["training"]["auto"]["race"]
+    # One 96 px held-out image is one unit: no noise estimate, so the baseline goes on.
+    assert record["units"] == 1 and record["winner"] == "baseline"
+    assert set(record["scores"]) == {"baseline", "rules"}
+    winner = tmp_path / "run" / "race" / record["winner"]
+    assert saved["training"]["init"] == str(winner)  # the winner goes on from its weights
+    assert saved["training"]["sigma"] == record["weights"]["sigma"]
+    assert (tmp_path / "run" / "race" / "baseline" / "model.safetensors").is_file()
+    assert any(note.startswith("auto race:") for note in notes)
+    assert summary["step"] == 4
+    # A weight map the user gives is not raced.
+    given = make_config(
+        "auto", label_mode="instances", out=str(tmp_path / "r2"), sigma=5.0, **options, **small
+    )
+    assert race.contenders(given) == {}
+
+
+def test_a_poor_held_out_score_is_said():
+    from unetile.race import poor_result
+
+    assert "poor (iou 0.30" in poor_result({"validation": {"iou": 0.3, "f1": 0.9}})
+    assert poor_result({"validation": {"iou": 0.8, "f1": 0.7, "pixel_error": 0.9}}) is None

@@ -210,14 +210,12 @@ def fit_from_labels(
 def candidates(default: InstanceOptions, diameter: float) -> list[InstanceOptions]:
     """A grid around ``default``: other size floors, openings sized by the objects, methods."""
     floor = default.min_size
-    min_sizes = sorted({0, floor // 2, floor, 2 * floor})
+    min_sizes = sorted({floor // 2, floor, 2 * floor})
     radius = max(diameter / 2.0, 1.0)
-    openings = sorted({0, 1, max(1, round(0.1 * radius)), max(1, round(0.2 * radius))})
+    openings = sorted({0, 1, max(1, round(0.2 * radius))})
     methods = [{"method": "components"}]
-    methods += [{"method": "watershed", "seed_threshold": t} for t in (0.5, 0.7, 0.9)]
-    methods += [
-        {"method": "distance", "h": float(max(1, round(f * radius)))} for f in (0.1, 0.2, 0.3)
-    ]
+    methods += [{"method": "watershed", "seed_threshold": t} for t in (0.5, 0.8)]
+    methods += [{"method": "distance", "h": float(max(1, round(f * radius)))} for f in (0.15, 0.3)]
     grid = [default]
     for method in methods:
         for min_size in min_sizes:

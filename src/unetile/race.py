@@ -67,8 +67,9 @@ def race(config: TrainConfig, train, progress: bool, notes=None) -> TrainConfig:
     root = Path(config.out) / "race"
     scores, legs = {}, {}
     for name, weights in entrants.items():
+        # A leg of a minute or two loses more to compiling than compiling gains it.
         leg = dataclasses.replace(
-            config, out=str(root / name), max_minutes=share, auto=None, **weights
+            config, out=str(root / name), max_minutes=share, auto=None, compile=False, **weights
         )
         if notes:
             notes(f"auto race: {name} ({_weights(weights)}) for {share:.1f} min")
