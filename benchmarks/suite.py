@@ -273,8 +273,13 @@ def run_arm(name: str, arm: str, root: Path, minutes: float, seed: int, work: Pa
 # Table
 
 
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+def load_results(path: Path = RESULTS) -> dict:
+    """The runs of ``suite.json`` and of the partial files beside it (``suite.*.json``)."""
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    if path == RESULTS:
+        for part in sorted(HERE.glob("suite.*.json")):
+            results["runs"].update(json.loads(part.read_text())["runs"])
+    return results
 
 
 def table(results: dict) -> str:
@@ -328,11 +333,23 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--force", action="store_true", help="rerun entries already in the JSON")
     parser.add_argument("--table", action="store_true", help="print the table and stop")
+    parser.add_argument(
+        "--part",
+        help="write to suite.PART.json (a second suite running beside the first); "
+        "--merge folds the parts into suite.json",
+    )
+    parser.add_argument("--merge", action="store_true", help="fold suite.*.json into suite.json")
     args = parser.parse_args(argv)
     results = load_results()
     if args.table:
         print(table(results))
         return 0
+    if args.merge:
+        RESULTS.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+        for part in HERE.glob("suite.*.json"):
+            part.unlink()
+        return 0
+    path = RESULTS if args.part is None else HERE / f"suite.{args.part}.json"
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     for seed in args.seeds:
         for name in args.sets:
@@ -341,7 +358,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{root}: no data; run python benchmarks/suite_data.py first")
             for arm in args.arms:
                 key = f"{name}/{arm}/{seed}"
-                if key in results["runs"] and not args.force:
+                if key in load_results()["runs"] and not args.force:
                     continue
                 print(f"{key}: {args.minutes:g} min", flush=True)
                 try:
@@ -349,10 +366,13 @@ def main(argv=None) -> int:
                 except RuntimeError as error:
                     entry = {"error": str(error)}
                 entry.update(minutes=args.minutes, date=time.strftime("%Y-%m-%d %H:%M"))
-                results = load_results()  # another invocation may have added entries
-                results["runs"][key] = entry
-                results["command"] = shlex.join([sys.executable, *sys.argv])
-                RESULTS.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+                own = load_results(path)
+                own["runs"][key] = entry
+                own.setdefault("commands", [])
+                command = shlex.join(["python", *sys.argv])
+                if command not in own["commands"]:
+                    own["commands"].append(command)
+                path.write_text(json.dumps(own, indent=1, default=_plain) + "\n")
                 shown = {k: v for k, v in entry.items() if not isinstance(v, list | dict)}
                 print(json.dumps(shown, default=_plain), flush=True)
     print(table(load_results()))
