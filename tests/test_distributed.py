@@ -257,9 +257,13 @@ def test_a_failed_run_resumes_from_its_records_to_the_same_files(client, tmp_pat
 
 WATERSHED = InstanceOptions(method="watershed", seed_threshold=0.501, min_size=2, max_extent=16)
 DISTANCE = InstanceOptions(method="distance", h=1.0, min_size=3, fill_holes=True, max_extent=16)
+# Fitted from labels: a size floor and an opening.
+OPENED = InstanceOptions(min_size=4, opening=1, max_extent=16)
 
 
-@pytest.mark.parametrize("options", [WATERSHED, DISTANCE], ids=["watershed", "distance"])
+@pytest.mark.parametrize(
+    "options", [WATERSHED, DISTANCE, OPENED], ids=["watershed", "distance", "opened"]
+)
 def test_watershed_instances_on_a_cluster_are_the_single_process_ids_and_resume(
     client, tmp_path, options
 ):
