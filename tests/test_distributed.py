@@ -275,7 +275,7 @@ def test_watershed_instances_on_a_cluster_are_the_single_process_ids_and_resume(
     common["instance_options"] = options
     kinds = ("labels", "instances")
     single = predict_to_files(model, image, **outputs(tmp_path, "single", ".tif", kinds), **common)
-    assert read(single["instances"]).max() > 150
+    assert read(single["instances"]).max() > (20 if options.opening else 150)
     wanted = outputs(tmp_path, "spread", ".tif", kinds)
     with pytest.raises(RuntimeError, match="lost"):
         predict_regions(model, FailingImage(image, fail_from=50), **wanted, client=client, **common)
