@@ -259,6 +259,11 @@ def run_arm(name: str, arm: str, root: Path, minutes: float, seed: int, work: Pa
     if arm in PEERS:
         peer, info = run_peer(arm, root, minutes, seed)
         outputs = [peer_outputs(peer, image) for image, _ in test]
+        saved = work / "predicted"
+        saved.mkdir(exist_ok=True)
+        for (foreground, objects), (image, _) in zip(outputs, test, strict=True):
+            io.write_image(saved / f"{image.stem}_labels.tif", foreground.astype(np.uint8))
+            io.write_image(saved / f"{image.stem}_instances.tif", objects.astype(np.uint32))
     else:
         (out,), info = run_unetile(arm, root, minutes, seed, work)
         outputs = [unetile_outputs(out, image.stem) for image, _ in test]
@@ -321,6 +326,60 @@ def _row(name: str, arm: str, entries: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Figure
+
+
+def figure(data: Path, work: Path, path: Path, seed: int = 0, crop: int = 256) -> None:
+    """One row per set: a crop of its first test image, the truth and each arm's objects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = [name for name in SETS if (data / name / "test").is_dir()]
+    columns = ["image", "truth", *ARMS]
+    figure_, axes = plt.subplots(
+        len(rows), len(columns), figsize=(2.2 * len(columns), 2.2 * len(rows)), squeeze=False
+    )
+    for row, name in zip(axes, rows, strict=True):
+        image_path, label_path = pairs(data / name, "test")[0]
+        image = np.asarray(io.read_image(image_path), dtype=np.float32)
+        box = _centre(image.shape[:2], crop)
+        label = np.asarray(io.read_image(label_path))
+        truth = truth_objects(label, is_instance_set(data / name))[1]
+        panels = [image[box], truth[box]]
+        for arm in ARMS:
+            found = list(
+                (work / name / arm / str(seed) / "predicted").glob(f"{image_path.stem}_instances.*")
+            )
+            panels.append(np.asarray(io.read_image(found[0]))[box] if found else None)
+        for axis, title, panel in zip(row, columns, panels, strict=True):
+            axis.set_axis_off()
+            if panel is None:
+                continue
+            if title == "image":
+                shown = panel if panel.ndim == 2 else panel[..., :3] / max(panel.max(), 1)
+                axis.imshow(shown, cmap="gray")
+            else:
+                axis.imshow(_colour(panel), interpolation="nearest")
+            axis.set_title(f"{name}: {title}" if title == "image" else title, fontsize=8)
+    figure_.tight_layout()
+    figure_.savefig(path, dpi=80)
+    plt.close(figure_)
+
+
+def _centre(shape, crop):
+    return tuple(slice(max(0, (s - crop) // 2), max(0, (s - crop) // 2) + crop) for s in shape)
+
+
+def _colour(labels: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(0.2, 1.0, size=(int(labels.max()) + 1, 3))
+    palette[0] = 0
+    return palette[labels]
+
+
+# ---------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -339,10 +398,16 @@ def main(argv=None) -> int:
         "--merge folds the parts into suite.json",
     )
     parser.add_argument("--merge", action="store_true", help="fold suite.*.json into suite.json")
+    parser.add_argument(
+        "--figure", action="store_true", help="draw suite.png from the runs' outputs and stop"
+    )
     args = parser.parse_args(argv)
     results = load_results()
     if args.table:
         print(table(results))
+        return 0
+    if args.figure:
+        figure(args.data, args.work, HERE / "suite.png", seed=args.seeds[0])
         return 0
     if args.merge:
         RESULTS.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
