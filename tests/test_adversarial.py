@@ -640,6 +640,58 @@ def test_training_on_editor_pngs_alpha_images_and_palette_labels(tmp_path, capsy
     assert config["model"]["in_channels"] == 1
 
 
+def test_repeated_warnings_are_one_line_with_a_count_and_torch_deprecations_are_not_shown(
+    tmp_path, capsys, monkeypatch
+):
+    import warnings
+
+    from unetile.cli import export
+
+    def noisy(args):
+        warnings.warn_explicit(  # as torch says it on import, from its own file
+            "`torch.jit.script_method` is deprecated. Please switch to `torch.compile`",
+            DeprecationWarning,
+            torch.jit._script.__file__,
+            366,
+        )
+        for index in range(54):  # each of 27 files twice
+            text = f"{tmp_path}/{index // 2:02d}.png: constant alpha channel (255) dropped"
+            warnings.warn(text, stacklevel=1)
+        for _ in range(3):
+            warnings.warn("training tiles held no labelled pixel", stacklevel=1)
+        raise io.InputError(f"{tmp_path}/run: stop here")
+
+    monkeypatch.setattr(export, "run", noisy)
+    argv = ["export", tmp_path / "run", "--format", "onnx", "--out", tmp_path / "m.onnx"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    lines = error.strip().splitlines()
+    assert "deprecated" not in error and "script_method" not in error
+    assert lines == [
+        f"unetile export: warning: {tmp_path}/00.png: constant alpha channel (255) dropped",
+        "unetile export: warning: training tiles held no labelled pixel",
+        "unetile export: warning: the same for 26 more file(s) (01.png, 02.png, 03.png, ...): "
+        "constant alpha channel (255) dropped",
+        "unetile export: warning: training tiles held no labelled pixel (said 3 times)",
+        f"unetile export: error: {tmp_path}/run: stop here",
+    ]
+
+
+def test_alpha_warnings_of_many_training_images_are_grouped(tmp_path, capsys):
+    names = tuple(f"{index:02d}" for index in range(6))
+    images, labels = write_training_set(tmp_path, size=(32, 32), names=names)
+    for path in images.iterdir():
+        gray = io.read_image(path)
+        _save_pil(path, np.stack([gray, np.full_like(gray, 255)], -1), "LA")
+    argv = ["train", "--images", images, "--labels", labels, "--out", tmp_path / "run", *TINY]
+    status, error = run_cli(argv + ["--tile", "44"], capsys)
+    assert status == 0, error
+    alpha = [line for line in error.splitlines() if "constant alpha channel" in line]
+    assert len(alpha) == 2, error
+    assert "00.png: constant alpha channel (255) dropped" in alpha[0]
+    assert "the same for 5 more file(s) (01.png, 02.png, 03.png, ...)" in alpha[1]
+
+
 # --------------------------------------------------------------------------
 # Bad training data: refused before the first step, naming the file.
 # --------------------------------------------------------------------------
@@ -723,6 +775,73 @@ def test_labels_that_look_like_another_mode_say_what_was_found(
     assert status == 2
     assert_one_line(error, message)
     assert visible(out) == []
+
+
+def _soft_edged_mask(size: int = 64, centres=((20, 22), (44, 40)), radius: float = 11.0):
+    """Discs (255) on 0 with anti-aliased edges: each pixel's disc coverage, as editors save."""
+    fine = 8
+    rows, cols = np.mgrid[0 : size * fine, 0 : size * fine] / fine
+    inside = np.zeros(rows.shape, bool)
+    for top, left in centres:
+        inside |= (rows - top) ** 2 + (cols - left) ** 2 <= radius**2
+    coverage = inside.reshape(size, fine, size, fine).mean(axis=(1, 3))
+    return np.round(coverage * 255).astype(np.uint8)
+
+
+def test_a_binary_mask_with_soft_edges_is_binarised_with_one_warning(tmp_path, capsys):
+    mask = _soft_edged_mask()
+    between = (mask > 0) & (mask < 255)
+    assert 0.01 < between.mean() < 0.05 and np.unique(mask).size > 10  # soft, mostly binary
+    from unetile.data import labeled_images_from_arrays, soft_edge_mask
+
+    binary, share, midpoint = soft_edge_mask(mask, 255)
+    assert midpoint == 127.5 and share == pytest.approx(between.mean())
+    assert np.array_equal(binary, np.where(mask >= 128, 255, 0))
+    images = tmp_path / "images"
+    labels = tmp_path / "labels"
+    for name in ("a", "b"):
+        io.write_image(images / f"{name}.png", (mask * 0.6 + 30).astype(np.uint8))
+        io.write_image(labels / f"{name}.png", mask)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv + ["--label-mode", "membrane"], capsys)
+    assert status == 0, error
+    assert "instance" not in error and "Traceback" not in error
+    soft = [line for line in error.splitlines() if "soft edges" in line]
+    assert len(soft) == 2, error  # one line per file, naming it
+    assert "a.png" in soft[0] and "b.png" in soft[1]
+    assert f"{between.mean():.2%} of pixels between" in soft[0]
+    assert "binarised at the midpoint 127.5" in soft[0] and "two values only" in soft[0]
+    assert (out / io.MODEL_WEIGHTS).is_file()
+    # Trained on what the midpoint gives: the same classes as the binarised mask.
+    with pytest.warns(UserWarning, match="soft edges"):
+        [image], _ = labeled_images_from_arrays([mask], [mask], with_weights=False)
+    assert np.array_equal(image.classes, (mask >= 128).astype(np.int64))
+
+
+def test_soft_edges_with_another_cell_value_and_instance_labels_are_told_apart(tmp_path, capsys):
+    from unetile.data import soft_edge_mask
+
+    mask = _soft_edged_mask()
+    images, labels = write_training_set(tmp_path, size=(64, 64), names=("a",))
+    io.write_image(labels / "a.png", mask)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv + ["--cell-value", "1"], capsys)
+    assert status == 2
+    assert_one_line(error, "a.png", "binary mask with soft edges", "give --cell-value 255")
+    # Instance labels (whole regions of each id) stay instance labels.
+    ids = np.zeros((64, 64), np.uint8)
+    ids[4:30, 4:30], ids[34:60, 4:30], ids[4:60, 34:60] = 1, 2, 3
+    ids[60:, :] = 0
+    assert soft_edge_mask(ids, 3) is None
+    sparse = np.zeros((200, 200), np.uint16)  # 97% background, the largest id a big cell
+    sparse[10:13, 10:13], sparse[20:23, 20:23], sparse[50:80, 50:80] = 1, 2, 9
+    assert soft_edge_mask(sparse, 9) is None
+    border = np.zeros((64, 64), np.uint8)  # one value along every edge: a border class
+    border[10:30, 10:30] = 128
+    border[11:29, 11:29] = 255
+    assert soft_edge_mask(border, 255) is None
 
 
 @pytest.mark.parametrize("folder", ["images", "labels"])

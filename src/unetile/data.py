@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +146,70 @@ def label_mode_hint(label: np.ndarray, values: np.ndarray, cell_value) -> str:
     """What a membrane map that is not one looks like, as advice (``; use ...``)."""
     if values.size == 2:
         return f"; no pixel has --cell-value {cell_value}: give --cell-value {values[-1]}"
+    if values.size > 2 and soft_edge_mask(label, values[-1]) is not None:
+        return (
+            f"; it looks like a binary mask with soft edges: give --cell-value {values[-1]} "
+            "(it is then binarised at the midpoint)"
+        )
     if values.size > 2 and values[0] == 0 and label.dtype.kind in "ui":
         return "; it looks like instance labels (0 = background): use --label-mode instances"
     return "; check --cell-value and --label-mode"
+
+
+#: Shares of a membrane map with soft (anti-aliased) edges: at least this share of
+#: the annotated pixels holds one of the two extreme values...
+SOFT_EDGE_EXTREMES = 0.95
+#: ...and at least this share of the pixels in between lies on an edge, within
+#: 2 px of both extremes (the ids of an instance label fill whole regions), with
+#: more than one value in between (one value along the edges is a border class).
+SOFT_EDGE_ON_EDGE = 0.9
+
+
+def soft_edge_mask(
+    label: np.ndarray, cell_value, ignore_value=None
+) -> tuple[np.ndarray, float, float] | None:
+    """A binary mask saved with soft (anti-aliased) edges, binarised at the midpoint.
+
+    Binary masks drawn or resized with anti-aliasing (some copies of MoNuSeg's
+    Binary_masks, several EM sets) hold values 0..255, almost all 0 or 255, the
+    others along the edges between the two. When ``label`` (uint8/uint16) looks so and
+    ``cell_value`` is one of its two extreme values, every pixel takes the
+    extreme it is nearer to (ties: the higher); ignored pixels are kept.
+
+    Returns
+    -------
+    (binary, share, midpoint) or None
+        The binarised label, the share of annotated pixels that were in
+        between and the midpoint; None when ``label`` is no such mask.
+    """
+    from scipy import ndimage
+
+    if label.dtype not in (np.uint8, np.uint16) or label.size == 0:
+        return None
+    annotated = label != ignore_value if ignore_value is not None else np.ones(label.shape, bool)
+    values = label[annotated]
+    if values.size == 0:
+        return None
+    low, high = int(values.min()), int(values.max())
+    if cell_value not in (low, high) or high - low < 2:
+        return None
+    extreme_low, extreme_high = label == low, label == high
+    between = annotated & ~extreme_low & ~extreme_high
+    count = int(between.sum())
+    if count == 0 or values.size - count < SOFT_EDGE_EXTREMES * values.size:
+        return None
+    if np.unique(label[between]).size < 2:
+        return None
+    structure = ndimage.generate_binary_structure(label.ndim, label.ndim)
+    near_low = ndimage.binary_dilation(extreme_low, structure, iterations=2)
+    near_high = ndimage.binary_dilation(extreme_high, structure, iterations=2)
+    on_edge = int((between & near_low & near_high).sum())
+    if on_edge < SOFT_EDGE_ON_EDGE * count:
+        return None
+    midpoint = (low + high) / 2
+    binary = np.where(label.astype(np.float64) >= midpoint, high, low).astype(label.dtype)
+    binary[~annotated] = label[~annotated]
+    return binary, count / values.size, midpoint
 
 
 def labels_to_classes(
@@ -598,6 +660,15 @@ def _labeled_images(
             num_classes = 3 if target == "three-class" else 2
     result = []
     for name, _, label_source, image, label in checked:
+        soft = soft_edge_mask(label, cell_value, ignore_value) if label_mode == "membrane" else None
+        if soft is not None:
+            label, share, midpoint = soft
+            warnings.warn(
+                f"{label_source}: a binary mask with soft edges ({share:.2%} of pixels between "
+                f"its two values); binarised at the midpoint {midpoint:g}; save it with two "
+                "values only to avoid this",
+                stacklevel=2,
+            )
         try:
             classes, instances = labels_to_classes(
                 label, label_mode, num_classes, cell_value, ignore_value, target

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 import warnings
+from pathlib import Path
 
 from .. import __version__
 from ..allocator import keep_freed_memory
@@ -34,12 +37,74 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def _warning_printer(name: str):
-    def show(message, category, filename, lineno, file=None, line=None):
-        # One line naming the command, never a source line of unetile.
-        print(f"{name}: warning: {_one_line(message)}", file=sys.stderr)
+#: Warnings of other packages that only their own users can act on.
+THIRD_PARTY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
-    return show
+
+class WarningPrinter:
+    """``warnings.showwarning`` of a command: one line each, repeats grouped with a count.
+
+    A warning about a file (``PATH: what``) is printed the first time; the same
+    warning about other files, or the same text again, is counted and said in
+    one line at the end (:meth:`flush`): 27 images with a constant alpha channel
+    give two lines, not 27. Deprecation notes of other packages (torch's
+    ``torch.jit.script_method``...) are not shown unless asked for with
+    ``python -W`` or ``PYTHONWARNINGS``.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        # kind -> [first subject, first text, {other subjects: text}, repeats without a subject]
+        self.groups: dict[tuple, list] = {}
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        if (
+            issubclass(category, THIRD_PARTY_NOISE)
+            and not sys.warnoptions
+            and f"{os.sep}unetile{os.sep}" not in str(filename)
+        ):
+            return
+        text = _one_line(message)
+        subject, what = _subject(text)
+        # Files differ in their numbers (a share, a value): the kind is the words.
+        key = (category, re.sub(r"[0-9.]+", "#", what) if subject else text)
+        group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = [subject, what, {}, 0]
+            print(f"{self.name}: warning: {text}", file=sys.stderr)
+        elif subject is None:
+            group[3] += 1
+        elif subject != group[0]:
+            group[2].setdefault(subject, what)
+
+    def flush(self) -> None:
+        """One line for each warning that came again (for other files, or the same text)."""
+        for first, what, others, repeats in self.groups.values():
+            if others:
+                names = [Path(other).name for other in others]
+                listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                said = (
+                    f": {what}"
+                    if set(others.values()) == {what}
+                    else f" as for {Path(first).name} ({what}; the numbers differ)"
+                )
+                print(
+                    f"{self.name}: warning: the same for {len(names)} more file(s) "
+                    f"({listed}){said}",
+                    file=sys.stderr,
+                )
+            elif repeats:
+                print(f"{self.name}: warning: {what} (said {repeats + 1} times)", file=sys.stderr)
+        self.groups.clear()
+
+
+def _subject(text: str) -> tuple[str | None, str]:
+    """The file a warning is about (``PATH: what``) and what it says; (None, text) if none."""
+    head, separator, what = text.partition(": ")
+    suffix = " " not in head and re.fullmatch(r"\.[A-Za-z]\w*", Path(head).suffix)
+    if separator and what and ("/" in head or os.sep in head or suffix):
+        return head, what
+    return None, text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,24 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a bad option: one line and SystemExit(2)
     keep_freed_memory()
     name = f"unetile {args.command}"
+    printer = WarningPrinter(name)
+    message = None
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = _warning_printer(name)
+        warnings.simplefilter("always")  # the printer groups repeats
+        warnings.showwarning = printer
         try:
             return int(args.run(args) or 0)
         except (InputError, ValueError) as error:
             # ValueError: the package's functions check their arguments, which here are the user's.
-            print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
+            message = f"{name}: error: {_one_line(error)}"
         except OSError as error:
-            print(f"{name}: error: {_one_line(describe_os_error(error))}", file=sys.stderr)
+            message = f"{name}: error: {_one_line(describe_os_error(error))}"
         except MemoryError:
-            print(
-                f"{name}: error: out of memory; lower --tile, --batch-size or --memory-budget",
-                file=sys.stderr,
-            )
+            message = f"{name}: error: out of memory; lower --tile, --batch-size or --memory-budget"
         except KeyboardInterrupt:
+            printer.flush()
             print(f"{name}: interrupted; no partial output was left", file=sys.stderr)
             return 130
+        finally:
+            printer.flush()
+    print(message, file=sys.stderr)
     return 2
 
 
