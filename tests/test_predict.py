@@ -11,6 +11,7 @@ from helpers import relabel_equal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from unetile import io
 from unetile.instances import (
     chunk_regions,
     final_instances,
@@ -567,3 +568,52 @@ def test_a_bad_image_among_several_is_named_by_its_number():
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match=r"^image 1: holds NaN"):
         predict_images(model, [good, bad, good], batch_size=2, progress=False)
+
+
+def test_a_tile_dependent_model_gives_one_answer_whatever_the_memory():
+    from unetile.predict import stable_tile
+
+    torch.manual_seed(5)
+    model = UNet(depth=2, base_channels=4, norm="instance", dropout=0.0).eval()
+    image = np.random.default_rng(5).random((150, 170), dtype=np.float32)
+    # Without a recorded tile the memory decides the tile, and instance norm the answer.
+    small, large = 4e6, 4e9
+    tiny = predict(model, image, memory_budget=small, progress=False)
+    roomy = predict(model, image, memory_budget=large, progress=False)
+    assert np.abs(tiny - roomy).max() > 1e-3
+    model.training_tile = (44, 44)
+    assert stable_tile(model) == (44, 44)
+    tiny = predict(model, image, memory_budget=small, progress=False)
+    roomy = predict(model, image, memory_budget=large, progress=False)
+    np.testing.assert_array_equal(tiny, roomy)
+    assert np.array_equal(labels_from_probabilities(tiny), labels_from_probabilities(roomy))
+    # A tile-exact model keeps the tile the memory allows: every tile gives its answer.
+    exact = small_model(depth=2, base=4, seed=5)
+    exact.training_tile = (44, 44)
+    assert stable_tile(exact) is None
+
+
+def test_load_model_records_the_training_tile(tmp_path):
+    from unetile.config import make_config
+    from unetile.train import train
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for index in range(2):
+        cells = (np.indices((48, 48)).sum(axis=0) % 12 < 9).astype(np.uint8) * 255
+        io.write_image(images / f"{index}.png", cells // 2 + index)
+        io.write_image(labels / f"{index}.png", cells)
+    config = make_config(
+        "cpu-fast",
+        images=str(images),
+        labels=str(labels),
+        out=str(tmp_path / "run"),
+        depth=2,
+        tile=(20,),
+        steps=1,
+        compile=False,
+        threads=1,
+        augment="none",
+    )
+    train(config, progress=False)
+    model, _ = io.load_model(tmp_path / "run")
+    assert model.training_tile == (20, 20) and model.config.norm == "instance"

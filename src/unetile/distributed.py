@@ -71,6 +71,7 @@ from .predict import (
     resolve_device,
     resolve_threshold,
     spatial_shape,
+    stable_tile,
 )
 from .tiling import Tiling, grid_axes, owned_region, widened_box
 
@@ -714,7 +715,7 @@ def predict_regions(
     tiling = Tiling.of(model)
     tile_shape = options.tile_shape
     if tile_shape is None:
-        tile_shape = auto_tile_shape(
+        tile_shape = stable_tile(model) or auto_tile_shape(
             model, spatial, options.device, options.memory_budget, options.batch_size
         )
     tile_shape = tiling.check(tile_shape)

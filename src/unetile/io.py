@@ -471,8 +471,19 @@ def load_model(run_dir: str | os.PathLike, name: str = MODEL_WEIGHTS):
     # The labels' foreground threshold calibrated in training (None: the argmax).
     model.threshold = (config.get("calibration") or {}).get("threshold")
     model.foreground = int((config.get("classes") or {}).get("foreground", 1))
+    # The training tile: tile-dependent models predict with it (predict.stable_tile).
+    model.training_tile = _training_tile(config, model_config.dims)
     model.eval()
     return model, config
+
+
+def _training_tile(config: dict, dims: int) -> tuple[int, ...] | None:
+    shape = (config.get("tile") or {}).get("output_shape")
+    if not isinstance(shape, list) or len(shape) != dims:
+        return None
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 65536 for s in shape):
+        return None
+    return tuple(shape)
 
 
 def _shape_difference(stored: dict, expected: dict) -> str:

@@ -131,7 +131,7 @@ class PredictOptions:
         check_precision(self.precision, device)
         tile_shape = self.tile_shape
         if tile_shape is None:
-            tile_shape = auto_tile_shape(
+            tile_shape = stable_tile(model) or auto_tile_shape(
                 model, spatial, device, self.memory_budget, self.batch_size, self.overlap
             )
         tile_shape = Tiling.of(model).check(tile_shape)
@@ -238,6 +238,23 @@ def check_memory(
             f"{free / GIB:.1f} GiB free on {device.type}; use a smaller --tile or --batch-size "
             "(or leave --tile out to size it automatically)"
         )
+
+
+def tile_dependent(model: UNet) -> bool:
+    """Whether the model's probabilities depend on the tile: instance norm normalises each
+    tile by its own statistics, and ``same`` tiles are blended with their neighbours."""
+    return model.config.norm == "instance" or model.config.padding != "valid"
+
+
+def stable_tile(model: UNet) -> tuple[int, ...] | None:
+    """The output tile a tile-dependent model predicts with by default: the one it was
+    trained with (``config.json`` ``"tile"``), so that its answer depends on the model and
+    the image only, not on the machine's memory; None for tile-exact models (any tile
+    gives the same answer) and for networks without a recorded tile."""
+    if not tile_dependent(model):
+        return None
+    tile = getattr(model, "training_tile", None)
+    return tuple(int(t) for t in tile) if tile else None
 
 
 def auto_tile_shape(
