@@ -55,7 +55,16 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "suite.json"
 DEFAULT_DATA = HERE / "suite_data"
 DEFAULT_WORK = HERE / "suite_runs"
-SETS = ("isbi2012", "dsb2018", "dic-hela", "fluo-hela", "phc-psc", "monuseg", "drive")
+SETS = (
+    "isbi2012",
+    "dsb2018",
+    "dic-hela",
+    "fluo-hela",
+    "fluo-hela-binary",
+    "phc-psc",
+    "monuseg",
+    "drive",
+)
 #: Sets whose truth has no objects to count (vessel trees).
 PIXELS_ONLY = ("drive",)
 PEERS = ("monai-basic", "monai-flex")
@@ -79,7 +88,7 @@ def is_instance_set(root: Path) -> bool:
 
 def truth_objects(label: np.ndarray, instances: bool) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and objects of a truth label (binary: its 4-connected components)."""
-    if instances:
+    if instances or label.dtype != np.uint8:
         return label > 0, label.astype(np.int64)
     foreground = label > 0
     return foreground, ndimage.label(foreground)[0]

@@ -278,6 +278,30 @@ def build_isbi(root: Path) -> str:
     return "The data README's benchmark split: train 00-24, test 25-29; membrane maps."
 
 
+def build_binary(source: str, root: Path) -> str:
+    """Binary training masks from another set's instances (test labels stay instances)."""
+    origin = root.parent / source
+    if not (origin / "train").is_dir():
+        raise SystemExit(f"{origin}: build {source} first (it is read from there)")
+    for split in ("train", "test"):
+        for image in sorted((origin / split / "images").iterdir()):
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, root / split / "images" / image.name)
+        for label in sorted((origin / split / "labels").iterdir()):
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            if split == "test":
+                shutil.copy(label, root / split / "labels" / label.name)
+            else:
+                mask = tifffile.imread(label) > 0
+                iio.imwrite(
+                    root / split / "labels" / f"{label.stem}.png", mask.astype(np.uint8) * 255
+                )
+    return (
+        f"{source}'s images and split; training labels are binary masks (objects = 255), as "
+        "most users bring them (touching objects merge); test labels keep the instances."
+    )
+
+
 SETS: dict[str, tuple[str, Callable]] = {
     "isbi2012": ("EM membranes (binary membrane map)", None),
     "dsb2018": ("nuclei: fluorescence, bright-field, H&E (instances)", build_dsb),
@@ -311,6 +335,7 @@ SETS: dict[str, tuple[str, Callable]] = {
             "Gold truth: sequence 01 (2 frames) train, sequence 02 (2 frames) test.",
         ),
     ),
+    "fluo-hela-binary": ("the same nuclei from binary masks", "fluo-hela"),
     "monuseg": ("H&E nuclei (instances)", build_monuseg),
     "drive": ("retinal vessels (binary)", build_drive),
 }
@@ -322,7 +347,11 @@ def build(name: str, out: Path, mirror: Path, manifest: dict, record: bool) -> N
     if root.exists():
         shutil.rmtree(root)
     kind, builder = SETS[name]
-    if builder is None:
+    if isinstance(builder, str):
+        rule = build_binary(builder, root)
+        source = SOURCES[builder]
+        cite, terms, origin = source.citation, source.terms, f"the {builder} set"
+    elif builder is None:
         rule = build_isbi(root)
         cite, terms, origin = ISBI_SOURCE, "see ../shared/data/isbi2012/README.md", "shared"
     else:
