@@ -566,6 +566,43 @@ def test_predict_of_a_bad_model_output_is_refused(data, tmp_path, capsys):
     assert visible(out) == []
 
 
+@pytest.fixture
+def umask():
+    """Set the process umask for a test and restore it after."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_mode & 0o777
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_outputs_get_the_permissions_of_an_ordinary_write(
+    data, tmp_path, capsys, umask, mask, expected
+):
+    umask(mask)
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv + ["--save-probabilities", "--instances"], capsys)
+    assert status == 0, error
+    io.write_image(tmp_path / "own" / "a.png", np.zeros((4, 4), np.uint8))
+    io.write_json(tmp_path / "own" / "a.json", {"a": 1})
+    save_run(tmp_path / "own" / "run")
+    with io.atomic_path(tmp_path / "own" / "folder") as temporary:
+        os.remove(temporary)
+        temporary.mkdir()  # a writer that makes a folder (a zarr store)
+    assert (tmp_path / "own" / "folder").stat().st_mode & 0o777 == 0o777 & ~mask
+    modes = {**_modes(out), **_modes(tmp_path / "own")}
+    assert len(modes) >= 6 and set(modes.values()) == {expected}, modes
+    assert io.current_umask() == mask
+
+
 # --------------------------------------------------------------------------
 # Files that image editors write: read as meant.
 # --------------------------------------------------------------------------

@@ -326,14 +326,46 @@ def _temporary_path(path: Path) -> Path:
     return Path(name)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions an ordinary write gives (files 0666, folders 0777, less umask).
+
+    Temporary files (``mkstemp``) are created readable by their owner only;
+    renamed into place as they are, a colleague on a shared server could not
+    open a prediction or a model.
+    """
+    import stat
+
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            return
+        full = 0o777 if stat.S_ISDIR(mode) else 0o666
+        os.chmod(path, full & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place on success only."""
+    """Yield a temporary path beside ``path``; rename it into place on success only.
+
+    The final file gets the permissions of an ordinary write (:func:`ordinary_mode`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_path(path)
     try:
         yield temporary
+        ordinary_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
