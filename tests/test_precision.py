@@ -67,3 +67,28 @@ def test_bf16_prediction_runs_and_stays_close_to_fp32(monkeypatch):
     assert 0 < difference.max() < 0.05
     assert np.allclose(half.sum(0), 1.0, atol=1e-5) and half.dtype == np.float32
     assert (full.argmax(0) == half.argmax(0)).mean() > 0.97
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_takes_bf16_only_where_it_is_native_and_says_so(monkeypatch, tmp_path, capsys, native):
+    (with_bf16 if native else without_bf16)(monkeypatch)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == (
+        "bf16" if native else "fp32"
+    )
+    image = tmp_path / "slice.tif"
+    tifffile.imwrite(image, np.random.default_rng(1).random((40, 40), dtype=np.float32))
+    model = small_model(seed=1)
+    io.save_model(tmp_path / "model", model, {"model": model.config.to_dict()})
+    arguments = [str(tmp_path / "model"), str(image), "--no-progress", "--save-probabilities"]
+    assert main(["predict", *arguments, "--out", str(tmp_path / "auto")]) == 0
+    said = capsys.readouterr().out
+    assert ("precision bf16" in said) == native
+    assert (
+        main(["predict", *arguments, "--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 0
+    )
+    auto = tifffile.imread(tmp_path / "auto" / "slice_probabilities.tif")
+    full = tifffile.imread(tmp_path / "fp32" / "slice_probabilities.tif")
+    if native:
+        assert 0 < np.abs(auto - full).max() < 0.05
+    else:
+        np.testing.assert_array_equal(auto, full)

@@ -1,6 +1,7 @@
 """Reduced-precision prediction: bfloat16 where the hardware computes it natively.
 
-fp32 is the default and the paper's. ``bf16`` runs the convolutions under
+fp32 is the paper's, and the default of the Python functions; the command
+line's default ``auto`` takes bf16 where the hardware has it. ``bf16`` runs the convolutions under
 ``torch.autocast`` in bfloat16 (8 bits of mantissa; the soft-max and
 everything after it stay in float32). It pays only where the processor has
 bf16 arithmetic: a CUDA GPU that ``torch.cuda.is_bf16_supported()`` accepts,
@@ -56,6 +57,14 @@ def check_precision(precision: str, device: torch.device) -> str:
         if reason is not None:
             raise ValueError(f"precision bf16: {reason}; use fp32 (the default)")
     return precision
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: bf16 where ``device`` computes it natively, else fp32; other values as
+    :func:`check_precision` accepts them."""
+    if precision == "auto":
+        return "bf16" if bf16_unsupported_reason(device) is None else "fp32"
+    return check_precision(precision, device)
 
 
 def autocast(precision: str, device: torch.device):
