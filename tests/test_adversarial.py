@@ -1128,6 +1128,71 @@ def test_export_to_a_folder_or_under_a_file(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------
+# An output that lands on an input is refused: nothing lost, nothing written.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [io.MODEL_WEIGHTS, io.MODEL_CONFIG])
+def test_export_onto_the_runs_own_files_is_refused(tmp_path, capsys, name):
+    run = save_run(tmp_path / "run")
+    before = snapshot(tmp_path)
+    for out in (run / name, tmp_path / "link.pt"):
+        if out.name == "link.pt":
+            out.symlink_to(run / name)  # the same file by another name
+            before = snapshot(tmp_path)
+        argv = ["export", run, "--format", "torchscript", "--out", out]
+        status, error = run_cli(argv, capsys)
+        assert status == 2
+        assert_one_line(error, str(out), "--out would overwrite a file of the run", "another --out")
+        assert snapshot(tmp_path) == before and not any(run.glob(".*part*"))
+    status, error = run_cli(
+        ["export", run, "--format", "torchscript", "--out", run / "m.pt"], capsys
+    )
+    assert status == 0, error  # an export beside the model is fine
+
+
+@pytest.mark.parametrize("target", ["json on truth", "csv on prediction", "json and csv one file"])
+def test_evaluate_output_onto_an_input_is_refused(tmp_path, capsys, target):
+    predictions, truths = tmp_path / "pred", tmp_path / "truth"
+    for index in range(2):
+        io.write_image(predictions / f"{index:02d}_labels.png", _cells())
+        io.write_image(truths / f"{index:02d}.png", _cells())
+    argv = ["evaluate", predictions, truths]
+    if target == "json on truth":
+        argv += ["--json", truths / "00.png"]
+        expected = ["00.png: --json would overwrite a ground-truth file"]
+    elif target == "csv on prediction":
+        argv += ["--csv", predictions / "01_labels.png"]
+        expected = ["01_labels.png: --csv would overwrite a prediction"]
+    else:
+        argv += ["--json", tmp_path / "s.txt", "--csv", tmp_path / "s.txt"]
+        expected = ["s.txt: given to both --json and --csv"]
+    before = snapshot(tmp_path)
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, *expected)
+    assert snapshot(tmp_path) == before
+
+
+def test_train_out_on_its_init_run_or_inside_the_data_is_refused(data, tmp_path, capsys):
+    images, labels = write_training_set(tmp_path)
+    init = tmp_path / "init"
+    assert run_cli(train_argv(tmp_path, init) + TINY, capsys)[0] == 0
+    before = snapshot(tmp_path)
+    argv = train_argv(tmp_path, init) + TINY + ["--init", init, "--overwrite"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "init: --out would overwrite the --init run", "give another --out")
+    assert snapshot(tmp_path) == before
+    for folder, flag in ((labels, "--labels"), (images, "--images")):
+        out = folder / "run"
+        status, error = run_cli(train_argv(tmp_path, out) + TINY, capsys)
+        assert status == 2
+        assert_one_line(error, f"run: --out lies inside the {flag} folder", "outside it")
+        assert not out.exists() and snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------
 # Faults: two processes on one folder, a full disk, kill -9.
 # --------------------------------------------------------------------------
 

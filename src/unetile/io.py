@@ -317,6 +317,56 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
+def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name one file or folder (links followed)."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(first, second)
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (links followed)."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def refuse_output_on_input(
+    outputs: dict[str, str | os.PathLike | None],
+    inputs: dict[str, Iterable[str | os.PathLike]],
+    folders: dict[str, str | os.PathLike | None] | None = None,
+) -> None:
+    """InputError when an output would overwrite an input, or two outputs one file.
+
+    Parameters
+    ----------
+    outputs : dict
+        Option -> path to be written (None: not asked for).
+    inputs : dict
+        What they are (``"the model of RUN"``) -> files the command reads.
+    folders : dict, optional
+        What they are -> input folders no output may be written into (a run
+        folder inside the labels folder pollutes the data set).
+    """
+    given = [(option, path) for option, path in outputs.items() if path is not None]
+    for index, (option, path) in enumerate(given):
+        for what, files in inputs.items():
+            for file in files:
+                if os.path.lexists(path) and same_file(path, file):
+                    raise InputError(
+                        f"{path}: {option} would overwrite {what} ({file}), which this command "
+                        f"reads; give another {option}"
+                    )
+        for what, folder in (folders or {}).items():
+            if folder is not None and inside(path, folder):
+                raise InputError(
+                    f"{path}: {option} lies inside {what} ({folder}); its files would mix with "
+                    f"the data: give an {option} outside it"
+                )
+        for other, second in given[:index]:
+            if same_file(path, second):
+                raise InputError(f"{path}: given to both {other} and {option}; give two files")
+
+
 def _temporary_path(path: Path) -> Path:
     # Keep the real suffix last so that writers that go by it pick the format.
     fd, name = tempfile.mkstemp(

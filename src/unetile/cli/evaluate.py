@@ -345,6 +345,11 @@ def run(args: argparse.Namespace) -> int:
     threshold = fixed_threshold(args)
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
+    model = [Path(args.model) / io.MODEL_CONFIG] if args.model is not None else []
+    io.refuse_output_on_input(
+        {"--json": args.json, "--csv": args.csv},
+        {"a prediction": predictions, "a ground-truth file": truths, "--model": model},
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the loop below says how the truth is read
         first = read_truth(truths[0], args.truth_mode, args.cell_value, args.ignore_value)

@@ -67,6 +67,15 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import export
 
+    run_files = [
+        path
+        for path in (Path(args.run_dir).iterdir() if Path(args.run_dir).is_dir() else ())
+        if path.suffix in (".safetensors", ".json", ".csv")
+    ]
+    images = [args.image] if args.image is not None else []
+    io.refuse_output_on_input(
+        {"--out": args.out}, {f"a file of the run {args.run_dir}": run_files, "--image": images}
+    )
     model, config = io.load_model(args.run_dir)
     image = None
     if args.fmt == "bioimageio" or args.check:

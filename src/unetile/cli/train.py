@@ -168,6 +168,18 @@ def resolve_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _refuse_out_on_inputs(config) -> None:
+    """No run folder that is the --init run or lies in a data folder (InputError)."""
+    io.refuse_output_on_input(
+        {"--out": config.out},
+        {"the --init run": [config.init] if config.init is not None else []},
+        {
+            f"the --{name.replace('_', '-')} folder": getattr(config, name)
+            for name in ("images", "labels", "val_images", "val_labels")
+        },
+    )
+
+
 def run_command(args: argparse.Namespace) -> int:
     from ..train import make_config, train
 
@@ -188,6 +200,7 @@ def run_command(args: argparse.Namespace) -> int:
         if getattr(config, name) is None:
             flag = "--" + name.replace("_", "-")
             raise io.InputError(f"{flag} is required (on the command line or in --config)")
+    _refuse_out_on_inputs(config)
     from ..parallel import ranks_from_environment
 
     ranks = ranks_from_environment()
