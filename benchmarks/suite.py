@@ -149,6 +149,11 @@ def read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarra
     return image, np.asarray(io.read_image(label_path))
 
 
+def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Gray stored as one channel becomes R = G = B for a colour network (as unetile does)."""
+    return np.repeat(image, channels, axis=0) if image.shape[0] < channels else image
+
+
 def peer_network(arm: str, channels: int):
     from monai.networks.nets import BasicUNet, FlexibleUNet
 
@@ -161,6 +166,8 @@ def run_peer(arm: str, root: Path, minutes: float, seed: int) -> tuple[object, d
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = [read_pair(i, lab) for i, lab in pairs(root, "train")]
+    channels = max(image.shape[0] for image, _ in data)
+    data = [(as_channels(image, channels), label) for image, label in data]
     instances = is_instance_set(root)
     stacked = np.concatenate([image.reshape(image.shape[0], -1) for image, _ in data], axis=1)
     mean, std = stacked.mean(axis=1), stacked.std(axis=1) + 1e-6
@@ -217,6 +224,7 @@ def peer_outputs(peer, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
     model, mean, std = peer
     model.eval()
     image, _ = read_pair(image_path, image_path)
+    image = as_channels(image, len(mean))
     image = torch.from_numpy((image - mean[:, None, None]) / std[:, None, None])[None]
     logits = sliding_window_inference(image, (256, 256), 4, model, overlap=0.25)
     foreground = (logits.argmax(dim=1)[0] == 1).numpy()
