@@ -366,6 +366,8 @@ MODEL_FOLDER_CASES = [
     (_set(("classes", "foreground"), 1.5), "classes foreground must be a whole number"),
     (_set(("classes", "num_classes"), 3), "differs from the model's 2"),
     (lambda config: config.pop("model"), "has no 'model' entry"),
+    (_set(("instances",), [1, 2]), "'instances' must be a table of instance options"),
+    (_set(("instances",), {"colour": 1}), "bad 'instances' entry (unknown instance option"),
 ]
 
 
@@ -379,6 +381,55 @@ def test_predict_refuses_a_bad_model_folder(data, tmp_path, capsys, edit, messag
     assert status == 2
     assert_one_line(error, message)
     assert visible(out) == []
+
+
+def test_a_config_json_nested_too_deeply_is_refused(data, tmp_path, capsys):
+    run = save_run(tmp_path / "run")
+    text = (run / io.MODEL_CONFIG).read_text().rstrip()
+    deep = '{"a": ' * 100_000 + "1" + "}" * 100_000
+    (run / io.MODEL_CONFIG).write_text(text[:-1] + f', "training": {deep}}}')
+    before = snapshot(tmp_path)
+    for argv in (
+        ["predict", run, data / "input.tif", "--out", tmp_path / "out", "--no-progress"],
+        ["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"],
+        train_argv(data, tmp_path / "new") + TINY + ["--init", run],
+    ):
+        status, error = run_cli(argv, capsys)
+        assert status == 2
+        assert_one_line(error, "config.json: nested too deeply to read")
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_a_symlink_loop_among_the_inputs_is_refused(data, tmp_path, capsys, given):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.tif").symlink_to(inputs / "b.tif")
+    (inputs / "b.tif").symlink_to(inputs / "a.tif")
+    tifffile.imwrite(inputs / "c.tif", np.zeros((24, 30), np.float32))
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", inputs if given == "folder" else inputs / "a.tif"]
+    status, error = run_cli(argv + ["--out", out, "--no-progress"], capsys)
+    assert status == 2
+    assert_one_line(error, "a.tif: a symbolic link that leads to no file (a loop of links)")
+    assert visible(out) == []
+    (inputs / "b.tif").unlink()
+    status, error = run_cli(argv + ["--out", out, "--no-progress"], capsys)
+    assert status == 2
+    assert_one_line(error, "a.tif: a symbolic link that leads to no file (its target is missing)")
+
+
+def test_resume_with_a_log_without_its_step_column_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(train_argv(data, out) + TINY, capsys)[0] == 0
+    log = out / "log.csv"
+    log.write_text("loss,lr\n0.5,0.01\n")
+    before = snapshot(out)
+    argv = train_argv(data, out) + TINY + ["--resume", "--steps", "4"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, "log.csv: not the log.csv of this run (no 'step' column", "move it")
+    assert snapshot(out) == before
 
 
 def _nan_weight(run: Path) -> None:

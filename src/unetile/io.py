@@ -68,14 +68,30 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; give a folder of .tif/.tiff/.png images")
     # Hidden files are macOS sidecars (._07.tif) or temporaries of an interrupted write.
-    paths = sorted(
+    images = [
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
+    for path in images:
+        _refuse_dead_link(path)
+    paths = sorted(p for p in images if p.is_file())
     if not paths:
         raise InputError(f"{folder}: no .tif/.tiff/.png images in this folder")
     return paths
+
+
+def _refuse_dead_link(path: Path) -> None:
+    """InputError for a symbolic link that leads to no file (a loop or a missing target)."""
+    try:
+        path.stat()
+    except OSError as error:
+        if path.is_symlink():
+            why = "a loop of links" if error.errno == errno.ELOOP else "its target is missing"
+            raise InputError(
+                f"{path}: a symbolic link that leads to no file ({why}); remove it or point it "
+                "at an image"
+            ) from None
 
 
 def is_zarr_path(path: str | os.PathLike) -> bool:
@@ -89,6 +105,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
+        _refuse_dead_link(item)
         paths.extend(list_images(item) if item.is_dir() and not is_zarr_path(item) else [item])
     return paths
 
@@ -466,6 +483,11 @@ def read_json(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(
+            f"{path}: nested too deeply to read (lists or tables inside each other thousands of "
+            "times); it is no file that unetile wrote: restore or rewrite it"
+        ) from None
 
 
 def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODEL_WEIGHTS) -> None:
@@ -631,6 +653,21 @@ def _check_run_entries(path: Path, config: dict, model_config) -> None:
                     f"'calibration' thresholds two classes; the model has "
                     f"{model_config.num_classes}"
                 )
+        instances = config.get("instances")
+        if instances is not None:
+            from .instances import InstanceOptions
+
+            if not isinstance(instances, dict):
+                raise ValueError(
+                    "'instances' must be a table of instance options such as "
+                    '{"method": "watershed", "min_size": 10}; fix it or remove the entry'
+                )
+            try:
+                InstanceOptions.from_dict(instances)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"bad 'instances' entry ({error}); fix it or remove the entry"
+                ) from None
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
 

@@ -773,9 +773,15 @@ class CsvLog:
         if path is None:
             return
         if resume_step is not None and path.is_file():
-            with open(path, newline="") as handle:
-                reader = csv.DictReader(handle)
-                self.rows = [row for row in reader if int(row["step"]) <= resume_step]
+            try:
+                with open(path, newline="") as handle:
+                    reader = csv.DictReader(handle)
+                    self.rows = [row for row in reader if int(row["step"]) <= resume_step]
+            except (KeyError, TypeError, ValueError, csv.Error, UnicodeDecodeError):
+                raise io.InputError(
+                    f"{path}: not the log.csv of this run (no 'step' column, or a step that is "
+                    "no whole number); restore it, or move it away to resume with a new log"
+                ) from None
         with io.atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
             writer.writeheader()
