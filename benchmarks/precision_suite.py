@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from suite import SETS, pairs, truth_objects
+from suite import SETS, model_input, pairs, truth_objects
 
 from unetile import io
 from unetile.instances import InstanceOptions, extract_instances, foreground_mask
@@ -39,8 +39,7 @@ def compare(run: Path, root: Path) -> dict:
     seconds = {"fp32": 0.0, "bf16": 0.0}
     agree, changed, scores = [], 0.0, {"fp32": [], "bf16": []}
     for image_path, label_path in pairs(root, "test"):
-        image = np.asarray(io.read_image(image_path), dtype=np.float32)
-        image = image if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        image = model_input(image_path, model.config.in_channels)
         label = np.asarray(io.read_image(label_path))
         truth_foreground, truth = truth_objects(label, label_path.suffix == ".tif")
         maps = {}

@@ -149,6 +149,13 @@ def read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarra
     return image, np.asarray(io.read_image(label_path))
 
 
+def model_input(path: Path, channels: int) -> np.ndarray:
+    """An image as a model of ``channels`` inputs reads it: channels first, gray repeated."""
+    image = np.asarray(io.read_image(path), dtype=np.float32)
+    image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    return as_channels(image, channels)
+
+
 def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """Gray stored as one channel becomes R = G = B for a colour network (as unetile does)."""
     return np.repeat(image, channels, axis=0) if image.shape[0] < channels else image

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from suite import PIXELS_ONLY, SETS, pairs, truth_objects
+from suite import PIXELS_ONLY, SETS, model_input, pairs, truth_objects
 
 from unetile import io
 from unetile.instance_fit import MIN_SIZE_SHARE
@@ -56,8 +56,7 @@ def set_scores(run: Path, root: Path) -> dict[str, dict[str, float]]:
     grid = variants(carried, size_p5)
     f1 = {rule: {value: [] for value in values} for rule, values in grid.items()}
     for image_path, label_path in pairs(root, "test"):
-        image = np.asarray(io.read_image(image_path), dtype=np.float32)
-        image = image if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        image = model_input(image_path, model.config.in_channels)
         probabilities = predict(model, image, progress=False)
         truth = truth_objects(np.asarray(io.read_image(label_path)), label_path.suffix == ".tif")
         for rule, values in grid.items():
