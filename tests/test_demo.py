@@ -39,3 +39,44 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path), "--minutes", "0.05", "--quiet"]) == 2
     assert "not an earlier demo folder" in capsys.readouterr().err
+
+
+def test_the_figure_names_the_instance_options_each_model_carried(tmp_path, monkeypatch):
+    from unetile import demo
+    from unetile.instances import InstanceOptions
+
+    carried = InstanceOptions(method="components", threshold=0.8, min_size=215)
+    seeded = InstanceOptions(method="watershed", seed_threshold=0.7)
+    assert (
+        demo.describe_instances(carried) == "connected components, threshold 0.8, min size 215 px"
+    )
+    assert demo.describe_instances(seeded.to_dict()) == "seeded watershed (seeds > 0.7), argmax"
+    titles = []
+
+    def keep_titles(figure, path):
+        titles.extend(axis.get_title() for axis in figure.axes)
+
+    monkeypatch.setattr(demo, "_save_figure", keep_titles)
+    cells = np.zeros((16, 16), np.int32)
+    cells[2:6, 2:6] = 1
+    scores = {"f1@0.5": 1.0, "touching_pairs": 0, "touching_pairs_merged": 0}
+    paper = InstanceOptions().to_dict()
+    results = {
+        "weighted": {
+            "components": {**scores, "options": paper},
+            "watershed": {**scores, "options": carried.to_dict()},
+        },
+        "unweighted": {
+            "components": {**scores, "options": paper},
+            "watershed": {**scores, "options": seeded.to_dict()},
+        },
+    }
+    predicted = {name: {"components": cells, "watershed": cells} for name in results}
+    demo.figure_prediction(np.zeros((16, 16)), cells, predicted, results, tmp_path / "f.png")
+    titles = [title.replace(",\n", ", ") for title in titles]  # wrapped after commas
+    weighted = [t for t in titles if "w0 = 10" in t]
+    unweighted = [t for t in titles if "w0 = 0)" in t]
+    assert any("connected components, threshold 0.8, min size 215 px" in t for t in weighted)
+    assert not any("seeded watershed" in t for t in weighted)
+    assert any("seeded watershed (seeds > 0.7)" in t for t in unweighted)
+    assert sum("connected components, argmax" in t for t in titles) == 2  # the paper's row

@@ -5,8 +5,9 @@ It generates training images of touching cells with exact ground truth
 steps, one with the paper's weight map (w0 = 10, sigma = 5 px) and one
 without the border term (w0 = 0), predicts a large synthetic image with
 overlap-tile, scores both with two instance pipelines (the paper's connected
-components of the class map, and the seeded watershed the model carries in
-its config.json, :mod:`unetile.instances`), and writes figures a person
+components of the class map, and the instance options the model carries in
+its config.json, picked in training, :mod:`unetile.instances`; the figure and
+the table name them), and writes figures a person
 wants to look at. The comparison is the point of the demo: the border term
 is what teaches the network the thin gaps that separate touching cells, so
 with it touching cells come out as separate objects.
@@ -110,6 +111,41 @@ def merged_touching_pairs(predicted: np.ndarray, truth: np.ndarray) -> tuple[int
     return len(pairs), merged
 
 
+def describe_instances(options: InstanceOptions | dict) -> str:
+    """Instance options in a few words: ``connected components, threshold 0.8, min size 215 px``."""
+    if isinstance(options, dict):
+        options = InstanceOptions.from_dict(options)
+    method = {
+        "components": "connected components",
+        "watershed": f"seeded watershed (seeds > {options.seed_threshold:g})",
+        "distance": f"distance watershed (h = {options.h:g} px)",
+    }.get(options.method, options.method)
+    words = [method]
+    words.append("argmax" if options.threshold is None else f"threshold {options.threshold:g}")
+    if options.min_size:
+        words.append(f"min size {options.min_size} px")
+    if options.opening:
+        words.append(f"opening {options.opening} px")
+    if options.fill_holes:
+        words.append("holes filled")
+    if options.connectivity != 1:
+        words.append(f"connectivity {options.connectivity}")
+    return ", ".join(words)
+
+
+def _wrap_at_commas(text: str, width: int) -> str:
+    """``text`` on lines of up to ``width`` characters, broken after its commas only."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += f", {part}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(part)
+    return "\n".join(lines)
+
+
 def _save_figure(figure, path: Path) -> None:
     with io.atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
@@ -148,7 +184,8 @@ def figure_prediction(image, truth, predicted: dict, results: dict, path: Path) 
     crop = (slice(0, 512), slice(0, 512))
     figure, axes = plt.subplots(2, 3, figsize=(15, 10.6))
     titles = {"weighted": "with the border weight (w0 = 10)", "unweighted": "without it (w0 = 0)"}
-    pipelines = {"components": "connected components", "watershed": "seeded watershed"}
+    # What each panel used: the paper's components, or the options each model carried.
+    pipelines = {"components": "the paper's pipeline", "watershed": "the model's options"}
     for row, pipeline in enumerate(PIPELINES):
         axes[row, 0].imshow(color_instances(image[crop], truth[crop]), interpolation="nearest")
         axes[row, 0].set_title("ground truth", fontsize=10)
@@ -158,7 +195,9 @@ def figure_prediction(image, truth, predicted: dict, results: dict, path: Path) 
             labels = predicted[name][pipeline]
             axis.imshow(color_instances(image[crop], labels[crop]), interpolation="nearest")
             axis.set_title(
-                f"{titles[name]}, {pipelines[pipeline]}\nF1@0.5 = {result['f1@0.5']:.3f}, "
+                f"{titles[name]}, {pipelines[pipeline]}:\n"
+                f"{_wrap_at_commas(describe_instances(result['options']), 44)}"
+                f"\nF1@0.5 = {result['f1@0.5']:.3f}, "
                 f"merged pairs {result['touching_pairs_merged']}/{result['touching_pairs']}",
                 fontsize=10,
             )

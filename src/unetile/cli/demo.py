@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
             "Generate synthetic images of touching cells, train two small U-Nets for the "
             "same number of steps (with and without the paper's border weight, w0 = 10 and "
             "w0 = 0), predict a large test image with overlap-tile, score both with the paper's "
-            "connected components and with the seeded watershed, and write figures: "
+            "connected components and with the instance options each model carries (picked in "
+            "training; the figure and the table name them), and write figures: "
             "figure3_weight_map.png (the paper's figure 3), prediction_overlay.png, "
             "input.png, curves.png and metrics.json."
         ),
@@ -68,12 +69,17 @@ def run(args) -> int:
         progress=not args.quiet,
     )
     print(f"demo written to {args.out}/ in {report['seconds_total']:.0f} s")
+    from ..demo import describe_instances
+
+    for name in ("weighted", "unweighted"):
+        carried = describe_instances(report[name]["watershed"]["options"])
+        print(f"{name}: the model's instance options: {carried}")
     print(f"{'':34}{'F1@0.5':>8}{'SEG':>8}{'cells':>8}{'merged pairs':>14}")
     for name in ("weighted", "unweighted"):
-        for pipeline in ("components", "watershed"):
+        for pipeline, said in (("components", "components"), ("watershed", "model's")):
             result = report[name][pipeline]
             merged = f"{result['touching_pairs_merged']}/{result['touching_pairs']}"
-            label = f"{name} (w0={int(report[name]['w0'])}), {pipeline}"
+            label = f"{name} (w0={int(report[name]['w0'])}), {said}"
             print(
                 f"{label:34}{result['f1@0.5']:8.3f}"
                 f"{result['seg']:8.3f}{result['cells_predicted']:8d}{merged:>14}"
