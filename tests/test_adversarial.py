@@ -742,6 +742,7 @@ def test_repeated_warnings_are_one_line_with_a_count_and_torch_deprecations_are_
             torch.jit._script.__file__,
             366,
         )
+        warnings.warn("unclosed file <_io.BufferedReader name='x.zip'>", ResourceWarning, 1)
         for index in range(54):  # each of 27 files twice
             text = f"{tmp_path}/{index // 2:02d}.png: constant alpha channel (255) dropped"
             warnings.warn(text, stacklevel=1)
@@ -754,7 +755,7 @@ def test_repeated_warnings_are_one_line_with_a_count_and_torch_deprecations_are_
     status, error = run_cli(argv, capsys)
     assert status == 2
     lines = error.strip().splitlines()
-    assert "deprecated" not in error and "script_method" not in error
+    assert "deprecated" not in error and "script_method" not in error and "unclosed" not in error
     assert lines == [
         f"unetile export: warning: {tmp_path}/00.png: constant alpha channel (255) dropped",
         "unetile export: warning: training tiles held no labelled pixel",

@@ -48,7 +48,8 @@ class WarningPrinter:
     warning about other files, or the same text again, is counted and said in
     one line at the end (:meth:`flush`): 27 images with a constant alpha channel
     give two lines, not 27. Deprecation notes of other packages (torch's
-    ``torch.jit.script_method``...) are not shown unless asked for with
+    ``torch.jit.script_method``...) and "unclosed file" notes (ResourceWarning,
+    which Python hides by default) are not shown unless asked for with
     ``python -W`` or ``PYTHONWARNINGS``.
     """
 
@@ -58,10 +59,13 @@ class WarningPrinter:
         self.groups: dict[tuple, list] = {}
 
     def __call__(self, message, category, filename, lineno, file=None, line=None):
-        if (
-            issubclass(category, THIRD_PARTY_NOISE)
-            and not sys.warnoptions
-            and f"{os.sep}unetile{os.sep}" not in str(filename)
+        if not sys.warnoptions and (
+            # Python hides these by default: "unclosed file" of a library's garbage.
+            issubclass(category, ResourceWarning)
+            or (
+                issubclass(category, THIRD_PARTY_NOISE)
+                and f"{os.sep}unetile{os.sep}" not in str(filename)
+            )
         ):
             return
         text = _one_line(message)
