@@ -1455,3 +1455,66 @@ def test_init_from_a_model_with_nan_weights_is_refused(data, tmp_path, capsys):
     assert status == 2
     assert_one_line(error, "holds NaN or infinite values", "--init")
     assert set(visible(out)) <= {"cache"}
+
+
+# --------------------------------------------------------------------------
+# Silent nonsense, second round: options that would have trained or
+# predicted something meaningless end in one line.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "all_ignored", "message"),
+    [
+        ("0", False, "--ignore-value 0 leaves only class 1"),
+        ("0", True, "every label pixel is the --ignore-value 0; nothing to learn"),
+    ],
+)
+def test_an_ignore_value_that_removes_a_whole_class_is_refused(
+    tmp_path, capsys, value, all_ignored, message
+):
+    images, labels = write_training_set(tmp_path)
+    if all_ignored:
+        for path in labels.iterdir():
+            io.write_image(path, np.zeros((40, 40), np.uint8))
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, *TINY]
+    status, error = run_cli(argv + ["--ignore-value", value], capsys)
+    assert status == 2
+    assert_one_line(error, str(labels), message, "no class left" if not all_ignored else "")
+    assert not (out / io.MODEL_WEIGHTS).exists()
+    assert set(visible(out)) <= {"cache"}
+
+
+def test_resuming_a_region_prediction_at_another_precision_is_refused(
+    data, tmp_path, capsys, monkeypatch
+):
+    from unetile import precision
+    from unetile.distributed import RECORDS, work_folder
+
+    monkeypatch.setattr(precision, "cpu_features", lambda: {"avx2": True, "avx512_bf16": True})
+    image = tmp_path / "cells.tif"
+    tifffile.imwrite(image, np.random.default_rng(1).random((60, 50), np.float32))
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", image, "--out", out, "--tile", "12", "--no-progress"]
+    argv += ["--resume"]
+    calls, original = [], UNet.forward
+
+    def interrupted(self, inputs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, inputs)
+
+    monkeypatch.setattr(UNet, "forward", interrupted)
+    assert run_cli(argv + ["--precision", "fp32"], capsys)[0] == 130
+    monkeypatch.setattr(UNet, "forward", original)
+    work = work_folder(out / "cells_labels.tif")
+    records = sorted((work / RECORDS).iterdir())
+    assert records
+    status, error = run_cli(argv + ["--precision", "bf16"], capsys)
+    assert status == 2
+    assert_one_line(error, str(work), "another precision (fp32, now bf16)", "delete that folder")
+    assert sorted((work / RECORDS).iterdir()) == records and visible(out) == []
+    assert run_cli(argv + ["--precision", "fp32"], capsys)[0] == 0
+    assert visible(out) == ["cells_labels.tif"] and not work.exists()

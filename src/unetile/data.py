@@ -658,7 +658,7 @@ def _labeled_images(
                 )
         else:
             num_classes = 3 if target == "three-class" else 2
-    result = []
+    result, labelled = [], []
     for name, _, label_source, image, label in checked:
         soft = soft_edge_mask(label, cell_value, ignore_value) if label_mode == "membrane" else None
         if soft is not None:
@@ -675,6 +675,10 @@ def _labeled_images(
             )
         except ValueError as error:
             raise error_type(f"{label_source}: {error}") from None
+        labelled.append((name, image, classes, instances))
+    if ignore_value is not None:
+        _check_classes_left(labelled, ignore_value, checked[0][2], error_type)
+    for name, image, classes, instances in labelled:
         weights = (
             compute_weight_map(instances, classes, w0, sigma, class_weights, cache_dir)
             if with_weights
@@ -690,6 +694,26 @@ def _labeled_images(
             )
         )
     return result, num_classes
+
+
+def _check_classes_left(labelled, ignore_value, first_label, error_type) -> None:
+    """Refuse an ``ignore_value`` that leaves fewer than two classes to learn."""
+    present = set()
+    for _, _, classes, _ in labelled:
+        present.update(np.unique(classes[classes != IGNORE]).tolist())
+    if len(present) >= 2:
+        return
+    folder = getattr(first_label, "parent", "labels")
+    if not present:
+        raise error_type(
+            f"{folder}: every label pixel is the --ignore-value {ignore_value:g}; nothing to "
+            "learn (no model written): give the value of the unannotated pixels only"
+        )
+    raise error_type(
+        f"{folder}: --ignore-value {ignore_value:g} leaves only class {present.pop()} "
+        "(every pixel of the other classes is ignored); no class left to learn it from: "
+        "give the value of the unannotated pixels only"
+    )
 
 
 # --------------------------------------------------------------------------

@@ -581,11 +581,15 @@ def _prepare_work(work: Path, manifest: dict, plan: Plan, chunks, resume: bool) 
                 f"{work} holds an unfinished prediction of these outputs; continue it with "
                 "resume (--resume) or delete that folder"
             )
-        found = io.read_json(work / MANIFEST)
+        found = {"precision": "fp32", **io.read_json(work / MANIFEST)}  # older: fp32 only
         differing = sorted(key for key in manifest if found.get(key) != manifest[key])
         if differing:
+            said = [
+                f"{key} ({found[key]}, now {manifest[key]})" if key == "precision" else key
+                for key in differing
+            ]
             raise ValueError(
-                f"{work} was started with another {', '.join(differing)}; resume with the "
+                f"{work} was started with another {', '.join(said)}; resume with the "
                 "same model, image and options, or delete that folder to start afresh"
             )
         return
@@ -757,6 +761,7 @@ def predict_regions(
         "grow": grow,
         "batch_size": plan.batch_size,
         "tta": plan.tta,
+        "precision": plan.precision,
         "normalization": None if normalization is None else [normalization.mean, normalization.std],
     }
     manifest = json.loads(json.dumps(manifest))
