@@ -22,6 +22,7 @@ import torch
 
 from unetile import io
 from unetile.cli import main
+from unetile.cli.predict import OWNER_RECORD
 from unetile.model import UNet
 
 # --------------------------------------------------------------------------
@@ -556,7 +557,8 @@ def test_predict_reports_a_bad_input_and_writes_nothing_for_it(
     assert "1 of 2 input(s) failed" in error
     # The good input is still predicted; the bad one leaves nothing, not even scratch.
     assert visible(out) == ["input_labels.tif"]
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [OWNER_RECORD]  # which model wrote the folder; no scratch
 
 
 def test_predict_refuses_colliding_outputs_before_any_work(data, tmp_path, capsys):
@@ -1419,7 +1421,7 @@ def test_channels_states_what_the_model_expects(tmp_path, capsys):
             save_run(tmp_path / "run"),
             tmp_path / "colour" / "a.png",
             "--out",
-            predicted,
+            tmp_path / "gray_predicted",
             "--no-progress",
         ],
         capsys,
@@ -1518,3 +1520,24 @@ def test_resuming_a_region_prediction_at_another_precision_is_refused(
     assert sorted((work / RECORDS).iterdir()) == records and visible(out) == []
     assert run_cli(argv + ["--precision", "fp32"], capsys)[0] == 0
     assert visible(out) == ["cells_labels.tif"] and not work.exists()
+
+
+def test_a_second_model_into_the_same_out_is_refused(data, tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():
+        model.classifier.bias += 0.1
+    other = save_run(tmp_path / "other", model)
+    out = tmp_path / "out"
+    argv = [data / "input.tif", "--out", out, "--no-progress"]
+    assert run_cli(["predict", data / "run", *argv], capsys)[0] == 0
+    assert run_cli(["predict", data / "run", *argv], capsys)[0] == 0  # the same model: fine
+    before = snapshot(out)
+    status, error = run_cli(["predict", other, *argv], capsys)
+    assert status == 2
+    assert_one_line(error, str(out), "holds the outputs of another model", "input_labels.tif")
+    assert snapshot(out) == before
+    record = json.loads((out / OWNER_RECORD).read_text())
+    assert record["outputs"] == ["input_labels.tif"]
+    (out / "input_labels.tif").unlink()  # its outputs deleted: the folder is free again
+    assert run_cli(["predict", other, *argv], capsys)[0] == 0
+    assert visible(out) == ["input_labels.tif"]

@@ -375,6 +375,8 @@ def run(args: argparse.Namespace) -> int:
     jobs = planned_outputs(paths, args.out, suffix, args.save_probabilities, args.instances)
     if args.out.exists() and not args.out.is_dir():
         raise io.InputError(f"{args.out}: exists and is not a folder; give a folder as --out")
+    owner = OutputOwner(args.out, args.model)
+    owner.check(jobs)
     by_regions = args.workers is not None or args.scheduler is not None or args.resume
     if args.workers is not None and args.scheduler is not None:
         raise io.InputError("give --workers (a local cluster) or --scheduler, not both")
@@ -394,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
                 "leave out --workers, --scheduler and --resume, or --rescale"
             )
         options = dict(options=how, instance_options=options, grow=args.grow)
-        return _predict_by_regions(args, model, jobs, options)
+        return _predict_by_regions(args, model, jobs, options, owner)
 
     def prepare(path: Path):
         """The image to predict, and the rescaling prediction when it needs one (else None)."""
@@ -417,11 +419,15 @@ def run(args: argparse.Namespace) -> int:
     def predict_alone(image, rescaled, outputs: dict) -> None:
         predict = rescaled or predict_to_files
         predict(model, image, options=how, **outputs, instance_options=options, grow=args.grow)
+        owner.record(outputs)
 
     def predict_together(images, outputs):
-        return predict_images_to_files(
+        finished = predict_images_to_files(
             model, images, outputs, how, instance_options=options, grow=args.grow
         )
+        for number in finished:
+            owner.record(outputs[number])
+            yield number
 
     return _each_input_together(jobs, prepare, predict_together, predict_alone)
 
@@ -514,6 +520,73 @@ def _exit_status(failed: list, jobs: list) -> int:
     return 0
 
 
+OWNER_RECORD = ".unetile-outputs.json"
+
+
+class OutputOwner:
+    """Which model wrote the outputs in an --out folder (``.unetile-outputs.json``).
+
+    A folder holds the outputs of one model: a prediction with another model
+    (other weights) is refused while any output recorded for the first one is
+    still there, so that a folder never mixes the labels of two models.
+    """
+
+    def __init__(self, out: Path, model_dir: Path):
+        import hashlib
+
+        self.path = out / OWNER_RECORD
+        self.model_dir = model_dir
+        digest = hashlib.sha256()
+        with open(model_dir / io.MODEL_WEIGHTS, "rb") as weights:
+            for block in iter(lambda: weights.read(2**24), b""):
+                digest.update(block)
+        self.sha256 = digest.hexdigest()
+        self.outputs: list[str] = []
+
+    def _found(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            found = io.read_json(self.path)
+        except io.InputError:
+            return None  # unreadable: as if absent, rewritten by the next output
+        return found if isinstance(found, dict) else None
+
+    def check(self, jobs) -> None:
+        """InputError when --out holds outputs that another model wrote."""
+        found = self._found()
+        if found is None:
+            return
+        if found.get("weights_sha256") == self.sha256:
+            self.outputs = [name for name in found.get("outputs", []) if isinstance(name, str)]
+            return
+        left = [
+            name
+            for name in found.get("outputs", [])
+            if isinstance(name, str) and (self.path.parent / name).exists()
+        ]
+        if left:
+            more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+            raise io.InputError(
+                f"{self.path.parent}: holds the outputs of another model "
+                f"({found.get('model', 'unknown')}: {left[0]}{more}, recorded in "
+                f"{OWNER_RECORD}); predict into another --out, or delete those outputs first"
+            )
+
+    def record(self, outputs: dict) -> None:
+        """Add the written ``outputs`` to the record."""
+        names = [Path(path).name for path in outputs.values()]
+        self.outputs += [name for name in names if name not in self.outputs]
+        io.write_json(
+            self.path,
+            {
+                "model": str(self.model_dir.resolve()),
+                "weights_sha256": self.sha256,
+                "outputs": self.outputs,
+            },
+        )
+
+
 def planned_outputs(
     paths: list[Path], out: Path, suffix: str, probabilities: bool, instances: bool
 ) -> list[tuple[Path, dict[str, Path]]]:
@@ -549,7 +622,7 @@ def planned_outputs(
     return jobs
 
 
-def _predict_by_regions(args, model, jobs, options) -> int:
+def _predict_by_regions(args, model, jobs, options, owner: OutputOwner) -> int:
     """Every input region by region: on a Dask cluster, or here one region after another."""
     from ..distributed import dask_client, predict_regions
 
@@ -571,6 +644,7 @@ def _predict_by_regions(args, model, jobs, options) -> int:
                     region_tiles=args.region_tiles,
                     **options,
                 )
+                owner.record(outputs)
             except KeyboardInterrupt:
                 print(
                     f"unetile predict: {path}: the regions done so far are kept; add --resume "
