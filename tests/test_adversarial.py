@@ -368,6 +368,9 @@ MODEL_FOLDER_CASES = [
     (_set(("classes", "num_classes"), 3), "differs from the model's 2"),
     (lambda config: config.pop("model"), "has no 'model' entry"),
     (_set(("instances",), [1, 2]), "'instances' must be a table of instance options"),
+    (_set(("pixel_size_um",), [-0.5, 0.5]), "'pixel_size_um' must be 1 or 2 positive numbers"),
+    (_set(("pixel_size_um",), 0), "'pixel_size_um' must be 1 or 2 positive numbers"),
+    (lambda config: config.pop("normalization"), "has no 'normalization' entry"),
     (_set(("instances",), {"colour": 1}), "bad 'instances' entry (unknown instance option"),
 ]
 
@@ -1541,3 +1544,35 @@ def test_a_second_model_into_the_same_out_is_refused(data, tmp_path, capsys):
     (out / "input_labels.tif").unlink()  # its outputs deleted: the folder is free again
     assert run_cli(["predict", other, *argv], capsys)[0] == 0
     assert visible(out) == ["input_labels.tif"]
+
+
+def test_a_one_class_model_and_a_bad_pixel_size_with_rescale_are_refused(data, tmp_path, capsys):
+    one = save_run(tmp_path / "one", tiny_model(num_classes=1), classes={"foreground": 0})
+    out = tmp_path / "out"
+    argv = [data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(["predict", one, *argv], capsys)
+    assert status == 2
+    assert_one_line(error, str(one / io.MODEL_CONFIG), "model num_classes 1", "train it again")
+    assert visible(out) == []
+    shrunk = save_run(tmp_path / "shrunk", pixel_size_um=[-0.5, -0.5])
+    status, error = run_cli(["predict", shrunk, *argv, "--rescale", "--pixel-size", "1"], capsys)
+    assert status == 2
+    assert_one_line(error, str(shrunk / io.MODEL_CONFIG), "'pixel_size_um' must be 1 or 2")
+    assert visible(out) == []
+
+
+def test_auto_plan_on_images_too_small_to_train_gives_trainings_error(tmp_path, capsys):
+    images, labels = write_training_set(tmp_path)
+    _tiny_pair(images, labels)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--labels", labels, "--out", out, "--quiet"]
+    trained = run_cli(argv + ["--depth", "2", "--base-channels", "2", "--steps", "2"], capsys)
+    planned = run_cli(argv + ["--preset", "auto", "--plan"], capsys)
+    assert trained[0] == planned[0] == 2
+    message = "a: 3 x 5 px is too small to train on: height and width need at least 16"
+    assert_one_line(trained[1], message)
+    assert_one_line(planned[1], message)
+    assert [line for line in planned[1].splitlines() if "error" in line] == [
+        line for line in trained[1].splitlines() if "error" in line
+    ]
+    assert set(visible(out)) <= {"cache"}

@@ -309,7 +309,7 @@ def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(
     client, tmp_path, capsys, monkeypatch
 ):
     model = small_model(depth=2, base=4, seed=1)
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict()})
+    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
     image = np.random.default_rng(1).random((60, 50), dtype=np.float32)
     tifffile.imwrite(tmp_path / "cells.tif", image)
     tile = str(valid_tile(model, 6))
@@ -354,7 +354,7 @@ def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(
 )
 def test_bad_cluster_options_are_one_line_errors(tmp_path, capsys, options, message):
     model = small_model()
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict()})
+    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 20), np.float32))
     status = main(
         ["predict", str(tmp_path / "run"), str(tmp_path / "a.tif")]

@@ -157,7 +157,7 @@ def test_rescale_predicts_at_the_models_pixel_size_and_returns_the_inputs_shape(
 
 def test_rescale_needs_a_model_with_a_pixel_size(tmp_path, capsys):
     model = UNet(base_channels=2, depth=2, dropout=0.0)
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict()})
+    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
     io.write_image(tmp_path / "in.tif", np.zeros((20, 20), np.float32))
     assert main(predict_command(tmp_path, "--rescale", "--pixel-size", "0.01")) == 2
     assert "the model has no pixel size to --rescale to" in capsys.readouterr().err

@@ -643,6 +643,9 @@ def _planned(options: dict) -> dict:
             "torchrun with --config plan.toml"
         )
 
+    from .data import check_training_extents
+
+    check_training_extents(options["images"], options["labels"])  # as training would refuse
     record = plan(options)
     return {**record["choices"], **options, "auto": record}
 

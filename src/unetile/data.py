@@ -696,6 +696,47 @@ def _labeled_images(
     return result, num_classes
 
 
+def too_small(where, name: str, plane: Sequence[int]) -> str | None:
+    """The message refusing an image whose plane is below :data:`MIN_TRAINING_EXTENT`
+    (None: large enough)."""
+    if min(plane) >= MIN_TRAINING_EXTENT:
+        return None
+    return (
+        f"{where}/{name}: {plane[0]} x {plane[1]} px is too small to train on: height and "
+        f"width need at least {MIN_TRAINING_EXTENT} px (its few labelled pixels would mostly "
+        "fall outside the training tiles)"
+    )
+
+
+def check_training_extents(image_folder, label_folder) -> None:
+    """InputError (as training gives it) for the first label image too small to train on;
+    only shapes are compared, before any planning."""
+    pairs = io.match_by_stem(io.list_images(image_folder), io.list_images(label_folder))
+    for image_path, label_path in pairs:
+        message = too_small(image_folder, io.image_stem(image_path), _plane(label_path))
+        if message is not None:
+            raise io.InputError(message)
+
+
+def _plane(path: Path) -> tuple[int, int]:
+    """Height and width of a label image, from its header where possible."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                return picture.size[1], picture.size[0]
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            if "Y" in series.axes and "X" in series.axes:
+                return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
+    except Exception:  # noqa: BLE001 - unreadable here: read_labels names what is wrong
+        pass
+    return tuple(io.read_labels(path).shape[-2:])
+
+
 def _check_classes_left(labelled, ignore_value, first_label, error_type) -> None:
     """Refuse an ``ignore_value`` that leaves fewer than two classes to learn."""
     present = set()

@@ -606,6 +606,30 @@ def _check_run_entries(path: Path, config: dict, model_config) -> None:
     from .numbers import check_float, check_int
 
     try:
+        if model_config.num_classes < 2:
+            raise ValueError(
+                f"model num_classes {model_config.num_classes}: a soft-max over one class "
+                "is 1 everywhere, every label would be 0; a unetile model has 2 or more "
+                "classes: train it again"
+            )
+        if "normalization" not in config:
+            raise ValueError(
+                "has no 'normalization' entry (the mean and std of the training images), "
+                "so prediction would see raw pixel values: train it again, or add "
+                '"normalization": {"mean": [M], "std": [S]} (null: trained on raw values)'
+            )
+        size = config.get("pixel_size_um")
+        if size is not None:
+            values = size if isinstance(size, list) else [size]
+            if len(values) not in (1, model_config.dims) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+                for v in values
+            ):
+                raise ValueError(
+                    f"'pixel_size_um' must be 1 or {model_config.dims} positive numbers "
+                    f"(micrometres per pixel of the training images), got {size!r}; fix it "
+                    "or remove the entry"
+                )
         normalization = config.get("normalization")
         if normalization is not None:
             if not isinstance(normalization, dict):

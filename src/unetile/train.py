@@ -66,11 +66,11 @@ from .config import (  # noqa: F401 - re-exported: config.py's names were train.
 )
 from .data import (
     IGNORE,
-    MIN_TRAINING_EXTENT,
     LabeledImage,
     TileSampler,
     labeled_images_from_arrays,
     load_labeled_images,
+    too_small,
 )
 from .instances import default_options
 from .model import UNet, estimate_batch_norm, freeze_batch_norm
@@ -485,13 +485,9 @@ def prepare_arrays(
 
 def _assemble(config, train_images, validation, num_classes, validation_source, error_type):
     for item in train_images:
-        plane = item.classes.shape[-2:]
-        if min(plane) < MIN_TRAINING_EXTENT:
-            raise error_type(
-                f"{config.images or 'images'}/{item.name}: {plane[0]} x {plane[1]} px is too "
-                f"small to train on: height and width need at least {MIN_TRAINING_EXTENT} px "
-                "(its few labelled pixels would mostly fall outside the training tiles)"
-            )
+        message = too_small(config.images or "images", item.name, item.classes.shape[-2:])
+        if message is not None:
+            raise error_type(message)
     if config.channels is not None:
         from .data import fit_channels
 

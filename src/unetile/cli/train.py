@@ -186,6 +186,8 @@ def run_command(args: argparse.Namespace) -> int:
     options = resolve_options(args)
     try:
         config = make_config(**options)
+    except io.InputError:
+        raise  # a data file named in one line (--preset auto reads the data)
     except (TypeError, ValueError) as error:
         where = f"{args.config} or the command line" if args.config else "command line"
         raise io.InputError(f"bad training option ({where}): {error}") from None
