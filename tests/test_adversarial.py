@@ -1576,3 +1576,81 @@ def test_auto_plan_on_images_too_small_to_train_gives_trainings_error(tmp_path, 
         line for line in trained[1].splitlines() if "error" in line
     ]
     assert set(visible(out)) <= {"cache"}
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_one(
+    data, tmp_path, capsys, monkeypatch
+):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from unetile import train as training
+
+    out = tmp_path / "run"
+    real_save, checkpoints = safetensors.torch.save_file, []
+
+    def full_disk(tensors, filename, metadata=None):
+        if metadata is not None:  # a checkpoint: the second finds the disk full
+            checkpoints.append(filename)
+            if len(checkpoints) == 2:
+                raise SafetensorError(
+                    "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                    'message: "No space left on device" })'
+                )
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    argv = train_argv(data, out) + TINY + ["--steps", "4", "--checkpoint-every", "2"]
+    argv += ["--augment", "none"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(
+        error,
+        str(out / training.CHECKPOINT),
+        "No space left on device (the disk is full",
+        "the checkpoint of step 2 is kept",
+        "--resume",
+    )
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or ".part" in p.name]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    status, error = run_cli(argv + ["--resume"], capsys)
+    assert status == 0, error
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+
+
+def _interrupted_region_run(argv, capsys, monkeypatch, at_call=3) -> None:
+    """``predict ARGV`` stopped by Ctrl-C in the forward pass number ``at_call``."""
+    calls, original = [], UNet.forward
+
+    def interrupted(self, inputs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return original(self, inputs)
+
+    monkeypatch.setattr(UNet, "forward", interrupted)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.setattr(UNet, "forward", original)
+
+
+def test_a_truncated_completion_record_is_said_and_its_region_done_again(
+    data, tmp_path, capsys, monkeypatch
+):
+    from unetile.distributed import RECORDS, work_folder
+
+    image = tmp_path / "cells.tif"
+    tifffile.imwrite(image, np.random.default_rng(1).random((60, 50), np.float32))
+    common = ["predict", data / "run", image, "--tile", "12", "--no-progress", "--resume"]
+    common += ["--precision", "fp32", "--instances"]
+    assert run_cli(common + ["--out", tmp_path / "straight"], capsys)[0] == 0
+    out = tmp_path / "out"
+    _interrupted_region_run(common + ["--out", out], capsys, monkeypatch, at_call=4)
+    record = work_folder(out / "cells_labels.tif") / RECORDS / "0.npz"
+    record.write_bytes(record.read_bytes()[:40])
+    status, error = run_cli(common + ["--out", out], capsys)
+    assert status == 0, error
+    assert "Traceback" not in error and ": error: " not in error
+    assert f"{record}: a damaged completion record" in error and "predicted again" in error
+    for name in ("cells_labels.tif", "cells_instances.tif"):
+        expected = tifffile.imread(tmp_path / "straight" / name)
+        assert np.array_equal(tifffile.imread(out / name), expected), name

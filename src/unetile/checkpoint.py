@@ -50,8 +50,6 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], description: dic
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer, state: dict) -> None:
     """Write weights, optimiser state, torch RNG and ``state`` (JSON) in one atomic file."""
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optimizer_tensors, optimizer_json = flatten_optimizer_state(optimizer.state_dict())
     tensors.update(optimizer_tensors)
@@ -62,8 +60,7 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, state: dict) -> N
     if mps_available():  # drop-out on an Apple GPU draws from its own generator
         tensors["rng.mps"] = torch.mps.get_rng_state()
     metadata = {"state": json.dumps({**state, "optimizer": optimizer_json})}
-    with io.atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    io.save_safetensors(tensors, path, metadata=metadata)
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:

@@ -601,6 +601,35 @@ def _prepare_work(work: Path, manifest: dict, plan: Plan, chunks, resume: bool) 
     io.write_json(work / MANIFEST, manifest)
 
 
+def _intact_records(folder: Path, pattern: str) -> set[int]:
+    """The numbers of the readable records in ``folder``; a damaged one (truncated by a
+    crash of the file system, say) is removed with one warning, and its region done again."""
+    import warnings
+    import zipfile
+
+    done = set()
+    for path in sorted(folder.glob(pattern)):
+        if not path.stem.isdigit():
+            continue
+        try:
+            record = np.load(path)
+            if isinstance(record, np.lib.npyio.NpzFile):
+                with record:
+                    for key in record.files:
+                        record[key]  # reads and checks every array
+        except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            warnings.warn(
+                f"{path}: a damaged completion record ({reason}); removed, its region is "
+                "predicted again",
+                stacklevel=2,
+            )
+            path.unlink()
+            continue
+        done.add(int(path.stem))
+    return done
+
+
 def _region_shape(regions: Sequence[Region]) -> tuple[int, ...]:
     return tuple(p + 1 for p in regions[-1].position)
 
@@ -619,7 +648,7 @@ def _extract_by_region(client, work: Path, plan: Plan, chunks, regions, progress
     """Object keys region by region with a margin, then their ranks as the final ids."""
     options = InstanceOptions.from_dict(plan.instance_options)
     boxes = instance_regions(plan.spatial, chunks, options.extent(len(plan.spatial)))
-    done = {int(p.stem) for p in (work / KEYS).glob("*.npy") if p.stem.isdigit()}
+    done = _intact_records(work / KEYS, "*.npy")
     todo = [(index, box) for index, box in enumerate(boxes) if index not in done]
     _run(client, extraction_keys, todo, [plan], "instances", progress)
     found = [np.zeros(0, np.uint64)]
@@ -769,7 +798,7 @@ def predict_regions(
     _prepare_work(work, manifest, plan, chunks, resume)
 
     regions = region_grid(spatial, tile_shape, plan.steps, tiling.alignment, region_tiles)
-    done = {int(p.stem) for p in (work / RECORDS).glob("*.npz") if p.stem.isdigit()}
+    done = _intact_records(work / RECORDS, "*.npz")
     todo = [region for region in regions if region.index not in done]
     _run(client, predict_region, todo, [payload, image, plan], "predict", options.progress)
     if plan.by_region:

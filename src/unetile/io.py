@@ -490,21 +490,38 @@ def read_json(path: str | os.PathLike) -> dict:
         ) from None
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write ``tensors`` to ``path`` as safetensors, atomically.
+
+    A failed write (a full disk) raises OSError naming ``path``: safetensors
+    reports it as a SafetensorError holding the OS error's code in its text.
+    """
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as temporary:
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except SafetensorError as error:
+            code = re.search(r"code: (\d+)", str(error))
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number), str(path)) from None
+
+
 def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODEL_WEIGHTS) -> None:
     """Save weights as safetensors and the run's config as JSON, both atomically.
 
     ``config`` must hold ``model`` (the UNetConfig as a dict); everything else
     (normalisation, classes, tile geometry) is what ``predict`` needs later.
     """
-    from safetensors.torch import save_file
-
     from . import __version__
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    with atomic_path(run_dir / name) as temporary:
-        save_file(state, str(temporary))
+    save_safetensors(state, run_dir / name)
     write_json(run_dir / MODEL_CONFIG, {"unetile_version": __version__, **config})
 
 
