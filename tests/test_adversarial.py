@@ -1654,3 +1654,20 @@ def test_a_truncated_completion_record_is_said_and_its_region_done_again(
     for name in ("cells_labels.tif", "cells_instances.tif"):
         expected = tifffile.imread(tmp_path / "straight" / name)
         assert np.array_equal(tifffile.imread(out / name), expected), name
+
+
+def test_a_corrupt_zarr_chunk_is_reported_and_the_rest_of_the_batch_written(data, tmp_path, capsys):
+    import zarr
+
+    store = tmp_path / "a.zarr"
+    array = zarr.open_array(str(store), mode="w", shape=(40, 40), chunks=(20, 20), dtype="f4")
+    array[:] = np.random.default_rng(0).random((40, 40))
+    chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"not a chunk")
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", store, data / "input.tif", "--out", out, "--no-progress"]
+    status, error = run_cli(argv, capsys)
+    assert status == 2
+    assert_one_line(error, f"{store}: cannot read its pixels", "damaged chunk or file")
+    assert "1 of 2 input(s) failed" in error
+    assert visible(out) == ["input_labels.tif"]

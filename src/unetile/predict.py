@@ -371,13 +371,22 @@ def read_input(image, window: Window, normalization: Normalization | None = None
     Only the image region under the window is read (:meth:`Window.read`), so
     ``image`` may be a memory-mapped or zarr array larger than memory.
     """
-    block = window.read(image)
+    rows = ", ".join(f"{a}..{b - 1}" for a, b in zip(window.start, window.stop, strict=True))
+    try:
+        block = window.read(image)
+    except (ValueError, MemoryError):
+        raise
+    except Exception as error:  # a zarr chunk that does not decode, a file cut short
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"cannot read its pixels in the window {rows} ({type(error).__name__}: {reason}); "
+            "a damaged chunk or file: restore or re-write it"
+        ) from None
     if block.ndim == len(window.shape):
         block = block[None]
     tile = (normalization or Normalization.identity()).apply(block)
     if not np.isfinite(tile).all():
         # One NaN spreads over the whole context window of every output pixel near it.
-        rows = ", ".join(f"{a}..{b - 1}" for a, b in zip(window.start, window.stop, strict=True))
         raise ValueError(
             f"holds NaN or infinite pixel values (in the window {rows}, or too large for "
             "float32 after normalisation); replace them before predicting"
