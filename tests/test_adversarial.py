@@ -1671,3 +1671,41 @@ def test_a_corrupt_zarr_chunk_is_reported_and_the_rest_of_the_batch_written(data
     assert_one_line(error, f"{store}: cannot read its pixels", "damaged chunk or file")
     assert "1 of 2 input(s) failed" in error
     assert visible(out) == ["input_labels.tif"]
+
+
+@pytest.mark.parametrize("name", ["model.zip", "model.pt"])
+def test_the_partial_files_of_a_killed_export_are_removed_by_the_next(data, tmp_path, capsys, name):
+    stem, suffix = name.split(".")
+    left = [tmp_path / f".{stem}.k1ll3d.part.{suffix}"]
+    left.append(tmp_path / f"..{stem}.k1ll3d.part.a8c.part.{suffix}")  # nested by a packager
+    others = [tmp_path / f".other.x.part.{suffix}", tmp_path / f".{stem}x.y.part.{suffix}"]
+    for path in left + others:
+        path.write_bytes(b"\0" * 2048)
+    argv = ["export", data / "run", "--format", "torchscript", "--out", tmp_path / name]
+    if suffix == "zip":  # the bioimage.io package of 'export --check'
+        pytest.importorskip("bioimageio.spec")
+        argv = ["export", data / "run", "--format", "bioimageio", "--out", tmp_path / name]
+        argv += ["--image", data / "input.tif"]
+    status, error = run_cli(argv, capsys)
+    assert status == 0, error
+    assert f"removed 2 partial file(s) of an interrupted write of {name}" in error
+    assert not any(path.exists() for path in left) and all(path.exists() for path in others)
+    assert (tmp_path / name).is_file()
+
+
+def test_a_plain_predict_after_a_killed_region_run_removes_its_work_folder(
+    data, tmp_path, capsys, monkeypatch
+):
+    from unetile.distributed import work_folder
+
+    image = tmp_path / "cells.tif"
+    tifffile.imwrite(image, np.random.default_rng(1).random((60, 50), np.float32))
+    out = tmp_path / "out"
+    argv = ["predict", data / "run", image, "--out", out, "--no-progress", "--tile", "12"]
+    _interrupted_region_run(argv + ["--resume"], capsys, monkeypatch)
+    work = work_folder(out / "cells_labels.tif")
+    assert work.is_dir()
+    status, error = run_cli(argv, capsys)
+    assert status == 0, error
+    assert f"{work}: removed the work folder of an interrupted region run" in error
+    assert not work.exists() and visible(out) == ["cells_labels.tif"]

@@ -393,6 +393,36 @@ def _temporary_path(path: Path) -> Path:
     return Path(name)
 
 
+def remove_stale_parts(path: str | os.PathLike) -> int:
+    """Remove the temporary files that a killed write of ``path`` left beside it
+    (``.NAME.*.partSUFFIX``, nested ones too), with one warning; return the bytes freed."""
+    import glob
+    import warnings
+
+    path = Path(path)
+    stem, suffix = glob.escape(path.stem), glob.escape(path.suffix)
+    found = sorted(
+        {
+            part
+            for pattern in (f".{stem}.*.part{suffix}", f"..{stem}.*.part{suffix}")
+            for part in path.parent.glob(pattern)
+            if part.is_file()
+        }
+    )
+    freed = 0
+    for part in found:
+        with contextlib.suppress(FileNotFoundError):
+            freed += part.stat().st_size
+            part.unlink()
+    if found:
+        warnings.warn(
+            f"{path.parent}: removed {len(found)} partial file(s) of an interrupted write of "
+            f"{path.name} ({freed / 2**20:.1f} MiB)",
+            stacklevel=2,
+        )
+    return freed
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the system says it (Linux)."""
     with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:

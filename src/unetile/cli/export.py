@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _staged(path: Path):
-    """A temporary path beside ``path``, renamed into place only if the block succeeds."""
+    """A temporary path beside ``path``, renamed into place only if the block succeeds
+    (the temporary files of a killed export of ``path`` are removed first)."""
+    io.remove_stale_parts(path)
     with io.atomic_path(path) as temporary:
         os.remove(temporary)  # the writers create the file themselves
         yield temporary

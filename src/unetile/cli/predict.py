@@ -420,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         predict = rescaled or predict_to_files
         predict(model, image, options=how, **outputs, instance_options=options, grow=args.grow)
         owner.record(outputs)
+        _remove_stale_work(outputs)
 
     def predict_together(images, outputs):
         finished = predict_images_to_files(
@@ -427,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for number in finished:
             owner.record(outputs[number])
+            _remove_stale_work(outputs[number])
             yield number
 
     return _each_input_together(jobs, prepare, predict_together, predict_alone)
@@ -518,6 +520,26 @@ def _exit_status(failed: list, jobs: list) -> int:
         print(f"unetile predict: {len(failed)} of {len(jobs)} input(s) failed", file=sys.stderr)
         return 2
     return 0
+
+
+def _remove_stale_work(outputs: dict) -> None:
+    """The work folder of an interrupted region run (--workers, --resume) of these outputs,
+    removed with one warning once a plain prediction has written them: it is obsolete."""
+    import shutil
+    import warnings
+
+    from ..distributed import work_folder
+
+    work = work_folder(outputs["labels"])
+    if not work.is_dir():
+        return
+    size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+    shutil.rmtree(work, ignore_errors=True)
+    warnings.warn(
+        f"{work}: removed the work folder of an interrupted region run ({size / 2**20:.1f} MiB); "
+        "its outputs are written now",
+        stacklevel=2,
+    )
 
 
 OWNER_RECORD = ".unetile-outputs.json"
