@@ -1709,3 +1709,15 @@ def test_a_plain_predict_after_a_killed_region_run_removes_its_work_folder(
     assert status == 0, error
     assert f"{work}: removed the work folder of an interrupted region run" in error
     assert not work.exists() and visible(out) == ["cells_labels.tif"]
+
+
+@pytest.mark.parametrize("pixel_size", ["0.0001", "100"])
+def test_rescale_beyond_64x_is_refused_naming_the_pixel_sizes(data, tmp_path, capsys, pixel_size):
+    run = save_run(tmp_path / "run", pixel_size_um=[0.5, 0.5])
+    out = tmp_path / "out"
+    argv = ["predict", run, data / "input.tif", "--out", out, "--no-progress", "--rescale"]
+    status, error = run_cli(argv + ["--pixel-size", pixel_size], capsys)
+    assert status == 2
+    assert_one_line(error, "input.tif: pixel size", "the model's 0.5 x 0.5 µm", "at most 64x")
+    assert "memory" not in error and visible(out) == []
+    assert run_cli(argv + ["--pixel-size", "0.25"], capsys)[0] == 0  # 2x: resampled

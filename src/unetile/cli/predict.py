@@ -271,6 +271,9 @@ def _stated_pixel_size(text: str | None, dims: int) -> tuple[float, ...] | None:
         raise io.InputError(f"--pixel-size {text!r}: {error}") from None
 
 
+MAX_RESCALE = 64  # --rescale beyond this is a wrong pixel size, not a real image
+
+
 def _needs_rescaling(args, path: Path, pixel_size, model_pixel_size) -> bool:
     """Whether to resample ``path``; warns when its pixel size is far from the model's."""
     from ..scale import SAME, TOLERANCE, describe, relative_difference
@@ -283,6 +286,14 @@ def _needs_rescaling(args, path: Path, pixel_size, model_pixel_size) -> bool:
         return False
     difference = relative_difference(pixel_size, model_pixel_size)
     if args.rescale:
+        factor = max(max(a / b, b / a) for a, b in zip(pixel_size, model_pixel_size, strict=True))
+        if factor > MAX_RESCALE:
+            raise io.InputError(
+                f"{path}: pixel size {describe(pixel_size)} is {factor:.4g}x the model's "
+                f"{describe(model_pixel_size)}; --rescale resamples by at most {MAX_RESCALE}x: "
+                "check the pixel sizes (--pixel-size, the file's metadata, the model's "
+                "config.json)"
+            )
         return difference > SAME
     if difference > TOLERANCE:
         looks = "smaller" if pixel_size[-1] > model_pixel_size[-1] else "larger"
