@@ -39,13 +39,17 @@ def test_objects_on_a_background_get_components_a_size_floor_and_filled_holes():
     assert record["touching_share"] == 0.0 and "components" in record["why"]
 
 
-def test_touching_instances_get_a_watershed_but_binary_masks_cannot_show_touching():
+def test_touching_instances_keep_components_and_leave_the_watershed_to_scored_images():
     touching = [disks([(30, 30), (30, 45), (60, 30), (60, 45)], 8)]  # pairs 15 px apart
     options, record = fit_from_labels(touching, default_options("instances"), "instances")
-    assert record["touching_share"] == 1.0 and options.method == "watershed"
+    assert record["touching_share"] == 1.0 and options.method == "components"
+    assert "scored images decide" in record["why"]
+    three = default_options("instances", target="three-class")
+    options, _ = fit_from_labels(touching, three, "instances")
+    assert options.method == "watershed" and options.foreground_classes == (1, 2)
     binary = [ndimage.label(touching[0] > 0)[0]]
-    options, _ = fit_from_labels(binary, default_options("membrane"), "membrane")
-    assert options.method == "components"
+    options, record = fit_from_labels(binary, default_options("membrane"), "membrane")
+    assert options.method == "components" and "scored images" not in record["why"]
 
 
 def test_objects_with_holes_keep_them():
@@ -78,7 +82,7 @@ def test_masks_linked_through_corners_get_full_connectivity():
     assert options.connectivity == 2 and record["objects"] == 3
 
 
-def test_scoring_units_are_images_or_blocks_that_hold_objects():
+def test_scoring_units_are_blocks_that_hold_objects():
     truth = np.zeros((2 * MIN_BLOCK, 2 * MIN_BLOCK + 10), np.int32)
     truth[5:10, 5:10] = 1
     truth[-10:-5, -10:-5] = 2
@@ -86,9 +90,9 @@ def test_scoring_units_are_images_or_blocks_that_hold_objects():
     units = scoring_units([probability], [truth])
     assert len(units) == 2  # four blocks, two of them empty
     assert all(u[0].shape[1:] == u[1].shape == (MIN_BLOCK, MIN_BLOCK + 5) for u in units)
-    assert len(scoring_units([probability] * 4, [truth] * 4)) == 4
-    narrow = truth[:, : MIN_BLOCK + 10]  # too narrow to halve: split along rows only
-    assert len(scoring_units([probability[:, :, : MIN_BLOCK + 10]], [narrow])) == 1
+    assert len(scoring_units([probability] * 3, [truth] * 3)) == 6
+    # Larger blocks for larger objects: one block per image.
+    assert len(scoring_units([probability], [truth], min_block=3 * MIN_BLOCK)) == 1
 
 
 def test_beyond_noise_needs_a_consistent_gain():
@@ -119,3 +123,40 @@ def test_tuning_moves_off_the_default_only_for_a_clear_gain():
 def test_connectivity_is_checked(value):
     with pytest.raises(ValueError, match="connectivity"):
         InstanceOptions(connectivity=value)
+
+
+def test_training_carries_the_label_fit_and_tunes_it_only_on_held_out_images(tmp_path):
+    import json
+
+    from unetile import io, synthetic
+    from unetile.config import make_config
+    from unetile.train import refit_instances, train
+
+    for index in range(5):
+        cells = synthetic.cells_like((128, 128), touching_fraction=0.5, rng=index)
+        io.write_image(tmp_path / "images" / f"{index}.tif", (cells.image * 255).astype(np.uint8))
+        io.write_image(tmp_path / "labels" / f"{index}.tif", cells.instances.astype(np.uint16))
+    common = dict(
+        images=str(tmp_path / "images"),
+        labels=str(tmp_path / "labels"),
+        label_mode="instances",
+        depth=2,
+        tile=(20,),
+        steps=3,
+        compile=False,
+        threads=1,
+        augment="none",
+    )
+    train(make_config("cpu-fast", out=str(tmp_path / "plain"), **common), progress=False)
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    fit = saved["instances_fit"]
+    assert fit["objects"] > 0 and "instances_tuning" not in saved  # nothing held out
+    assert saved["instances"]["min_size"] == int(MIN_SIZE_SHARE * fit["size_p5"])
+    held = make_config("cpu-fast", out=str(tmp_path / "held"), holdout=0.2, **common)
+    summary = train(held, progress=False)
+    record = json.loads((tmp_path / "held" / "config.json").read_text())["instances_tuning"]
+    assert record["scored_on"] == "validation images" and summary["instances"]["tuning"] == record
+    # An older run's post-processing is fitted again the same way, its weights untouched.
+    weights = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert refit_instances(tmp_path / "plain")["options"] == saved["instances"]
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == weights

@@ -4,8 +4,7 @@ A threshold or a post-processing picked as the best mean over a few
 validation images is often the best by chance, and loses on new images.
 :func:`beyond_noise` accepts a change only when its paired gain over the
 default is larger than twice the standard error of the per-unit differences.
-The units are the held-out images, or, with fewer than ``MIN_UNITS`` images,
-blocks of them (:func:`scoring_units`).
+The units are blocks of the held-out images (:func:`scoring_units`).
 """
 
 from __future__ import annotations
@@ -15,28 +14,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: Fewest scoring units (images, or blocks of them) for a noise estimate.
-MIN_UNITS = 4
 #: Smallest side (px) of a block of a held-out image used as a scoring unit.
 MIN_BLOCK = 64
 
 
-def scoring_units(probabilities, truths) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Units whose scores are compared pairwise: the images, or blocks of them when
-    there are fewer than ``MIN_UNITS`` images (each axis halved while its blocks stay
-    at least ``MIN_BLOCK`` px). Blocks without any object are left out: the object and
-    overlap metrics have nothing to score there."""
-    pairs = list(zip(probabilities, truths, strict=True))
-    if len(pairs) >= MIN_UNITS:
-        return pairs
+def scoring_units(probabilities, truths, min_block: int = MIN_BLOCK) -> list:
+    """Units whose scores are compared pairwise: blocks of the images, each axis cut into
+    as many equal parts as leave them at least ``min_block`` px (objects cut at a block's
+    edge are cut alike in truth and prediction). Blocks without any object are left out:
+    the object and overlap metrics have nothing to score there."""
     units = []
-    for probability, truth in pairs:
-        halves = [
-            (0, s // 2, s) if s // 2 >= MIN_BLOCK else (0, s) for s in np.asarray(truth).shape
-        ]
-        for corner in np.ndindex(*(len(h) - 1 for h in halves)):
-            box = tuple(slice(h[i], h[i + 1]) for h, i in zip(halves, corner, strict=True))
-            block = np.asarray(truth)[box]
+    for probability, truth in zip(probabilities, truths, strict=True):
+        truth = np.asarray(truth)
+        cuts = [np.linspace(0, s, max(1, s // min_block) + 1).astype(int) for s in truth.shape]
+        for corner in np.ndindex(*(len(c) - 1 for c in cuts)):
+            box = tuple(slice(c[i], c[i + 1]) for c, i in zip(cuts, corner, strict=True))
+            block = truth[box]
             if np.any(block > 0):
                 units.append((np.asarray(probability)[(..., *box)], block))
     return units
@@ -50,3 +43,27 @@ def beyond_noise(candidate: Sequence[float], baseline: Sequence[float]) -> bool:
         return False
     noise = 2.0 * differences.std(ddof=1) / math.sqrt(differences.size)
     return bool(differences.mean() > max(noise, 1e-9))
+
+
+def f1_of_counts(counts: np.ndarray) -> float:
+    """Object F1 of summed (true positives, false positives, false negatives)."""
+    tp, fp, fn = np.asarray(counts, float).reshape(-1, 3).sum(axis=0)
+    return float(2 * tp / max(2 * tp + fp + fn, 1.0))
+
+
+def counts_beyond_noise(
+    candidate: np.ndarray, baseline: np.ndarray, draws: int = 2000, seed: int = 0
+) -> bool:
+    """Whether ``candidate``'s object F1 beats ``baseline``'s beyond the noise: in 97.5 %
+    of bootstrap resamplings of the units (paired), the candidate's F1 over the resampled
+    units is higher. ``candidate`` and ``baseline`` hold per-unit (TP, FP, FN) rows."""
+    candidate, baseline = np.asarray(candidate, float), np.asarray(baseline, float)
+    if len(candidate) < 2:
+        return False
+    picks = np.random.default_rng(seed).integers(0, len(candidate), (draws, len(candidate)))
+
+    def f1(counts):
+        tp, fp, fn = (counts[picks][..., k].sum(axis=1) for k in range(3))
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1.0)
+
+    return bool(np.quantile(f1(candidate) - f1(baseline), 0.025) > 0)

@@ -254,7 +254,9 @@ def stable_tile(model: UNet) -> tuple[int, ...] | None:
     if not tile_dependent(model):
         return None
     tile = getattr(model, "training_tile", None)
-    return tuple(int(t) for t in tile) if tile else None
+    if not tile or min(tile) < Tiling.of(model).alignment:
+        return None  # a tile too small to step over whole images: the memory decides
+    return tuple(int(t) for t in tile)
 
 
 def auto_tile_shape(

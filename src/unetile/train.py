@@ -716,9 +716,10 @@ def validation_truth(item: LabeledImage, config: TrainConfig) -> np.ndarray:
 
 def tune_instances(
     run_dir: Path,
-    data: TrainingData,
+    truths: list[np.ndarray],
     probabilities: list[np.ndarray],
     threshold: float | None = None,
+    source: str = "validation images",
 ) -> dict:
     """Tune the kept model's instance extraction on the validation images; store it.
 
@@ -733,26 +734,54 @@ def tune_instances(
     import dataclasses
 
     from .instance_fit import tune
-    from .instances import InstanceOptions, count_objects, foreground_mask
+    from .instances import InstanceOptions, count_objects, extract_instances
 
     stored = io.read_json(run_dir / io.MODEL_CONFIG)
-    truths = [item.instances for item in data.validation]
     base = InstanceOptions.from_dict(stored["instances"])
     base = dataclasses.replace(base, threshold=threshold)
-    pieces = sum(count_objects(foreground_mask(p, base)) for p in probabilities)
+    # Pieces the carried options leave (specks under the size floor are not objects).
+    pieces = sum(int(extract_instances(p, base).max()) for p in probabilities)
     cells = sum(count_objects(truth > 0) for truth in truths)
     if pieces > UNTRAINED_PIECES * max(cells, 1):
         # A network this far from cells has nothing to tune on; it keeps the defaults.
         stored["instances"] = base.to_dict()
+        stored["instances_tuning"] = {
+            "scored_on": source,
+            "skipped": f"the foreground is in over {UNTRAINED_PIECES} pieces per true object",
+        }
         io.write_json(run_dir / io.MODEL_CONFIG, stored)
-        return {"options": base.to_dict(), "validation": None}
+        return {"options": base.to_dict(), "validation": None, "tuning": stored["instances_tuning"]}
     diameter = (stored.get("instances_fit") or {}).get("diameter") or 10.0
     best, record = tune(probabilities, truths, base, diameter)
+    record["scored_on"] = source
     stored["instances"] = best.to_dict()
+    stored["instances_tuning"] = record
     io.write_json(run_dir / io.MODEL_CONFIG, stored)
     chosen = record["best"] if record["moved"] else record["default"]
     scores = {"f1@0.5": chosen["f1@0.5"], "seg": chosen["seg"]}
     return {"options": best.to_dict(), "validation": scores, "tuning": record}
+
+
+def refit_instances(run_dir: str | os.PathLike) -> dict:
+    """Fit a finished run's post-processing again as training now ends: from its training
+    labels (:func:`fitted_instances`), then tuned on its validation images if it has
+    some. For runs made before this release; the weights stay."""
+    from .predict import resolve_device
+
+    run_dir = Path(run_dir)
+    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    config = make_config(**stored["training"])
+    data = prepare_data(config)
+    stored.update(fitted_instances(config, data))
+    stored.pop("instances_tuning", None)
+    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    if not data.validation:
+        return {"options": stored["instances"], "validation": None}
+    device = resolve_device(config.device)
+    probabilities = validation_probabilities(run_dir, data, config, device)
+    threshold = (stored.get("calibration") or {}).get("threshold")
+    truths = [item.instances for item in data.validation]
+    return tune_instances(run_dir, truths, probabilities, threshold)
 
 
 class CsvLog:
@@ -1378,7 +1407,8 @@ def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
             calibration = calibrate(run_dir, run.data, config, probabilities)
             if config.label_mode != "classes":
                 threshold = None if calibration is None else calibration["threshold"]
-                tuned = tune_instances(run_dir, run.data, probabilities, threshold)
+                truths = [item.instances for item in run.data.validation]
+                tuned = tune_instances(run_dir, truths, probabilities, threshold)
     summary = {
         "run_dir": str(run_dir),
         "step": state.step,
