@@ -366,6 +366,7 @@ class FineTuneWidget(_PairsMixin, Container):
         show_info(f"fine-tuned model saved in {model.run_dir}; segmenting again")
         self.show_pairs()
         self.reset_choices()
+        self._suggest_labels()  # the corrected layer, renamed
         segment = _segment_widget(self.viewer)
         if segment is not None:
             segment.show_model(model)
@@ -436,6 +437,7 @@ class EvaluateWidget(Container):
         self.truth = ComboBox(label="ground truth", choices=_layer_names(napari_viewer, "Labels"))
         self.run_button = PushButton(text="Evaluate")
         self.table = Table(value={"metric": [], "value": []})
+        self.table.native.setMinimumHeight(300)
         self.extend([self.labels, self.truth, self.run_button, self.table])
         self.run_button.changed.connect(self.evaluate)
         _refresh_on_layer_changes(napari_viewer, self)
