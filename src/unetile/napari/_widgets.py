@@ -1,0 +1,455 @@
+"""The Qt side of the plugin: thin magicgui containers over :class:`._session.Session`.
+
+Long steps run in napari worker threads (``create_worker``); their progress
+comes back as yielded values, their faults as napari notifications with the
+library's one-line messages.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    Table,
+)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+
+from .. import io
+from . import _logic
+from ._session import info, session
+
+
+def one_line(error: BaseException) -> str:
+    """The message a user sees: the library's line for its InputError, else the error's
+    first line with its type."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, io.InputError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def notify(error: BaseException) -> None:
+    show_error(one_line(error))
+
+
+def _layer_names(viewer, kind: str):
+    def choices(_widget=None):
+        return [layer.name for layer in viewer.layers if layer.__class__.__name__ == kind]
+
+    return choices
+
+
+def _refresh_on_layer_changes(viewer, container: Container) -> None:
+    def refresh(event=None):
+        container.reset_choices()
+
+    viewer.layers.events.inserted.connect(refresh)
+    viewer.layers.events.removed.connect(refresh)
+    for layer in viewer.layers:
+        layer.events.name.connect(refresh)
+
+    def watch(event):
+        event.value.events.name.connect(refresh)
+
+    viewer.layers.events.inserted.connect(watch)
+
+
+class _Trainer:
+    """The Stop button, progress bar and loss readout of a training worker."""
+
+    def __init__(self, container: Container, start_text: str):
+        self.container = container
+        self.start = PushButton(text=start_text)
+        self.stop = PushButton(text="Stop", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="steps")
+        self.loss = Label(value="", label="loss")
+        self.stopping = threading.Event()
+        self.worker = None
+        self.losses: list[float] = []
+        self.stop.changed.connect(self._stop)
+
+    @property
+    def widgets(self):
+        return [self.start, self.stop, self.progress, self.loss]
+
+    def _stop(self, *_):
+        self.stopping.set()
+        self.loss.value = f"{self.loss.value}  (stopping after this part)"
+
+    def run(self, work, on_done) -> None:
+        """Run the generator function ``work(should_stop)`` in a worker thread."""
+        self.stopping.clear()
+        self.losses = []
+        self.worker = create_worker(work, self.stopping.is_set, _start_thread=False)
+        self.worker.yielded.connect(self._show)
+        self.worker.returned.connect(on_done)
+        self.worker.errored.connect(notify)
+        self.worker.finished.connect(self._finished)
+        self.start.enabled, self.stop.enabled = False, True
+        self.loss.value = "preparing the data..."
+        self.worker.start()
+
+    def _show(self, progress: _logic.TrainProgress) -> None:
+        self.progress.max = progress.steps
+        self.progress.value = progress.step
+        self.losses.append(progress.loss)
+        recent = " ".join(f"{x:.3f}" for x in self.losses[-4:])
+        self.loss.value = f"step {progress.step}/{progress.steps}: {recent}"
+
+    def _finished(self) -> None:
+        self.start.enabled, self.stop.enabled = True, False
+
+
+class SegmentWidget(Container):
+    """Pick a model and an image layer, predict in a worker thread, adjust the post-processing."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session(napari_viewer)
+        self.session.segment_widget = self
+        self.worker = None
+        self.queue: list[str] = []
+        self._quiet = False
+        self.model_dir = FileEdit(mode="d", label="model (run folder)")
+        self.model_info = Label(value="no model loaded", label="")
+        self.image = ComboBox(label="image", choices=_layer_names(napari_viewer, "Image"))
+        self.run_button = PushButton(text="Segment")
+        self.cancel = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
+        self.threshold = FloatSpinBox(value=0.5, min=0.01, max=0.99, step=0.05, label="threshold")
+        self.method = ComboBox(value="components", choices=_logic.METHODS, label="method")
+        self.min_size = SpinBox(value=0, min=0, max=10**7, label="min size (px)")
+        self.opening = SpinBox(value=0, min=0, max=100, label="opening (px)")
+        self.fill_holes = CheckBox(value=False, text="fill holes")
+        self.extend(
+            [
+                self.model_dir,
+                self.model_info,
+                self.image,
+                self.run_button,
+                self.cancel,
+                self.progress,
+                Label(value="post-processing (re-applied, no network)"),
+                self.threshold,
+                self.method,
+                self.min_size,
+                self.opening,
+                self.fill_holes,
+            ]
+        )
+        self.model_dir.changed.connect(self._load)
+        self.run_button.changed.connect(self._segment_clicked)
+        self.cancel.changed.connect(self._cancel)
+        for widget in (self.threshold, self.method, self.min_size, self.opening, self.fill_holes):
+            widget.changed.connect(self._post_changed)
+        _refresh_on_layer_changes(napari_viewer, self)
+
+    # --- model ---
+
+    def _load(self, *_):
+        path = str(self.model_dir.value)
+        if not path or path == ".":
+            return
+        try:
+            model = self.session.load(path)
+        except (io.InputError, OSError) as error:
+            notify(error)
+            self.model_info.value = "no model loaded"
+            return
+        self.show_model(model)
+
+    def show_model(self, model: _logic.LoadedModel) -> None:
+        post = self.session.post
+        self._quiet = True
+        try:
+            if Path(str(self.model_dir.value)) != model.run_dir:
+                self.model_dir.value = model.run_dir
+            self.threshold.enabled = post.threshold is not None
+            if post.threshold is not None:
+                self.threshold.value = post.threshold
+            self.method.value = post.method
+            self.min_size.value = post.min_size
+            self.opening.value = post.opening
+            self.fill_holes.value = post.fill_holes
+        finally:
+            self._quiet = False
+        channels = model.model.config.in_channels
+        self.model_info.value = (
+            f"{model.name}: {model.num_classes} classes, {channels} channel(s), "
+            f"{model.model.config.dims}D"
+        )
+
+    # --- segment ---
+
+    def _segment_clicked(self, *_):
+        if self.image.value is None:
+            show_error("no image layer: open an image first")
+            return
+        self.segment([self.image.value])
+
+    def segment(self, names: list[str]) -> None:
+        """Segment these image layers one after another."""
+        self.queue = list(names)
+        self._next()
+
+    def _next(self, *_):
+        if not self.queue:
+            return
+        name = self.queue.pop(0)
+        try:
+            self.session.require_model()
+        except io.InputError as error:
+            notify(error)
+            return
+        self.worker = create_worker(self.session.segment_work, name, _start_thread=False)
+        self.worker.yielded.connect(self._progress)
+        self.worker.returned.connect(self._show)
+        self.worker.errored.connect(notify)
+        self.worker.finished.connect(self._finished)
+        self.run_button.enabled, self.cancel.enabled = False, True
+        self.worker.start()
+
+    def _progress(self, value):
+        done, total = value
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _show(self, result):
+        name, probabilities = result
+        try:
+            self.session.show(name, probabilities)
+        except io.InputError as error:
+            notify(error)
+
+    def _finished(self):
+        self.run_button.enabled, self.cancel.enabled = True, False
+        self._next()
+
+    def _cancel(self, *_):
+        self.queue = []
+        if self.worker is not None:
+            self.worker.quit()
+            show_info("segmentation cancelled; the layers are unchanged")
+
+    # --- post-processing ---
+
+    def _post_changed(self, *_):
+        if self._quiet or self.session.model is None:
+            return
+        changes = dict(
+            method=self.method.value,
+            min_size=int(self.min_size.value),
+            opening=int(self.opening.value),
+            fill_holes=bool(self.fill_holes.value),
+        )
+        if self.session.post is not None and self.session.post.threshold is not None:
+            changes["threshold"] = float(self.threshold.value)
+        try:
+            self.session.set_post(**changes)
+        except io.InputError as error:
+            notify(error)
+
+
+def _segment_widget(viewer) -> SegmentWidget | None:
+    """The viewer's Segment widget: the one made last, else a new one docked in its window."""
+    widget = session(viewer).segment_widget
+    if widget is None and getattr(viewer, "window", None) is not None:
+        _, widget = viewer.window.add_plugin_dock_widget("unetile", "Segment")
+    return widget
+
+
+class _PairsMixin:
+    """Image + labels layer choices and the fine-tuning set they fill."""
+
+    def _pair_widgets(self, viewer):
+        self.image = ComboBox(label="image", choices=_layer_names(viewer, "Image"))
+        self.labels = ComboBox(label="labels", choices=_layer_names(viewer, "Labels"))
+        self.add = PushButton(text="Add pair to the set")
+        self.pairs_info = Label(value="set: (the pair above)", label="")
+        self.add.changed.connect(self._add_pair)
+        self.image.changed.connect(self._suggest_labels)
+        return [self.image, self.labels, self.add, self.pairs_info]
+
+    def _suggest_labels(self, *_):
+        """The image's instances (or its corrected labels) as the labels to train on."""
+        for kind in ("corrected", "instances"):
+            for layer in self.viewer.layers:
+                meta = info(layer)
+                if meta.get("image") == self.image.value and meta.get("kind") == kind:
+                    self.labels.value = layer.name
+                    return
+
+    def _add_pair(self, *_):
+        try:
+            self.session.add_pair(self.image.value, self.labels.value)
+        except io.InputError as error:
+            notify(error)
+        self.show_pairs()
+
+    def show_pairs(self):
+        pairs = self.session.pairs
+        self.pairs_info.value = "set: " + (
+            ", ".join(f"{i.name} + {x.name}" for i, x in pairs) if pairs else "(the pair above)"
+        )
+
+    def _with_current_pair(self) -> bool:
+        """Make sure the set holds at least the pair chosen above."""
+        if self.session.pairs:
+            return True
+        if self.image.value is None or self.labels.value is None:
+            show_error("no training pair: choose an image layer and its labels layer")
+            return False
+        try:
+            self.session.add_pair(self.image.value, self.labels.value)
+        except io.InputError as error:
+            notify(error)
+            return False
+        self.show_pairs()
+        return True
+
+
+class FineTuneWidget(_PairsMixin, Container):
+    """Train from the current model on corrected labels into a new run folder; re-segment."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session(napari_viewer)
+        self.steps = SpinBox(value=200, min=1, max=10**6, label="steps")
+        self.minutes = FloatSpinBox(value=2.0, min=0.0, max=10**4, step=0.5, label="minutes")
+        self.trainer = _Trainer(self, "Fine-tune")
+        self.result = Label(value="", label="")
+        self.extend([*self._pair_widgets(napari_viewer), self.steps, self.minutes])
+        self.extend([*self.trainer.widgets, self.result])
+        self.trainer.start.changed.connect(self._start)
+        _refresh_on_layer_changes(napari_viewer, self)
+        self._suggest_labels()
+
+    def _start(self, *_):
+        try:
+            self.session.require_model()
+        except io.InputError as error:
+            notify(error)
+            return
+        if not self._with_current_pair():
+            return
+        minutes = float(self.minutes.value) or None
+
+        def work(should_stop):
+            return (
+                yield from self.session.fine_tune_work(
+                    steps=int(self.steps.value), minutes=minutes, should_stop=should_stop
+                )
+            )
+
+        self.trainer.run(work, self._done)
+
+    def _done(self, summary: dict):
+        try:
+            model = self.session.adopt(summary)
+        except io.InputError as error:
+            notify(error)
+            return
+        self.result.value = f"saved {model.run_dir}"
+        show_info(f"fine-tuned model saved in {model.run_dir}; segmenting again")
+        self.show_pairs()
+        self.reset_choices()
+        self._suggest_labels()  # the corrected layer, renamed
+        segment = _segment_widget(self.viewer)
+        if segment is not None:
+            segment.show_model(model)
+            segment.segment(self.session.images_to_resegment())
+
+
+class TrainWidget(_PairsMixin, Container):
+    """Train a new model from a preset on image/labels layer pairs."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session(napari_viewer)
+        self.preset = ComboBox(value="cpu-fast", choices=_logic.PRESETS, label="preset")
+        self.out = FileEdit(mode="d", label="new run folder")
+        self.steps = SpinBox(value=1000, min=1, max=10**7, label="steps")
+        self.minutes = FloatSpinBox(value=5.0, min=0.0, max=10**4, step=0.5, label="minutes")
+        self.trainer = _Trainer(self, "Train")
+        self.result = Label(value="", label="")
+        self.extend([*self._pair_widgets(napari_viewer), self.preset, self.out])
+        self.extend([self.steps, self.minutes, *self.trainer.widgets, self.result])
+        self.trainer.start.changed.connect(self._start)
+        _refresh_on_layer_changes(napari_viewer, self)
+
+    def _start(self, *_):
+        out = str(self.out.value)
+        if not out or out == ".":
+            show_error("no run folder: choose where the new model goes")
+            return
+        if not self._with_current_pair():
+            return
+        minutes = float(self.minutes.value) or None
+
+        def work(should_stop):
+            return (
+                yield from self.session.train_work(
+                    out,
+                    preset=self.preset.value,
+                    steps=int(self.steps.value),
+                    minutes=minutes,
+                    should_stop=should_stop,
+                )
+            )
+
+        self.trainer.run(work, self._done)
+
+    def _done(self, summary: dict):
+        try:
+            model = self.session.load(summary["run_dir"])
+        except io.InputError as error:
+            notify(error)
+            return
+        self.result.value = f"saved {model.run_dir}"
+        show_info(f"model saved in {model.run_dir}; it is the current model of Segment")
+        segment = _segment_widget(self.viewer)
+        if segment is not None:
+            segment.show_model(model)
+
+
+class EvaluateWidget(Container):
+    """Score a labels layer against a ground-truth labels layer: a small table."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session(napari_viewer)
+        self.labels = ComboBox(label="labels", choices=_layer_names(napari_viewer, "Labels"))
+        self.truth = ComboBox(label="ground truth", choices=_layer_names(napari_viewer, "Labels"))
+        self.run_button = PushButton(text="Evaluate")
+        self.table = Table(value={"metric": [], "value": []})
+        self.table.native.setMinimumHeight(300)
+        self.extend([self.labels, self.truth, self.run_button, self.table])
+        self.run_button.changed.connect(self.evaluate)
+        _refresh_on_layer_changes(napari_viewer, self)
+
+    def evaluate(self, *_):
+        try:
+            rows = self.session.evaluate(self.labels.value, self.truth.value)
+        except io.InputError as error:
+            notify(error)
+            return
+        self.table.value = {
+            "metric": [name for name, _ in rows],
+            "value": [f"{value:.4g}" for _, value in rows],
+        }
+        return rows
