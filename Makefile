@@ -10,11 +10,12 @@ TORCH ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The test extras include the optional ones (export, distributed) so their
-# tests run too. A torch already in the venv (a CUDA build a user chose) is kept.
+# The test extras include the optional ones (export, distributed, napari with
+# a Qt binding) so their tests run too. A torch already in the venv (a CUDA
+# build a user chose) is kept.
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,export,distributed]"
+	$(BIN)/pip install -q -e ".[test,export,distributed,napari]" PyQt5 pytest-qt
 
 demo: install
 	$(BIN)/unetile demo --out demo_out
@@ -23,9 +24,9 @@ test: install lint
 	$(BIN)/python -m pytest
 
 lint:
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/screenshots.py
+	$(BIN)/ruff format --check src tests benchmarks docs/screenshots.py
 
 format:
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks docs/screenshots.py
+	$(BIN)/ruff check --fix src tests benchmarks docs/screenshots.py
