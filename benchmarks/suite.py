@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -118,6 +119,7 @@ def run_unetile(preset, root, minutes, seed, work: Path) -> tuple[list[Path], di
     started = time.perf_counter()
     run_command(train, log)
     trained = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's outputs: another model's
     predict = [str(UNETILE), "predict", str(run), str(root / "test" / "images")]
     predict += ["--out", str(out), "--instances", "--no-progress"]
     run_command(predict, log)
@@ -137,8 +139,6 @@ def run_unetile(preset, root, minutes, seed, work: Path) -> tuple[list[Path], di
 def refit_arm(name: str, root: Path, work: Path, entry: dict) -> dict:
     """An earlier unetile run with this release's post-processing: fitted again
     (``unetile.train.refit_instances``), predicted again, scored again."""
-    import shutil
-
     from unetile.train import refit_instances
 
     run, out = work / "run", work / "predicted"
@@ -491,8 +491,11 @@ def main(argv=None) -> int:
                 for seed in args.seeds:
                     key = f"{name}/{arm}/{seed}"
                     entry = load_results()["runs"].get(key)
-                    if entry is None or "error" in entry:
+                    if entry is None or not (args.work / key / "run" / "summary.json").is_file():
                         continue
+                    if "error" in entry:  # trained, then stopped: take the run's own record
+                        summary = json.loads((args.work / key / "run" / "summary.json").read_text())
+                        entry = {"steps": summary["step"], "minutes": entry.get("minutes")}
                     own["runs"][key] = refit_arm(name, args.data / name, args.work / key, entry)
                     path.write_text(json.dumps(own, indent=1, default=_plain) + "\n")
                     print(key, "refit", {k: own["runs"][key].get(k) for k in ("iou", "f1")})

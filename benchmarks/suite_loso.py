@@ -30,7 +30,7 @@ from unetile.metrics import match_objects
 from unetile.predict import predict
 
 HERE = Path(__file__).resolve().parent
-SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
+SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)
 
 
 def variants(carried: InstanceOptions, size_p5: float) -> dict[str, dict[str, InstanceOptions]]:
