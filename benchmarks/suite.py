@@ -479,6 +479,10 @@ def main(argv=None) -> int:
         figure(args.data, args.work, HERE / "suite.png", seed=args.seeds[0])
         return 0
     if args.merge:
+        commands = list(results.pop("commands", [])) + [results.pop("command", None)]
+        for part in sorted(HERE.glob("suite.*.json")):
+            commands += json.loads(part.read_text()).get("commands", [])
+        results["commands"] = [c for c in dict.fromkeys(commands) if c]
         RESULTS.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
         for part in HERE.glob("suite.*.json"):
             part.unlink()
