@@ -50,7 +50,9 @@ def test_the_package_enables_the_cpu_fallback_before_torch_runs():
 def test_cli_without_an_apple_gpu_says_so_in_one_line(monkeypatch, tmp_path, capsys, command):
     machine(monkeypatch, cuda=False, mps=False)
     if command == "train":
-        argv = ["train", "--images", str(tmp_path), "--labels", str(tmp_path)]
+        data = tmp_path / "data"
+        data.mkdir()
+        argv = ["train", "--images", str(data), "--labels", str(data)]
         argv += ["--out", str(tmp_path / "run"), "--device", "mps"]
     else:
         argv = ["predict", str(tmp_path / "run"), str(tmp_path), "--out", str(tmp_path / "o")]

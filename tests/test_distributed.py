@@ -238,7 +238,7 @@ def test_a_failed_run_resumes_from_its_records_to_the_same_files(client, tmp_pat
     reference = predict_regions(model, image, **outputs(tmp_path, "whole"), **options)
     assert read(reference["instances"]).max() > 100
     wanted = outputs(tmp_path, "resumed")
-    with pytest.raises(RuntimeError, match="lost"):
+    with pytest.raises((RuntimeError, ValueError), match="lost"):
         predict_regions(model, FailingImage(image, fail_from=60), **wanted, **options)
     work = work_folder(wanted["labels"])
     records = {p.name: p.stat().st_mtime_ns for p in (work / RECORDS).iterdir()}
@@ -277,7 +277,7 @@ def test_watershed_instances_on_a_cluster_are_the_single_process_ids_and_resume(
     single = predict_to_files(model, image, **outputs(tmp_path, "single", ".tif", kinds), **common)
     assert read(single["instances"]).max() > (20 if options.opening else 150)
     wanted = outputs(tmp_path, "spread", ".tif", kinds)
-    with pytest.raises(RuntimeError, match="lost"):
+    with pytest.raises((RuntimeError, ValueError), match="lost"):
         predict_regions(model, FailingImage(image, fail_from=50), **wanted, client=client, **common)
     with pytest.raises(ValueError, match="another instances"):
         changed = {**common, "instance_options": InstanceOptions(method="distance", h=2.0)}
@@ -341,7 +341,8 @@ def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(
         for kind in ("labels", "instances"):
             first = tifffile.imread(tmp_path / "one" / f"cells_{kind}.tif")
             assert np.array_equal(first, tifffile.imread(tmp_path / name / f"cells_{kind}.tif"))
-    assert sorted(os.listdir(tmp_path / "two")) == ["cells_instances.tif", "cells_labels.tif"]
+    written = sorted(name for name in os.listdir(tmp_path / "two") if not name.startswith("."))
+    assert written == ["cells_instances.tif", "cells_labels.tif"]
 
 
 @pytest.mark.parametrize(
