@@ -574,10 +574,11 @@ def instances_from_probabilities(
     return grow_cells(extract_instances(probabilities, options, **kwargs), grow)
 
 
-#: Post-processing a model trained on instance labels carries when it has no
-#: validation images to pick its own: probability cores, which need no cell
-#: size, and a 16-px floor against specks (chosen on the demo's data, README).
-#: Membrane maps and class maps keep the paper's connected components.
+#: The starting point of instance labels' post-processing, before
+#: :func:`unetile.instance_fit.fit_from_labels` fits it to the training labels
+#: (the classes and the cores' threshold stay; two-class models get the paper's
+#: components, the size floor and holes from the labels). Chosen on the demo's
+#: data; a model that reads no labels (class maps) keeps the paper's components.
 MEASURED_DEFAULTS = {
     "two-class": dict(method="watershed", seed_threshold=0.9, min_size=16, fill_holes=True),
     "three-class": dict(method="watershed", seed_threshold=0.5, min_size=16, fill_holes=True),
@@ -585,7 +586,8 @@ MEASURED_DEFAULTS = {
 
 
 def default_options(label_mode: str, target: str = "two-class", foreground: int = 1):
-    """The :class:`InstanceOptions` a model trained with these labels carries in config.json."""
+    """The :class:`InstanceOptions` training starts from for these labels (then fitted to
+    them, :func:`unetile.instance_fit.fit_from_labels`)."""
     if target == "three-class":
         return InstanceOptions(
             foreground_classes=(foreground, 2), seed_class=foreground, **MEASURED_DEFAULTS[target]
