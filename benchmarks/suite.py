@@ -370,6 +370,57 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+KINDS = {
+    "isbi2012": "EM membranes",
+    "dsb2018": "nuclei, 3 modalities",
+    "dic-hela": "DIC HeLa (paper's)",
+    "fluo-hela": "fluorescent nuclei",
+    "fluo-hela-binary": "same, binary masks",
+    "phc-psc": "phase contrast",
+    "monuseg": "H&E nuclei",
+    "drive": "retinal vessels",
+}
+README_ARMS = ("cpu-fast", "auto", "monai-basic", "monai-flex")
+
+
+def readme_table(results: dict) -> str:
+    """The README's table: IoU and F1 of each arm (mean over seeds, +- their spread where
+    there are several), the best in bold, and unetile's object counts against the truth."""
+    runs = {k: v for k, v in results["runs"].items() if "error" not in v}
+    lines = [
+        "| set | kind | IoU: cpu-fast / auto / BasicUNet / FlexibleUNet "
+        "| object F1@0.5: cpu-fast / auto / BasicUNet / FlexibleUNet "
+        "| objects / true: cpu-fast, auto |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in SETS:
+        entries = {
+            a: [v for k, v in runs.items() if k.startswith(f"{name}/{a}/")] for a in README_ARMS
+        }
+        cells = []
+        for key in ("iou", "f1"):
+            means = {a: [e[key] for e in entries[a] if e.get(key) is not None] for a in README_ARMS}
+            best = max((np.mean(v) for v in means.values() if v), default=None)
+            shown = []
+            for arm in README_ARMS:
+                values = means[arm]
+                if not values:
+                    shown.append("-")
+                    continue
+                text = f"{np.mean(values):.2f}"
+                if len(values) > 1:
+                    text += f" ± {np.std(values):.2f}"
+                shown.append(f"**{text}**" if np.isclose(np.mean(values), best) else text)
+            cells.append(" / ".join(shown))
+        ratios = [
+            np.mean([e["count_ratio"] for e in entries[a] if "count_ratio" in e] or [np.nan])
+            for a in ("cpu-fast", "auto")
+        ]
+        counts = "-" if np.isnan(ratios[0]) else f"{ratios[0]:.2f}, {ratios[1]:.2f}"
+        lines.append(f"| {name} | {KINDS[name]} | {cells[0]} | {cells[1]} | {counts} |")
+    return "\n".join(lines)
+
+
 def _row(name: str, arm: str, entries: list[dict]) -> str:
     def cell(key, digits=3):
         values = [e[key] for e in entries if key in e]
@@ -456,6 +507,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--force", action="store_true", help="rerun entries already in the JSON")
     parser.add_argument("--table", action="store_true", help="print the table and stop")
+    parser.add_argument("--readme", action="store_true", help="print the README's table and stop")
     parser.add_argument(
         "--part",
         help="write to suite.PART.json (a second suite running beside the first); "
@@ -474,6 +526,9 @@ def main(argv=None) -> int:
     results = load_results()
     if args.table:
         print(table(results))
+        return 0
+    if args.readme:
+        print(readme_table(results))
         return 0
     if args.figure:
         figure(args.data, args.work, HERE / "suite.png", seed=args.seeds[0])
