@@ -216,7 +216,8 @@ def method_candidates(default: InstanceOptions, diameter: float) -> list[Instanc
     methods = [{"method": "components"}]
     methods += [{"method": "watershed", "seed_threshold": t} for t in (0.5, 0.8, 0.9)]
     methods += [{"method": "distance", "h": float(max(1, round(f * radius)))} for f in (0.15, 0.3)]
-    return _unique([default] + [dataclasses.replace(default, **m) for m in methods])
+    # Frozen options hash by value: dict.fromkeys keeps the first of equal ones, in order.
+    return list(dict.fromkeys([default] + [dataclasses.replace(default, **m) for m in methods]))
 
 
 def refinements(chosen: InstanceOptions, default: InstanceOptions, diameter: float) -> list:
@@ -224,18 +225,7 @@ def refinements(chosen: InstanceOptions, default: InstanceOptions, diameter: flo
     floor, radius = default.min_size, max(diameter / 2.0, 1.0)
     grid = [dataclasses.replace(chosen, min_size=m) for m in (floor // 2, 2 * floor)]
     grid += [dataclasses.replace(chosen, opening=o) for o in (1, max(2, round(0.2 * radius)))]
-    return _unique(grid)
-
-
-def _unique(options: list[InstanceOptions]) -> list[InstanceOptions]:
-    seen, kept = set(), []
-    for option in options:
-        key = tuple(sorted(option.to_dict().items(), key=lambda item: item[0]))
-        key = repr(key)
-        if key not in seen:
-            seen.add(key)
-            kept.append(option)
-    return kept
+    return list(dict.fromkeys(grid))
 
 
 def tune(
