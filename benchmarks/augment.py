@@ -1,9 +1,9 @@
-"""Elastic deformation: unetile.augment (torch grid_sample) against elasticdeform (C).
+"""Elastic deformation: unetile.data.augment (torch grid_sample) against elasticdeform (C).
 
 Both deform the same tiles (image bicubic, labels and weights nearest
 neighbour, mirrored borders) with a random 3x3 control grid of 10 px standard
 deviation, once alone and once with a random rotation. elasticdeform works on
-one tile at a time on the CPU, so a batch is a loop; unetile.augment does the
+one tile at a time on the CPU, so a batch is a loop; unetile.data.augment does the
 whole batch in one call, on the tensors' device. Prints the ratio
 elasticdeform time / torch time (> 1: torch faster) and writes
 benchmarks/augment.json.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from machine import machine_info
 
-from unetile.augment import AugmentParams, augment_batch
+from unetile.data.augment import AugmentParams, augment_batch
 
 CONFIGURATIONS = {
     "elastic": AugmentParams(rotation=False, flip=False, shift=0.0, gray=False),

@@ -10,7 +10,7 @@ Three kinds of data, each trained from folders as a user would:
 * ``isbi-half``: the same slices at half the resolution (2 x 2 means; a
   pixel is membrane where any of its four was), 256 x 256 px: thinner
   membranes and smaller cells, the same six scores.
-* ``cells``: synthetic touching cells (``unetile.synthetic.cells_like``,
+* ``cells``: synthetic touching cells (``unetile.data.synthetic.cells_like``,
   70 % touching), instance labels: eight 256 x 256 training images, two
   512 x 512 test images (60 % touching); pixel IoU at the decision threshold,
   F1 at IoU 0.5, SEG and merged touching pairs of the instances each model
@@ -40,12 +40,12 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
+from unetile.data.synthetic import cells_like
 from unetile.demo import merged_touching_pairs
-from unetile.instances import InstanceOptions, extract_instances
-from unetile.metrics import iou, match_objects, seg_score
-from unetile.predict import predict
-from unetile.synthetic import cells_like
-from unetile.train import make_config, train
+from unetile.evaluate.metrics import iou, match_objects, seg_score
+from unetile.predict.engine import predict
+from unetile.predict.instances import InstanceOptions, extract_instances
+from unetile.train.loop import make_config, train
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "auto_runs"
@@ -161,7 +161,7 @@ def run(dataset: str, preset: str, minutes: float, seed: int, data: Path) -> dic
         )
         plan_seconds = time.perf_counter() - started
         if config.auto is not None:
-            from unetile.auto import describe
+            from unetile.train.auto import describe
 
             print(describe(config.auto), flush=True)
         summary = train(config, progress=sys.stderr.isatty())

@@ -37,10 +37,10 @@ from machine import machine_info
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.calibration import calibrate_threshold
-from unetile.metrics import score
-from unetile.predict import predict
-from unetile.train import make_config, prepare_arrays, train
+from unetile.evaluate.calibration import calibrate_threshold
+from unetile.evaluate.metrics import score
+from unetile.predict.engine import predict
+from unetile.train.loop import make_config, prepare_arrays, train
 
 DATA = Path("/work/shared/data/isbi2012")
 METRICS = ["pixel_error", "rand_error"]

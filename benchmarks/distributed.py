@@ -4,7 +4,7 @@ Each job runs in its own subprocess, so that its peak resident memory is its own
 
 1. ``single``: :func:`unetile.predict.predict_to_files` in one process with
    one torch thread (the reference), labels and instances written to zarr.
-2. ``cluster``: :func:`unetile.distributed.predict_regions` on a
+2. ``cluster``: :func:`unetile.predict.regions.predict_regions` on a
    ``LocalCluster`` of 1 and of 2 worker processes with one thread each,
    the same outputs. Reported: the wall time of the prediction (cluster
    start-up apart), the output megapixels per second, every worker's peak
@@ -55,11 +55,11 @@ import torch  # noqa: E402
 from machine import in_subprocess as run_script_child  # noqa: E402
 from machine import machine_info  # noqa: E402
 
-from unetile.distributed import Plan, model_payload, predict_regions, region_grid  # noqa: E402
-from unetile.instances import InstanceOptions  # noqa: E402
-from unetile.model import UNet, size_multiple  # noqa: E402
-from unetile.predict import predict_to_files  # noqa: E402
-from unetile.tiling import Tiling, tile_step  # noqa: E402
+from unetile.network.model import UNet, size_multiple  # noqa: E402
+from unetile.network.tiling import Tiling, tile_step  # noqa: E402
+from unetile.predict.engine import predict_to_files  # noqa: E402
+from unetile.predict.instances import InstanceOptions  # noqa: E402
+from unetile.predict.regions import Plan, model_payload, predict_regions, region_grid  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}
@@ -145,7 +145,7 @@ def job_cluster(spec: dict) -> dict:
         distributed.Client(cluster) as client,
     ):
         # Workers import torch and unetile before the clock starts, as a long run would.
-        client.run(lambda: __import__("unetile.distributed"))
+        client.run(lambda: __import__("unetile.predict.regions"))
         started_seconds = time.perf_counter() - begun
         idle = client.run(_worker_memory)
         start = time.perf_counter()

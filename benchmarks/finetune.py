@@ -2,7 +2,7 @@
 
 1. Source model: the ``cpu-fast`` preset trained on images 00-24 of the ISBI
    2012 training set (the benchmark split of the data's README).
-2. New data: a few slices of other EM-like data, :func:`unetile.synthetic.em_like`
+2. New data: a few slices of other EM-like data, :func:`unetile.data.synthetic.em_like`
    (Voronoi cells bent like neurites, 2-3 px dark membranes, vesicles, noise;
    values in [0, 1] where ISBI's are 0-255), with exact labels.
 3. On the same few training slices and for the same number of steps, each
@@ -35,10 +35,10 @@ from machine import machine_info
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.metrics import score
-from unetile.predict import predict
-from unetile.synthetic import em_like
-from unetile.train import make_config, prepare_arrays, train
+from unetile.data.synthetic import em_like
+from unetile.evaluate.metrics import score
+from unetile.predict.engine import predict
+from unetile.train.loop import make_config, prepare_arrays, train
 
 DATA = Path("/work/shared/data/isbi2012")
 METRICS = ["pixel_error", "rand_error", "iou"]

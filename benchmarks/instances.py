@@ -7,7 +7,7 @@ interior, border between touching cells), each with the paper's border weight
 steps. Each network's probabilities are turned into instances by
 
 - ``components``: the paper's connected components of the class map;
-- ``watershed``: seeded by probability cores (:mod:`unetile.instances`);
+- ``watershed``: seeded by probability cores (:mod:`unetile.predict.instances`);
 - ``distance``: seeded by maxima of the distance to the background;
 
 with their parameters (seed threshold, h, min size) picked on a validation
@@ -40,19 +40,19 @@ import numpy as np
 from machine import machine_info
 from scipy import ndimage
 
+from unetile.data.synthetic import cells_like
+from unetile.data.weights import touching_borders
 from unetile.demo import DEMO_STEPS, DEMO_TRAINING, merged_touching_pairs
-from unetile.instances import (
+from unetile.evaluate.metrics import match_objects, seg_score
+from unetile.io import write_json
+from unetile.predict.engine import predict
+from unetile.predict.instances import (
     InstanceOptions,
     candidate_options,
     extract_instances,
     tune_options,
 )
-from unetile.io import write_json
-from unetile.metrics import match_objects, seg_score
-from unetile.predict import predict
-from unetile.synthetic import cells_like
-from unetile.train import make_config, prepare_arrays, train
-from unetile.weights import touching_borders
+from unetile.train.loop import make_config, prepare_arrays, train
 
 DENSITIES = {"low": 0.3, "medium": 0.6, "high": 0.9}
 CONFIGURATIONS = (

@@ -24,7 +24,12 @@ import torch
 from machine import machine_info
 from scipy import ndimage
 
-from unetile.instances import (
+from unetile.data.synthetic import cells_like
+from unetile.data.weights import touching_borders
+from unetile.io import write_json
+from unetile.network.model import UNet
+from unetile.predict.engine import predict
+from unetile.predict.instances import (
     InstanceOptions,
     default_options,
     extract_instances,
@@ -32,11 +37,6 @@ from unetile.instances import (
     rank_keys,
     region_grid,
 )
-from unetile.io import write_json
-from unetile.model import UNet
-from unetile.predict import predict
-from unetile.synthetic import cells_like
-from unetile.weights import touching_borders
 
 
 def trained_like_probabilities(instances: np.ndarray, seed: int) -> np.ndarray:

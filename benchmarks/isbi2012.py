@@ -6,7 +6,7 @@ usual recipe (cross-entropy, Adam 1e-3, random 256x256 crops with flips and
 the other on the same machine, on images 00-24 of the ISBI 2012 training set,
 and scores both on images 25-29 (the benchmark split of the data's README):
 
-* pixel, Rand and warping error from :mod:`unetile.metrics` at the best of
+* pixel, Rand and warping error from :mod:`unetile.evaluate.metrics` at the best of
   the thresholds 0.0, ..., 0.9 (as the challenge scored), per image and mean;
 * ``skimage.metrics.adapted_rand_error`` and the variation of information
   between the 4-connected cell components at the model's decision threshold
@@ -45,11 +45,11 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.metrics import score
-from unetile.model import forward_flops
-from unetile.predict import instances_from_probabilities, predict
-from unetile.tiling import Tiling
-from unetile.train import make_config, train
+from unetile.evaluate.metrics import score
+from unetile.network.model import forward_flops
+from unetile.network.tiling import Tiling
+from unetile.predict.engine import instances_from_probabilities, predict
+from unetile.train.loop import make_config, train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "isbi2012"
@@ -91,7 +91,7 @@ def run_unetile(data: Path, preset: str, minutes: float, seed: int, work: Path, 
         seed=seed,
     )
     if config.auto is not None:
-        from unetile.auto import describe
+        from unetile.train.auto import describe
 
         print(describe(config.auto), flush=True)
     started = time.perf_counter()

@@ -49,9 +49,9 @@ from isbi2012 import (
 from machine import machine_info
 
 from unetile import io
-from unetile.model import forward_flops
-from unetile.predict import resolve_device
-from unetile.train import (
+from unetile.network.model import forward_flops
+from unetile.predict.engine import resolve_device
+from unetile.train.loop import (
     LAST_WEIGHTS,
     build_model,
     build_optimizer,

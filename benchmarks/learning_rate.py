@@ -2,7 +2,7 @@
 
 The paper gives no learning rate. This trains the ``paper`` preset (64
 channels, drop-out 0.5, w0 = 10 / sigma = 5, the paper's augmentation) on a
-synthetic EM image (``unetile.synthetic.em_like``, 400 x 400, 316 -> 132 px
+synthetic EM image (``unetile.data.synthetic.em_like``, 400 x 400, 316 -> 132 px
 tiles so that a CPU runs it in minutes) at several learning rates, and records the
 mean loss of every 5 steps and the step at which the loss became NaN, if it
 did. The untrained network's loss is itself reported: He initialisation
@@ -28,9 +28,9 @@ from machine import machine_info
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.model import output_size
-from unetile.synthetic import em_like
-from unetile.train import make_config, prepare_arrays, train
+from unetile.data.synthetic import em_like
+from unetile.network.model import output_size
+from unetile.train.loop import make_config, prepare_arrays, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     results = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": machine_info(),
-        "data": f"unetile.synthetic.em_like((400, 400)), {args.tile} -> {args.tile - 184} px tiles",
+        "data": f"synthetic.em_like((400, 400)), {args.tile} -> {args.tile - 184} px tiles",
         "runs": [run(rate, args.steps, args.seed, args.tile) for rate in args.rates],
     }
     for entry in results["runs"]:

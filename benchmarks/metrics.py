@@ -1,4 +1,4 @@
-"""Time each metric of unetile.metrics on ISBI-like 512x512 and 2048x2048 inputs.
+"""Time each metric of unetile.evaluate.metrics on ISBI-like 512x512 and 2048x2048 inputs.
 
 Reference in the same run: scikit-image's adapted_rand_error and
 variation_of_information on the same label images (the ratio printed is the
@@ -10,7 +10,7 @@ definitions coincide. Target: warping error of a 512x512 ISBI-like image under
     python benchmarks/metrics.py --sizes 256 --repeats 1   # quick
 
 Ground truth: ISBI 2012 training labels (a mosaic of them for sizes above 512);
-without the data, ``unetile.synthetic.em_like``. Prediction: the ground truth
+without the data, ``unetile.data.synthetic.em_like``. Prediction: the ground truth
 plus smoothed Gaussian noise, thresholded at 0.5 (boundary jitter, a few splits
 and mergers), as a binary map, and the smoothed map itself as probabilities.
 """
@@ -26,7 +26,8 @@ import numpy as np
 from machine import machine_info
 from scipy import ndimage
 
-from unetile import io, metrics
+from unetile import io
+from unetile.evaluate import metrics
 
 ISBI_LABELS = Path("/work/shared/data/isbi2012/train/labels")
 
@@ -46,9 +47,9 @@ def ground_truth(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
             rows.append(np.concatenate(tiles, axis=1))
         mosaic = np.concatenate(rows, axis=0)[:size, :size]
         return mosaic, f"ISBI 2012 train labels ({tiles_per_side}x{tiles_per_side} mosaic)"
-    from unetile.synthetic import em_like
+    from unetile.data.synthetic import em_like
 
-    return em_like((size, size), rng=rng).membrane > 127, "unetile.synthetic.em_like"
+    return em_like((size, size), rng=rng).membrane > 127, "unetile.data.synthetic.em_like"
 
 
 def perturbed(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:

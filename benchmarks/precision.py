@@ -6,7 +6,7 @@ a run folder of ``unetile train``), predicts the five validation slices
 bf16``) and reports, against fp32 as the reference of the same run: the
 fraction of pixels whose label agrees, the largest change of a probability,
 and the pixel and Rand errors of both against the ground truth (binary maps at
-0.5, ``unetile.metrics.score``). Where the CPU has no native bf16 (no
+0.5, ``unetile.evaluate.metrics.score``). Where the CPU has no native bf16 (no
 AVX-512 BF16, no AMX) oneDNN emulates it: the numbers are the same as native
 bf16's, the time is not, so no speed-up is reported (``"speed_up": null``)
 and the emulated time is recorded as such. The matmul peak of the run is
@@ -31,10 +31,10 @@ import torch
 from machine import machine_info, matmul_peak_gflops
 
 from unetile import io, precision
-from unetile.config import make_config
-from unetile.metrics import score
-from unetile.predict import predict
-from unetile.train import train
+from unetile.evaluate.metrics import score
+from unetile.predict.engine import predict
+from unetile.train.config import make_config
+from unetile.train.loop import train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "isbi2012"

@@ -25,10 +25,10 @@ import torch
 from suite import SETS, model_input, pairs, truth_objects
 
 from unetile import io
-from unetile.instances import InstanceOptions, extract_instances, foreground_mask
-from unetile.metrics import iou, match_objects
+from unetile.evaluate.metrics import iou, match_objects
 from unetile.precision import bf16_unsupported_reason
-from unetile.predict import predict
+from unetile.predict.engine import predict
+from unetile.predict.instances import InstanceOptions, extract_instances, foreground_mask
 
 HERE = Path(__file__).resolve().parent
 

@@ -53,9 +53,15 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.model import UNet, forward_flops, input_size_for_output, output_size, size_multiple
-from unetile.predict import activation_bytes_per_pixel, auto_tile_shape, predict_to_files
-from unetile.tiling import tile_grid
+from unetile.network.model import (
+    UNet,
+    forward_flops,
+    input_size_for_output,
+    output_size,
+    size_multiple,
+)
+from unetile.network.tiling import tile_grid
+from unetile.predict.engine import activation_bytes_per_pixel, auto_tile_shape, predict_to_files
 
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}
 HERE = Path(__file__).resolve().parent

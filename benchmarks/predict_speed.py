@@ -55,8 +55,8 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.model import UNet, forward_flops, input_size_for_output
-from unetile.predict import predict, predict_images, predict_to_files
+from unetile.network.model import UNet, forward_flops, input_size_for_output
+from unetile.predict.engine import predict, predict_images, predict_to_files
 
 HERE = Path(__file__).resolve().parent
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}

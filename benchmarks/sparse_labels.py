@@ -1,7 +1,7 @@
 """Sparse annotations: the ignore value against full labels and against unannotated = background.
 
 1. Data with exact ground truth: synthetic touching cells,
-   :func:`unetile.synthetic.cells_like` (70 % of the cells touch another),
+   :func:`unetile.data.synthetic.cells_like` (70 % of the cells touch another),
    instance labels (0 = background, one id per cell).
 2. Sparse labels: on every training image only the pixels inside disks are
    annotated (radius 12 px, added until they cover about 7 % of the pixels),
@@ -49,12 +49,12 @@ from machine import machine_info
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
+from unetile.data.synthetic import cells_like
+from unetile.data.weights import touching_borders
 from unetile.demo import DEMO_TRAINING
-from unetile.metrics import score
-from unetile.predict import predict
-from unetile.synthetic import cells_like
-from unetile.train import make_config, prepare_arrays, train
-from unetile.weights import touching_borders
+from unetile.evaluate.metrics import score
+from unetile.predict.engine import predict
+from unetile.train.loop import make_config, prepare_arrays, train
 
 METRICS = ["pixel_error", "iou", "f1", "seg", "rand_error"]
 #: Label value of the unannotated pixels (instance ids are 1..n, far below it).

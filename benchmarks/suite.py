@@ -50,7 +50,7 @@ import torch
 from scipy import ndimage
 
 from unetile import io
-from unetile.metrics import dice, iou, match_objects, pixel_error, seg_score
+from unetile.evaluate.metrics import dice, iou, match_objects, pixel_error, seg_score
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "suite.json"
@@ -139,7 +139,7 @@ def run_unetile(preset, root, minutes, seed, work: Path) -> tuple[list[Path], di
 def refit_arm(name: str, root: Path, work: Path, entry: dict) -> dict:
     """An earlier unetile run with this release's post-processing: fitted again
     (``unetile.train.refit_instances``), predicted again, scored again."""
-    from unetile.train import refit_instances
+    from unetile.train.loop import refit_instances
 
     run, out = work / "run", work / "predicted"
     refit_instances(run)

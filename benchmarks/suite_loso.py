@@ -1,6 +1,6 @@
 """The object rules checked leave-one-set-out on the benchmark suite.
 
-Each rule of :mod:`unetile.instance_fit` has a constant or a choice: the
+Each rule of :mod:`unetile.train.instance_fit` has a constant or a choice: the
 size floor's share of the 5th-percentile object (0.3), filling holes, and a
 watershed for touching instance labels. For every set the suite trained a
 ``cpu-fast`` model on, this script predicts the test images once, then
@@ -24,10 +24,10 @@ import numpy as np
 from suite import PIXELS_ONLY, SETS, model_input, pairs, truth_objects
 
 from unetile import io
-from unetile.instance_fit import MIN_SIZE_SHARE
-from unetile.instances import InstanceOptions, extract_instances
-from unetile.metrics import match_objects
-from unetile.predict import predict
+from unetile.evaluate.metrics import match_objects
+from unetile.predict.engine import predict
+from unetile.predict.instances import InstanceOptions, extract_instances
+from unetile.train.instance_fit import MIN_SIZE_SHARE
 
 HERE = Path(__file__).resolve().parent
 SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)

@@ -31,9 +31,9 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io
 from unetile.allocator import keep_freed_memory
-from unetile.data import IGNORE
-from unetile.model import forward_flops
-from unetile.train import (
+from unetile.data.dataset import IGNORE
+from unetile.network.model import forward_flops
+from unetile.train.loop import (
     build_model,
     build_optimizer,
     compute_loss,
@@ -55,7 +55,7 @@ def link_images(data: Path, work: Path, count: int) -> tuple[Path, Path]:
             for kind, folder in (("images", images), ("labels", labels)):
                 (folder / f"{index:02d}.png").symlink_to(data / "train" / kind / f"{index:02d}.png")
         return images, labels
-    from unetile.synthetic import em_like
+    from unetile.data.synthetic import em_like
 
     for index in range(count):
         sample = em_like((512, 512), rng=index)

@@ -1,4 +1,4 @@
-"""Benchmark: unetile.weights.weight_map against the obvious method, in the same run.
+"""Benchmark: unetile.data.weights.weight_map against the obvious method, in the same run.
 
 The obvious method runs one distance transform per cell over the whole image,
 O(cells x pixels), keeping a running nearest and second-nearest distance (the
@@ -6,7 +6,7 @@ memory-light form; stacking all transforms and sorting would need cells x
 pixels floats). ``weight_map`` restricts each cell's transform to its bounding
 box grown by the distance at which the border term falls below ``tolerance``.
 Both use the paper's w0 = 10, sigma = 5 px and balanced class weights on
-``unetile.synthetic.em_like`` images (hundreds of cells touching across thin
+``unetile.data.synthetic.em_like`` images (hundreds of cells touching across thin
 membranes, the normal case).
 
 Also times the synthetic generators on a 1024x1024 image.
@@ -27,9 +27,9 @@ import scipy
 from machine import machine_info
 from scipy import ndimage
 
+from unetile.data.synthetic import cells_like, em_like
+from unetile.data.weights import DEFAULT_TOLERANCE, class_balance, weight_map
 from unetile.io import write_json
-from unetile.synthetic import cells_like, em_like
-from unetile.weights import DEFAULT_TOLERANCE, class_balance, weight_map
 
 GENERATORS = {"em_like": em_like, "cells_like": cells_like}
 

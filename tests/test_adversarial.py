@@ -23,7 +23,7 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.cli.predict import OWNER_RECORD
-from unetile.model import UNet
+from unetile.network.model import UNet
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -886,7 +886,7 @@ def test_a_binary_mask_with_soft_edges_is_binarised_with_one_warning(tmp_path, c
     mask = _soft_edged_mask()
     between = (mask > 0) & (mask < 255)
     assert 0.01 < between.mean() < 0.05 and np.unique(mask).size > 10  # soft, mostly binary
-    from unetile.data import labeled_images_from_arrays, soft_edge_mask
+    from unetile.data.dataset import labeled_images_from_arrays, soft_edge_mask
 
     binary, share, midpoint = soft_edge_mask(mask, 255)
     assert midpoint == 127.5 and share == pytest.approx(between.mean())
@@ -914,7 +914,7 @@ def test_a_binary_mask_with_soft_edges_is_binarised_with_one_warning(tmp_path, c
 
 
 def test_soft_edges_with_another_cell_value_and_instance_labels_are_told_apart(tmp_path, capsys):
-    from unetile.data import soft_edge_mask
+    from unetile.data.dataset import soft_edge_mask
 
     mask = _soft_edged_mask()
     images, labels = write_training_set(tmp_path, size=(64, 64), names=("a",))
@@ -1495,7 +1495,7 @@ def test_resuming_a_region_prediction_at_another_precision_is_refused(
     data, tmp_path, capsys, monkeypatch
 ):
     from unetile import precision
-    from unetile.distributed import RECORDS, work_folder
+    from unetile.predict.regions import RECORDS, work_folder
 
     monkeypatch.setattr(precision, "cpu_features", lambda: {"avx2": True, "avx512_bf16": True})
     image = tmp_path / "cells.tif"
@@ -1636,7 +1636,7 @@ def _interrupted_region_run(argv, capsys, monkeypatch, at_call=3) -> None:
 def test_a_truncated_completion_record_is_said_and_its_region_done_again(
     data, tmp_path, capsys, monkeypatch
 ):
-    from unetile.distributed import RECORDS, work_folder
+    from unetile.predict.regions import RECORDS, work_folder
 
     image = tmp_path / "cells.tif"
     tifffile.imwrite(image, np.random.default_rng(1).random((60, 50), np.float32))
@@ -1696,7 +1696,7 @@ def test_the_partial_files_of_a_killed_export_are_removed_by_the_next(data, tmp_
 def test_a_plain_predict_after_a_killed_region_run_removes_its_work_folder(
     data, tmp_path, capsys, monkeypatch
 ):
-    from unetile.distributed import work_folder
+    from unetile.predict.regions import work_folder
 
     image = tmp_path / "cells.tif"
     tifffile.imwrite(image, np.random.default_rng(1).random((60, 50), np.float32))

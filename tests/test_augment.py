@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unetile.augment import (
+from unetile.data.augment import (
     AugmentParams,
     Transform,
     _reflect_any,

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from test_cli_train import write_dataset
 
-from unetile import auto, io, synthetic
+from unetile import io
 from unetile.cli import main
-from unetile.config import make_config
-from unetile.data import labeled_images_from_arrays
+from unetile.data import synthetic
+from unetile.data.dataset import labeled_images_from_arrays
+from unetile.train import auto
+from unetile.train.config import make_config
 
 
 def measured(images, labels, label_mode):
@@ -161,7 +163,7 @@ def test_plan_flag_writes_a_config_file_that_trains_without_timing_again(
 
 
 def io_options(path):
-    from unetile.config import read_toml
+    from unetile.train.config import read_toml
 
     return read_toml(path)
 
@@ -189,8 +191,8 @@ def touching_cells(root, count=4, size=96):
 
 
 def test_auto_races_its_weight_map_against_the_baseline_and_keeps_the_record(tmp_path, monkeypatch):
-    from unetile import race
-    from unetile.train import train
+    from unetile.train import race
+    from unetile.train.loop import train
 
     options = touching_cells(tmp_path)
     monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
@@ -228,7 +230,7 @@ def test_auto_races_its_weight_map_against_the_baseline_and_keeps_the_record(tmp
 
 
 def test_a_poor_held_out_score_is_said():
-    from unetile.race import poor_result
+    from unetile.train.race import poor_result
 
     assert "poor (iou 0.30" in poor_result({"validation": {"iou": 0.3, "f1": 0.9}})
     assert poor_result({"validation": {"iou": 0.8, "f1": 0.7, "pixel_error": 0.9}}) is None

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from test_train import stripes_data, tiny_config
 
 from unetile import io
-from unetile.config import make_config
-from unetile.model import UNet, batch_norms, estimate_batch_norm
-from unetile.predict import predict
-from unetile.tiling import Tiling
-from unetile.train import train
+from unetile.network.model import UNet, batch_norms, estimate_batch_norm
+from unetile.network.tiling import Tiling
+from unetile.predict.engine import predict
+from unetile.train.config import make_config
+from unetile.train.loop import train
 
 
 def test_estimate_sets_the_plain_average_of_the_tiles_statistics():

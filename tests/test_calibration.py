@@ -6,12 +6,17 @@ import torch
 from test_holdout import write_pairs
 
 from unetile import io
-from unetile.calibration import THRESHOLDS, calibrate_threshold
 from unetile.cli import main
-from unetile.instances import InstanceOptions
-from unetile.model import UNet, UNetConfig
-from unetile.predict import PredictOptions, labels_from_probabilities, predict, predict_to_files
-from unetile.train import make_config, train
+from unetile.evaluate.calibration import THRESHOLDS, calibrate_threshold
+from unetile.network.model import UNet, UNetConfig
+from unetile.predict.engine import (
+    PredictOptions,
+    labels_from_probabilities,
+    predict,
+    predict_to_files,
+)
+from unetile.predict.instances import InstanceOptions
+from unetile.train.loop import make_config, train
 
 
 def test_the_sweep_picks_the_threshold_of_the_best_mean_over_images():

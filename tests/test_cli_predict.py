@@ -12,8 +12,8 @@ from helpers import relabel_equal
 from unetile import io
 from unetile.cli import main
 from unetile.cli.predict import OWNER_RECORD
-from unetile.model import UNet
-from unetile.predict import instances_from_probabilities, labels_from_probabilities, predict
+from unetile.network.model import UNet
+from unetile.predict.engine import instances_from_probabilities, labels_from_probabilities, predict
 
 
 def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):
@@ -153,7 +153,7 @@ def test_rgb_png_is_read_channels_last_as_in_training(tmp_path, capsys):
 
 
 def test_predict_restores_a_channels_last_model(tmp_path):
-    from unetile.predict import memory_format_of
+    from unetile.predict.engine import memory_format_of
 
     model = UNet(base_channels=4, depth=2).to(memory_format=torch.channels_last).train()
     predict(model, np.zeros((20, 20), np.float32), progress=False)
@@ -239,7 +239,7 @@ def test_grown_instances_cover_the_gaps(tmp_path):
 def test_instance_options_come_from_config_json_and_the_command_line_overrides_them(
     tmp_path, capsys
 ):
-    from unetile.instances import extract_instances
+    from unetile.predict.instances import extract_instances
 
     model = save_run(tmp_path / "run", cell_bias=0.5)
     config = io.read_json(tmp_path / "run" / io.MODEL_CONFIG)

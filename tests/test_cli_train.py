@@ -7,7 +7,7 @@ import pytest
 
 from unetile import io
 from unetile.cli import build_parser, main
-from unetile.train import TrainConfig
+from unetile.train.loop import TrainConfig
 
 
 def write_dataset(root, names=("a", "b"), size=40, seed=0):

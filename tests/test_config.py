@@ -12,7 +12,8 @@ from test_cli_train import write_dataset
 
 from unetile import io
 from unetile.cli import build_parser, main
-from unetile.config import (
+from unetile.network.model import is_valid_input_size, output_size
+from unetile.train.config import (
     TrainConfig,
     is_valid_output_size,
     make_config,
@@ -20,8 +21,7 @@ from unetile.config import (
     read_toml,
     upgrade_stored_options,
 )
-from unetile.model import is_valid_input_size, output_size
-from unetile.train import tile_geometry
+from unetile.train.loop import tile_geometry
 
 README_OPTIONS = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
@@ -50,7 +50,7 @@ def test_the_parser_is_the_fields_flags_types_and_choices():
 
 
 def test_docs_options_table_is_generated_from_the_fields():
-    # Regenerate with: python -c "from unetile.config import options_table; print(options_table())"
+    # Regenerate: python -c "from unetile.train.config import options_table; print(options_table())"
     assert options_table() in README_OPTIONS.read_text()
 
 

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unetile import io
-from unetile.augment import AugmentParams
-from unetile.data import (
+from unetile.data.augment import AugmentParams
+from unetile.data.dataset import (
     IGNORE,
     LabeledImage,
     TileSampler,
@@ -15,7 +15,7 @@ from unetile.data import (
     labels_to_classes,
     load_labeled_images,
 )
-from unetile.normalization import Normalization
+from unetile.network.normalization import Normalization
 
 
 def squares_membrane(size: int = 32, cell: int = 8, gap: int = 2) -> np.ndarray:
@@ -217,7 +217,7 @@ def test_weight_maps_are_cached_on_disk_by_content(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached weight map was recomputed")
 
-    monkeypatch.setattr("unetile.weights.weight_map", fail)
+    monkeypatch.setattr("unetile.data.weights.weight_map", fail)
     assert np.array_equal(compute_weight_map(instances, classes, cache_dir=tmp_path), first)
     with pytest.raises(AssertionError, match="recomputed"):  # other sigma: another key
         compute_weight_map(instances, classes, sigma=3.0, cache_dir=tmp_path)
@@ -422,7 +422,7 @@ def test_a_border_window_copies_no_more_than_the_window(monkeypatch):
 
 
 def test_training_images_are_stored_on_a_gpu_only_when_they_fit(monkeypatch):
-    from unetile.data import _storage_device
+    from unetile.data.dataset import _storage_device
 
     items = [coded_image((100, 100))]  # 1 channel: 16 bytes per pixel, 160,000 bytes
     gpu = torch.device("cuda")

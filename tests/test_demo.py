@@ -43,7 +43,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
 
 def test_the_figure_names_the_instance_options_each_model_carried(tmp_path, monkeypatch):
     from unetile import demo
-    from unetile.instances import InstanceOptions
+    from unetile.predict.instances import InstanceOptions
 
     carried = InstanceOptions(method="components", threshold=0.8, min_size=215)
     seeded = InstanceOptions(method="watershed", seed_threshold=0.7)

@@ -7,7 +7,7 @@ import torch
 
 import unetile
 from unetile.cli import main
-from unetile.predict import resolve_device
+from unetile.predict.engine import resolve_device
 
 
 def machine(monkeypatch, cuda: bool, mps: bool):

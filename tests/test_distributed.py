@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 
 from unetile import io
 from unetile.cli import main
-from unetile.distributed import (
+from unetile.network.model import UNet, input_size_for_output, size_multiple
+from unetile.network.tiling import grid_axes, owned_region, tile_step
+from unetile.predict.engine import predict_to_files
+from unetile.predict.instances import InstanceOptions
+from unetile.predict.regions import (
     RECORDS,
     _distributed,
     axis_groups,
@@ -24,10 +28,6 @@ from unetile.distributed import (
     region_grid,
     work_folder,
 )
-from unetile.instances import InstanceOptions
-from unetile.model import UNet, input_size_for_output, size_multiple
-from unetile.predict import predict_to_files
-from unetile.tiling import grid_axes, owned_region, tile_step
 
 distributed = pytest.importorskip("distributed")
 

@@ -14,11 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unetile import export, io
+from unetile import io
 from unetile.cli import main
-from unetile.model import UNet, is_valid_input_size, output_size
-from unetile.normalization import Normalization
-from unetile.predict import predict
+from unetile.network.model import UNet, is_valid_input_size, output_size
+from unetile.network.normalization import Normalization
+from unetile.predict import export
+from unetile.predict.engine import predict
 
 NORMALIZATION = {"mean": [100.0], "std": [50.0]}
 
@@ -330,7 +331,7 @@ def test_missing_extra_is_one_line(tmp_path, capsys, monkeypatch):
 def test_training_and_prediction_do_not_import_the_export_libraries():
     # A fresh interpreter is the point: what importing unetile pulls in.
     code = (
-        "import sys, unetile.cli, unetile.train, unetile.predict, unetile.export\n"
+        "import sys, unetile.cli, unetile.train, unetile.predict, unetile.predict.export\n"
         "from unetile.cli import build_parser; build_parser()\n"
         "loaded = [m for m in ('onnx', 'onnxruntime', 'bioimageio') if m in sys.modules]\n"
         "assert not loaded, loaded\n"

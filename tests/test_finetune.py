@@ -8,7 +8,7 @@ from test_train import stripes_data, tiny_config
 
 from unetile import io
 from unetile.cli import main
-from unetile.train import _sha256, train
+from unetile.train.loop import _sha256, train
 
 
 @pytest.fixture(scope="module")

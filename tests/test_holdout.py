@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from unetile import io
-from unetile.augment import AugmentParams
 from unetile.cli import main
-from unetile.data import LabeledImage, TileSampler, compute_weight_map, labels_to_classes
-from unetile.holdout import MIN_STRIP, choose_images, evenly_spaced, split
-from unetile.train import make_config, prepare_arrays, train
+from unetile.data.augment import AugmentParams
+from unetile.data.dataset import LabeledImage, TileSampler, compute_weight_map, labels_to_classes
+from unetile.data.holdout import MIN_STRIP, choose_images, evenly_spaced, split
+from unetile.train.loop import make_config, prepare_arrays, train
 
 
 def membrane_map(shape, offset=0):

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unetile.evidence import MIN_BLOCK, beyond_noise, scoring_units
-from unetile.instance_fit import (
+from unetile.evaluate.evidence import MIN_BLOCK, beyond_noise, scoring_units
+from unetile.predict.instances import InstanceOptions, default_options, extract_instances
+from unetile.train.instance_fit import (
     MIN_SIZE_SHARE,
     fit_from_labels,
     is_membrane_map,
     measure_objects,
     tune,
 )
-from unetile.instances import InstanceOptions, default_options, extract_instances
 
 
 def disks(centres, radius, shape=(96, 96)):
@@ -128,9 +128,10 @@ def test_connectivity_is_checked(value):
 def test_training_carries_the_label_fit_and_tunes_it_only_on_held_out_images(tmp_path):
     import json
 
-    from unetile import io, synthetic
-    from unetile.config import make_config
-    from unetile.train import refit_instances, train
+    from unetile import io
+    from unetile.data import synthetic
+    from unetile.train.config import make_config
+    from unetile.train.loop import refit_instances, train
 
     for index in range(5):
         cells = synthetic.cells_like((128, 128), touching_fraction=0.5, rng=index)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unetile.instances import (
+from unetile.predict.instances import (
     METHODS,
     InstanceOptions,
     default_options,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unetile import io
-from unetile.model import UNet
+from unetile.network.model import UNet
 
 
 def test_list_images_skips_hidden_sidecars_and_temporaries(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unetile.loss import combined_loss, dice_loss, weighted_cross_entropy
+from unetile.train.loss import combined_loss, dice_loss, weighted_cross_entropy
 
 # One image, 2 classes, 1x2 pixels. Pixel 0: logits (0, log 3) -> p = (1/4, 3/4).
 # Pixel 1: logits (2, 0) -> p_1 = 1 / (1 + e^2). Both pixels have true label 1.

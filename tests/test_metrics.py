@@ -1,4 +1,4 @@
-"""Tests of unetile.metrics: hand computations, skimage cross-checks, topology properties."""
+"""Tests of unetile.evaluate.metrics: hand computations, skimage checks, topology."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy import ndimage
 from scipy.stats import entropy
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from unetile import metrics
+from unetile.evaluate import metrics
 
 FOUR = ndimage.generate_binary_structure(2, 1)
 EIGHT = ndimage.generate_binary_structure(2, 2)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unetile.model import (
+from unetile.network.model import (
     UNet,
     context_margin,
     count_conv_layers,

@@ -15,11 +15,11 @@ pytest.importorskip("napari")
 from napari.components import ViewerModel  # noqa: E402
 
 from unetile import io  # noqa: E402
-from unetile.config import make_config  # noqa: E402
 from unetile.napari import _logic  # noqa: E402
 from unetile.napari._sample import touching_cells  # noqa: E402
 from unetile.napari._session import KEY, Session, session  # noqa: E402
-from unetile.train import _sha256, prepare_arrays, train  # noqa: E402
+from unetile.train.config import make_config  # noqa: E402
+from unetile.train.loop import _sha256, prepare_arrays, train  # noqa: E402
 
 SMALL = dict(
     depth=2,
@@ -129,8 +129,8 @@ def test_segment_yields_progress_and_puts_three_layers(model_run, cells):
         "kind": "instances",
     }
     # As the library draws them, with the options the model carries.
-    from unetile.instances import InstanceOptions, extract_instances
-    from unetile.predict import predict
+    from unetile.predict.engine import predict
+    from unetile.predict.instances import InstanceOptions, extract_instances
 
     np.testing.assert_allclose(probabilities, predict(model.model, image, progress=False))
     stored = InstanceOptions.from_dict({**model.config["instances"], "threshold": 0.5})

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from unetile import io
-from unetile.parallel import Ranks, sampler_rng
-from unetile.train import (
+from unetile.train.ddp import Ranks, sampler_rng
+from unetile.train.loop import (
     LAST_WEIGHTS,
     build_model,
     build_optimizer,

@@ -7,10 +7,10 @@ import torch
 
 from unetile import io
 from unetile.cli import main
-from unetile.model import UNet
-from unetile.predict import predict
-from unetile.scale import relative_difference, resample, scaled_shape
-from unetile.train import make_config, prepare_arrays, run_config, training_pixel_size
+from unetile.network.model import UNet
+from unetile.predict.engine import predict
+from unetile.predict.scale import relative_difference, resample, scaled_shape
+from unetile.train.loop import make_config, prepare_arrays, run_config, training_pixel_size
 
 
 def test_pixel_size_is_read_from_ome_imagej_and_centimetre_tiffs(tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 from unetile import io, precision
 from unetile.cli import main
-from unetile.model import UNet
-from unetile.predict import PredictOptions, predict
+from unetile.network.model import UNet
+from unetile.predict.engine import PredictOptions, predict
 
 
 def small_model(seed=0):

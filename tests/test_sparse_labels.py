@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from unetile.cli import main
-from unetile.data import IGNORE, TileSampler, labels_to_classes
-from unetile.metrics import score
-from unetile.train import make_config, prepare_arrays
-from unetile.weights import weight_map
+from unetile.data.dataset import IGNORE, TileSampler, labels_to_classes
+from unetile.data.weights import weight_map
+from unetile.evaluate.metrics import score
+from unetile.train.loop import make_config, prepare_arrays
 
 U = 7  # the ignore value of these hand-made labels
 
@@ -120,9 +120,9 @@ def test_evaluate_cli_ignores_the_value(tmp_path, capsys):
 def test_validation_scores_only_the_annotated_pixels():
     import torch
 
-    from unetile.data import LabeledImage
-    from unetile.model import UNet
-    from unetile.train import validate
+    from unetile.data.dataset import LabeledImage
+    from unetile.network.model import UNet
+    from unetile.train.loop import validate
 
     model = UNet(depth=2, base_channels=2, dropout=0.0)
     with torch.no_grad():

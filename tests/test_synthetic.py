@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unetile.synthetic import cells_like, em_like, touching_pairs
-from unetile.weights import instances_from_membrane_map
+from unetile.data.synthetic import cells_like, em_like, touching_pairs
+from unetile.data.weights import instances_from_membrane_map
 
 
 @pytest.mark.parametrize("generator", [em_like, cells_like])

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unetile.model import UNet, is_valid_input_size, output_size
-from unetile.tiling import (
+from unetile.network.model import UNet, is_valid_input_size, output_size
+from unetile.network.tiling import (
     MIRROR_MODE,
     Tiling,
     Window,

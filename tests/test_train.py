@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from unetile import io
-from unetile.augment import AugmentParams
-from unetile.data import LabeledImage, labels_to_classes
-from unetile.normalization import Normalization
-from unetile.train import (
+from unetile.data.augment import AugmentParams
+from unetile.data.dataset import LabeledImage, labels_to_classes
+from unetile.network.normalization import Normalization
+from unetile.train.loop import (
     PRESETS,
     TrainConfig,
     TrainingData,
@@ -104,7 +104,7 @@ def test_paper_defaults_and_presets():
 
 def test_paper_preset_trains_the_paper_network_without_diverging(tmp_path):
     # Full width, drop-out, He init, SGD with momentum 0.99: 1e-2 gave nan by step 5.
-    from unetile.synthetic import em_like
+    from unetile.data.synthetic import em_like
 
     sample = em_like((300, 300), rng=0)
     config = make_config("paper", out=str(tmp_path / "run"), tile=(4,), steps=20)
@@ -273,8 +273,8 @@ def test_time_budget_stops_the_run_and_validates_its_last_step(tmp_path):
 
 
 def test_arrays_in_memory_train_like_files(tmp_path):
-    from unetile.synthetic import em_like
-    from unetile.train import prepare_arrays
+    from unetile.data.synthetic import em_like
+    from unetile.train.loop import prepare_arrays
 
     samples = [em_like((48, 48), rng=seed) for seed in range(3)]
     config = tiny_config(tmp_path / "run", steps=2, tile=None, max_tile=44)
@@ -309,7 +309,7 @@ def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch):
 
         return forward
 
-    monkeypatch.setattr("unetile.train._compiled", broken)
+    monkeypatch.setattr("unetile.train.loop._compiled", broken)
     config = tiny_config(tmp_path / "run", compile=True, steps=2)
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); training"):
         summary = train(config, progress=False, data=stripes_data())
@@ -319,8 +319,8 @@ def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch):
 def test_three_class_target_trains_and_the_model_carries_instance_options_tuned_on_validation(
     tmp_path,
 ):
-    from unetile.instances import InstanceOptions
-    from unetile.synthetic import cells_like
+    from unetile.data.synthetic import cells_like
+    from unetile.predict.instances import InstanceOptions
 
     samples = [cells_like((96, 96), 3, touching_fraction=1.0, rng=seed) for seed in range(3)]
     config = tiny_config(

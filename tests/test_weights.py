@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unetile.synthetic import cells_like, em_like
-from unetile.weights import (
+from unetile.data.synthetic import cells_like, em_like
+from unetile.data.weights import (
     border_cutoff,
     class_balance,
     instances_from_membrane_map,
@@ -213,7 +213,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
 
 
 def test_touching_borders_mark_both_sides_of_a_contact_only():
-    from unetile.weights import touching_borders
+    from unetile.data.weights import touching_borders
 
     instances = np.array([[1, 1, 2, 0, 4], [1, 1, 2, 0, 4], [0, 0, 0, 0, 4]])
     assert touching_borders(instances).astype(int).tolist() == [
@@ -224,7 +224,7 @@ def test_touching_borders_mark_both_sides_of_a_contact_only():
 
 
 def test_weight_map_peaks_on_the_line_between_touching_cells():
-    from unetile.weights import touching_borders
+    from unetile.data.weights import touching_borders
 
     instances = np.zeros((40, 60), dtype=np.int32)
     instances[10:30, 10:30] = 1

@@ -8,3 +8,7 @@ import os
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 __version__ = "0.1.0"
+
+from . import _moved  # noqa: E402 - after the environment variable above
+
+_moved.install()

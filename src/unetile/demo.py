@@ -1,12 +1,12 @@
 """``unetile demo``: the whole method on synthetic cells, in a few minutes on a laptop CPU.
 
 It generates training images of touching cells with exact ground truth
-(:mod:`unetile.synthetic`), trains two small U-Nets for the same number of
+(:mod:`unetile.data.synthetic`), trains two small U-Nets for the same number of
 steps, one with the paper's weight map (w0 = 10, sigma = 5 px) and one
 without the border term (w0 = 0), predicts a large synthetic image with
 overlap-tile, scores both with two instance pipelines (the paper's connected
 components of the class map, and the instance options the model carries in
-its config.json, picked in training, :mod:`unetile.instances`; the figure and
+its config.json, picked in training, :mod:`unetile.predict.instances`; the figure and
 the table name them), and writes figures a person
 wants to look at. The comparison is the point of the demo: the border term
 is what teaches the network the thin gaps that separate touching cells, so
@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .instances import InstanceOptions, extract_instances
-from .metrics import score
-from .predict import predict
-from .synthetic import cells_like, touching_pairs
-from .train import make_config, prepare_data, train
+from .data.synthetic import cells_like, touching_pairs
+from .evaluate.metrics import score
+from .predict import card
+from .predict.engine import predict
+from .predict.instances import InstanceOptions, extract_instances
+from .train.loop import make_config, prepare_data, train
 
 #: Training steps of each demo network (measured: README, The demo).
 DEMO_STEPS = 600
@@ -278,7 +279,7 @@ def run_demo(
         data = prepare_data(config)
         first_data = first_data or data
         summary = train(config, progress=progress, data=data)
-        model, saved = io.load_model(out / "runs" / name)
+        model, saved = card.load_model(out / "runs" / name)
         probability = predict(model, test.image, progress=progress)
         carried = InstanceOptions.from_dict(saved["instances"])
         pipelines = {

@@ -47,7 +47,7 @@ and at each threshold as f1@0.5 ...).
 
 
 def add_parser(subparsers) -> None:
-    from ..metrics import DEFAULT_METRICS, METRICS
+    from ..evaluate.metrics import DEFAULT_METRICS, METRICS
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -208,7 +208,7 @@ def read_truth(path: Path, mode: str, cell_value=None, ignore_value=None) -> np.
     """
     import warnings
 
-    from ..data import describe_values
+    from ..data.dataset import describe_values
 
     truth = np.asarray(io.read_labels(path))
     annotated = truth if ignore_value is None else truth[truth != ignore_value]
@@ -321,7 +321,7 @@ def fixed_threshold(args: argparse.Namespace) -> float | None:
     calibration = config.get("calibration") if isinstance(config, dict) else None
     if calibration is None:
         return 0.5  # the argmax of a two-class model, which its labels are
-    from ..calibration import check_threshold
+    from ..evaluate.calibration import check_threshold
 
     try:
         return check_threshold(calibration.get("threshold"), "calibration threshold")
@@ -331,7 +331,7 @@ def fixed_threshold(args: argparse.Namespace) -> float | None:
 
 def _object_data(truth: np.ndarray) -> bool:
     """Instance labels, or a binary map that is not a membrane map (objects on a background)."""
-    from ..instance_fit import is_membrane_map
+    from ..train.instance_fit import is_membrane_map
 
     values = np.unique(truth)
     if values.size > 2:
@@ -340,7 +340,13 @@ def _object_data(truth: np.ndarray) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import DEFAULT_METRICS, OBJECT_METRICS, best_scores, score, score_per_threshold
+    from ..evaluate.metrics import (
+        DEFAULT_METRICS,
+        OBJECT_METRICS,
+        best_scores,
+        score,
+        score_per_threshold,
+    )
 
     threshold = fixed_threshold(args)
     predictions = io.expand_inputs([args.prediction])

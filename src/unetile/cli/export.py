@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import io
+from ..predict import card
 
 
 def add_parser(subparsers) -> None:
@@ -65,7 +66,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import export
+    from ..predict import export
 
     run_files = [
         path
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     io.refuse_output_on_input(
         {"--out": args.out}, {f"a file of the run {args.run_dir}": run_files, "--image": images}
     )
-    model, config = io.load_model(args.run_dir)
+    model, config = card.load_model(args.run_dir)
     image = None
     if args.fmt == "bioimageio" or args.check:
         image = _test_image(args, config, model.config.dims)
@@ -125,7 +126,7 @@ def _staged(path: Path):
 
 
 def _test_image(args, config: dict, dims: int):
-    from ..data import channels_first
+    from ..data.dataset import channels_first
 
     path = args.image or _first_image(args.run_dir, config)
     image = io.read_image(path)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from .. import io
-from ..instances import METHODS
 from ..numbers import real_option, whole_option
+from ..predict import card
+from ..predict.instances import METHODS
 
 
 def add_parser(subparsers) -> None:
@@ -214,7 +215,7 @@ INSTANCE_FLAGS = {
 
 def instance_options(args: argparse.Namespace, config: dict):
     """The model's stored instance options, overridden by the command line."""
-    from ..instances import InstanceOptions
+    from ..predict.instances import InstanceOptions
 
     given = {name: getattr(args, name) for name in INSTANCE_FLAGS}
     given = {name: value for name, value in given.items() if value is not None}
@@ -237,7 +238,7 @@ def instance_options(args: argparse.Namespace, config: dict):
 
 def _threshold(args: argparse.Namespace, model, config: dict) -> float | None:
     """``--threshold``, else the model's calibrated one (said in one line), else None."""
-    from ..calibration import check_threshold
+    from ..evaluate.calibration import check_threshold
 
     if args.threshold is not None:
         if model.config.num_classes != 2:
@@ -262,7 +263,7 @@ def _threshold(args: argparse.Namespace, model, config: dict) -> float | None:
 def _stated_pixel_size(text: str | None, dims: int) -> tuple[float, ...] | None:
     if text is None:
         return None
-    from ..scale import check_pixel_size
+    from ..predict.scale import check_pixel_size
 
     try:
         values = [float(part) for part in text.replace("x", ",").split(",") if part.strip()]
@@ -276,7 +277,7 @@ MAX_RESCALE = 64  # --rescale beyond this is a wrong pixel size, not a real imag
 
 def _needs_rescaling(args, path: Path, pixel_size, model_pixel_size) -> bool:
     """Whether to resample ``path``; warns when its pixel size is far from the model's."""
-    from ..scale import SAME, TOLERANCE, describe, relative_difference
+    from ..predict.scale import SAME, TOLERANCE, describe, relative_difference
 
     if pixel_size is None or model_pixel_size is None:
         if args.rescale:
@@ -311,17 +312,17 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..data import channels_first, fit_channels
+    from ..data.dataset import channels_first, fit_channels
+    from ..network.tiling import Tiling
     from ..precision import resolve_precision
-    from ..predict import (
+    from ..predict.engine import (
         GIB,
         PredictOptions,
         predict_images_to_files,
         predict_to_files,
         resolve_device,
     )
-    from ..scale import predict_rescaled_to_files
-    from ..tiling import Tiling
+    from ..predict.scale import predict_rescaled_to_files
 
     try:
         device = resolve_device(args.device)
@@ -337,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
             "a CPU with AVX-512 BF16; labels agreed with fp32 on 99.99 % of pixels); "
             "--precision fp32 for the paper's arithmetic"
         )
-    model, config = io.load_model(args.model)
+    model, config = card.load_model(args.model)
     if args.tile is not None:
         try:
             Tiling.of(model).check(args.tile)
@@ -539,7 +540,7 @@ def _remove_stale_work(outputs: dict) -> None:
     import shutil
     import warnings
 
-    from ..distributed import work_folder
+    from ..predict.regions import work_folder
 
     work = work_folder(outputs["labels"])
     if not work.is_dir():
@@ -657,7 +658,7 @@ def planned_outputs(
 
 def _predict_by_regions(args, model, jobs, options, owner: OutputOwner) -> int:
     """Every input region by region: on a Dask cluster, or here one region after another."""
-    from ..distributed import dask_client, predict_regions
+    from ..predict.regions import dask_client, predict_regions
 
     with contextlib.ExitStack() as stack:
         client = None

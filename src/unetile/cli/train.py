@@ -51,7 +51,7 @@ example (ISBI 2012 EM data, white = cell):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """``unetile train``: one option per TrainConfig field (config.py), plus how to run."""
-    from ..config import GROUPS, TrainConfig, field_defaults
+    from ..train.config import GROUPS, TrainConfig, field_defaults
 
     parser = subparsers.add_parser(
         "train",
@@ -100,7 +100,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_field(group, item, defaults: dict) -> None:
     """The flag of one TrainConfig field: its type, choices and help with the default."""
-    from ..config import field_type, shown_default
+    from ..train.config import field_type, shown_default
 
     meta = item.metadata
     flag = meta["flag"] or "--" + item.name.replace("_", "-")
@@ -124,7 +124,7 @@ def _add_field(group, item, defaults: dict) -> None:
 
 def options_from_args(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (None = not given)."""
-    from ..config import TrainConfig
+    from ..train.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     return {
@@ -134,7 +134,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 def resolve_options(args: argparse.Namespace) -> dict:
     """The --init run's network < stored options (on --resume) < TOML file < command line."""
-    from ..config import init_options, note_input_max_tile, read_toml, upgrade_stored_options
+    from ..train.config import init_options, note_input_max_tile, read_toml, upgrade_stored_options
 
     options: dict = {}
     if args.resume and args.overwrite:
@@ -142,7 +142,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if args.resume:
         if args.out is None:
             raise io.InputError("--resume needs --out, the run folder to continue")
-        from ..train import CHECKPOINT
+        from ..train.loop import CHECKPOINT
 
         if not (Path(args.out) / CHECKPOINT).is_file():
             raise io.InputError(
@@ -181,7 +181,7 @@ def _refuse_out_on_inputs(config) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..train import make_config, train
+    from ..train.loop import make_config, train
 
     options = resolve_options(args)
     try:
@@ -194,7 +194,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plan:
         if config.auto is None:
             raise io.InputError("--plan shows what --preset auto chooses: add --preset auto")
-        from ..auto import as_toml
+        from ..train.auto import as_toml
 
         print(as_toml(config.auto), end="")
         return 0
@@ -203,12 +203,12 @@ def run_command(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise io.InputError(f"{flag} is required (on the command line or in --config)")
     _refuse_out_on_inputs(config)
-    from ..parallel import ranks_from_environment
+    from ..train.ddp import ranks_from_environment
 
     ranks = ranks_from_environment()
     speaks = ranks.writes and not args.quiet  # under torchrun, rank 0 speaks for all
     if config.auto is not None and speaks and not args.resume:
-        from ..auto import describe
+        from ..train.auto import describe
 
         print(describe(config.auto), flush=True)
     if ranks.distributed and speaks:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..predict import card
 
 #: The instance methods offered (``unetile predict --method``).
 METHODS = ("components", "watershed", "distance")
@@ -56,10 +57,10 @@ class LoadedModel:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> LoadedModel:
-        """:func:`unetile.io.load_model`; InputError with its one line."""
+        """:func:`unetile.predict.card.load_model`; InputError with its one line."""
         if not str(run_dir).strip():
             raise io.InputError("no model: choose a run folder (the --out of 'unetile train')")
-        model, config = io.load_model(run_dir)
+        model, config = card.load_model(run_dir)
         return cls(Path(run_dir), model, config)
 
     @property
@@ -128,7 +129,7 @@ def model_input(data, model: LoadedModel, rgb: bool = False):
         data = data[0]
     if rgb:
         data = np.moveaxis(np.asarray(data), -1, 0)
-    from ..predict import spatial_shape
+    from ..predict.engine import spatial_shape
 
     try:
         spatial_shape(model.model, data)
@@ -139,7 +140,7 @@ def model_input(data, model: LoadedModel, rgb: bool = False):
 
 def plane_shape(data, model: LoadedModel) -> tuple[int, ...]:
     """The spatial shape of an image the model reads (:func:`model_input` first)."""
-    from ..predict import spatial_shape
+    from ..predict.engine import spatial_shape
 
     return tuple(spatial_shape(model.model, data))
 
@@ -166,8 +167,8 @@ class Segmentation:
 
 def tile_count(model: LoadedModel, image, **options) -> int:
     """The number of tiles :func:`segment` predicts (its progress total)."""
-    from ..predict import PredictOptions, spatial_shape
-    from ..tiling import Tiling
+    from ..network.tiling import Tiling
+    from ..predict.engine import PredictOptions, spatial_shape
 
     spatial = spatial_shape(model.model, image)
     resolved = PredictOptions.of(progress=False, **options).resolve(model.model, spatial)
@@ -181,7 +182,7 @@ def segment(model: LoadedModel, image, **options) -> Iterator[tuple[int, int]]:
     ``device``, ``tta`` ...). Closing the generator (napari's ``quit``)
     stops after the current tile; nothing else is changed.
     """
-    from ..predict import iter_predictions, spatial_shape
+    from ..predict.engine import iter_predictions, spatial_shape
 
     try:
         total = tile_count(model, image, **options)
@@ -217,7 +218,7 @@ def run_to_end(generator):
 
 def instance_options(model: LoadedModel, post: PostOptions):
     """The model's carried instance options with the user's changes (as ``predict --method``)."""
-    from ..instances import InstanceOptions
+    from ..predict.instances import InstanceOptions
 
     changes = dict(
         method=post.method,
@@ -235,9 +236,9 @@ def instance_options(model: LoadedModel, post: PostOptions):
 
 def post_process(probabilities: np.ndarray, model: LoadedModel, post: PostOptions) -> Segmentation:
     """Labels and instances from probabilities: no network, so it can follow every change."""
-    from ..calibration import check_threshold
-    from ..instances import extract_instances
-    from ..predict import labels_from_probabilities
+    from ..evaluate.calibration import check_threshold
+    from ..predict.engine import labels_from_probabilities
+    from ..predict.instances import extract_instances
 
     threshold = None
     if post.threshold is not None and model.num_classes == 2:
@@ -299,7 +300,7 @@ def fine_tune_config(
 ):
     """The TrainConfig of ``unetile train --init INIT``: the init run's network and recipe,
     the user's budget, a new run folder beside it (never the init run itself)."""
-    from ..config import init_options, make_config, upgrade_stored_options
+    from ..train.config import init_options, make_config, upgrade_stored_options
 
     init = Path(init)
     stored = io.read_json(init / io.MODEL_CONFIG)
@@ -331,7 +332,7 @@ def train_config(
     **options,
 ):
     """The TrainConfig of a new run from ``preset`` (compiling off: the steps run in parts)."""
-    from ..config import make_config
+    from ..train.config import make_config
 
     if not str(out).strip():
         raise io.InputError("no run folder: choose where the new model goes")
@@ -348,7 +349,7 @@ def train_config(
 
 def training_data(config, images: Sequence, labels: Sequence):
     """:func:`unetile.train.prepare_arrays` of image/labels arrays; InputError naming the pair."""
-    from ..train import prepare_arrays
+    from ..train.loop import prepare_arrays
 
     if not images:
         raise io.InputError("no training images: give an image layer and its labels layer")
@@ -388,7 +389,7 @@ def run_training(
     complete run folder: checkpoint, ``model.safetensors`` and summary. The
     parts last about ``part_seconds`` each.
     """
-    from ..train import train
+    from ..train.loop import train
 
     step, resume, per_step, overhead = 0, False, None, 0.0
     began = time.perf_counter()
@@ -460,9 +461,9 @@ PIXEL_METRICS = ("pixel_error", "rand_error", "iou", "dice")
 
 
 def evaluate(prediction, truth) -> list[tuple[str, float]]:
-    """``(metric, value)`` rows of :func:`unetile.metrics.score` for a labels layer against a
-    ground-truth layer: objects (F1 at IoU 0.5, SEG ...) where the truth holds objects."""
-    from ..metrics import score
+    """``(metric, value)`` rows of :func:`~unetile.evaluate.metrics.score` of a labels layer
+    against a ground-truth layer: objects (F1 at IoU 0.5, SEG ...) where the truth holds objects."""
+    from ..evaluate.metrics import score
 
     prediction, truth = np.asarray(prediction), np.asarray(truth)
     if prediction.shape != truth.shape:
@@ -490,7 +491,7 @@ def evaluate(prediction, truth) -> list[tuple[str, float]]:
 
 def synthetic_cells(size: int = 256, seed: int = 2000):
     """The demo's synthetic touching cells: ``(image, instances)``."""
-    from ..synthetic import cells_like
+    from ..data.synthetic import cells_like
 
     cells = cells_like((size, size), touching_fraction=0.7, rng=seed)
     return cells.image, cells.instances.astype(np.uint32)

@@ -3,7 +3,7 @@
 A ``padding="valid"`` U-Net computes each output pixel from its own context
 window only, so predicting tile by tile and stitching gives exactly the
 whole-image result (up to float rounding) as long as the tile origins keep the
-max-pooling grid aligned (:mod:`unetile.tiling`). Tiles are read lazily from
+max-pooling grid aligned (:mod:`unetile.network.tiling`). Tiles are read lazily from
 numpy arrays, memory-mapped TIFFs or zarr arrays, mirrored past the image
 border, normalised, batched, and written straight into the output.
 
@@ -32,7 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
+from .. import io
+from ..network.model import UNet
+from ..network.normalization import Normalization
+from ..network.tiling import Tiling, Window, axis_origins
+from ..precision import autocast, check_precision
 from .instances import (  # noqa: F401 - importable from here as before they moved
     InstanceOptions,
     check_grow,
@@ -48,10 +52,6 @@ from .instances import (  # noqa: F401 - importable from here as before they mov
     rank_keys,
     region_grid,
 )
-from .model import UNet
-from .normalization import Normalization
-from .precision import autocast, check_precision
-from .tiling import Tiling, Window, axis_origins
 
 GIB = 2**30
 CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
@@ -86,7 +86,7 @@ class PredictOptions:
         Bytes for activations when the tile size is automatic.
     normalization : Normalization, dict or (mean, std), optional
         Applied to each tile as it is read; default the model's own
-        (``model.normalization``, which :func:`unetile.io.load_model` sets from
+        (``model.normalization``, which :func:`unetile.predict.card.load_model` sets from
         ``config.json``; none for a new network). ``Normalization.identity()``
         turns it off.
     progress : bool
@@ -159,7 +159,7 @@ def resolve_threshold(model: UNet, threshold: float | None = None) -> float | No
     ValueError
         For a threshold outside (0, 1) or a model of more than two classes.
     """
-    from .calibration import check_threshold
+    from ..evaluate.calibration import check_threshold
 
     if threshold is None:
         threshold = getattr(model, "threshold", None)
@@ -554,7 +554,7 @@ def iter_predictions(
     """Yield ``(region, probabilities)`` blocks that together cover the image once.
 
     For a ``valid`` model each block is the part of one output tile that no
-    earlier tile wrote (:attr:`unetile.tiling.Tile.owned`), in tile order, so
+    earlier tile wrote (:attr:`unetile.network.tiling.Tile.owned`), in tile order, so
     a consumer can stream them to disk. For a ``same`` model the blended
     probabilities of the whole image are yielded as one block. Options as
     for :func:`predict`.
@@ -733,7 +733,7 @@ def predict(model: UNet, image, options: PredictOptions | None = None, *, out=No
     model : UNet
         Put in eval mode on the device for the call; its training flag, device
         and memory layout are restored after. A model from
-        :func:`unetile.io.load_model` brings its normalisation.
+        :func:`unetile.predict.card.load_model` brings its normalisation.
     image : array-like
         ``(H, W)`` or ``(C, H, W)`` (``(D, H, W)`` or ``(C, D, H, W)`` for a
         3D model), any dtype; a numpy array, a memory-mapped TIFF
@@ -753,7 +753,7 @@ def predict(model: UNet, image, options: PredictOptions | None = None, *, out=No
 
     Examples
     --------
-    >>> model, config = unetile.io.load_model("runs/isbi")  # doctest: +SKIP
+    >>> model, config = unetile.predict.card.load_model("runs/isbi")  # doctest: +SKIP
     >>> probabilities = predict(model, image, tile_shape=388, tta=True)  # doctest: +SKIP
     """
     shape = (model.config.num_classes, *spatial_shape(model, image))
@@ -786,7 +786,7 @@ def labels_from_probabilities(
     probabilities : ndarray ``(K, *spatial)``
     threshold : float or None
         In (0, 1), for two classes only; ``model.threshold`` is a model's
-        calibrated one (:mod:`unetile.calibration`). At 0.5 it is the argmax.
+        calibrated one (:mod:`unetile.evaluate.calibration`). At 0.5 it is the argmax.
     foreground : int
         The class whose probability is thresholded (0 or 1).
 
@@ -845,13 +845,13 @@ def predict_to_files(
     labels, probabilities, instances : path, optional
         Where to write the class map (argmax, uint8), the ``(K, *spatial)``
         float32 probabilities and the instance labels (uint32, one id per cell
-        across tiles, the same as :func:`unetile.instances.extract_instances`
+        across tiles, the same as :func:`unetile.predict.instances.extract_instances`
         of the whole image).
     foreground_class : int
         Class index of the cells, for ``instances`` without ``instance_options``.
     grow : int
         Pixels by which each cell of ``instances`` grows into the background
-        (:func:`unetile.instances.grow_cells`); 0 keeps the cells as they are.
+        (:func:`unetile.predict.instances.grow_cells`); 0 keeps the cells as they are.
     instance_options : InstanceOptions, optional
         How ``instances`` are extracted; default the paper's connected
         components of ``foreground_class``. The paper's components are joined

@@ -93,7 +93,7 @@ class AugmentParams:
     gamma: tuple[float, float] = (0.8, 1.25)
 
     def __post_init__(self):
-        from .numbers import check_float, check_int
+        from ..numbers import check_float, check_int
 
         # JSON gives lists back; the dataclass is frozen and hashable with tuples.
         for name in ("contrast", "brightness", "gamma"):

@@ -1,7 +1,7 @@
 """Instance post-processing fitted to the data: from the training labels, then held-out area.
 
 A model carries how its objects are extracted (``config.json``
-``"instances"``, :class:`unetile.instances.InstanceOptions`). The paper's
+``"instances"``, :class:`unetile.predict.instances.InstanceOptions`). The paper's
 connected components with no minimum size turn every speck of a noisy
 probability map into an object; on two unseen EM sets of organelles that
 gave 2.5 to 8 times too many objects. The training labels say what objects
@@ -24,7 +24,7 @@ seeded watersheds, other minimum sizes, a morphological opening sized by the
 objects) by object F1 on held-out images (validation images or
 ``--holdout``), or, with none, on a few training images, and moves off the
 default only for a gain beyond the noise of its paired per-block differences
-(:func:`unetile.evidence.counts_beyond_noise`), so that a choice made on a few images is not a
+(:func:`~.evidence.counts_beyond_noise`), so that a choice made on a few images is not a
 choice made on noise.
 """
 
@@ -37,8 +37,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .evidence import MIN_BLOCK, counts_beyond_noise, f1_of_counts, scoring_units
-from .instances import InstanceOptions, extract_instances
+from ..evaluate.evidence import MIN_BLOCK, counts_beyond_noise, f1_of_counts, scoring_units
+from ..predict.instances import InstanceOptions, extract_instances
 
 #: The size floor, as a share of the true objects' 5th-percentile size: chosen
 #: leave-one-set-out on the benchmark suite (0.8 won on every set left out;
@@ -235,7 +235,7 @@ def tune(
     diameter: float,
 ) -> tuple[InstanceOptions, dict]:
     """The best options by object F1 at IoU 0.5 on scored images, if they beat ``default``
-    beyond the noise (:func:`unetile.evidence.counts_beyond_noise`); else ``default``.
+    beyond the noise (:func:`unetile.evaluate.evidence.counts_beyond_noise`); else ``default``.
 
     A coordinate search: the method first (:func:`method_candidates`), then the size
     floor and the opening around it (:func:`refinements`); ties keep the earlier. The
@@ -243,7 +243,7 @@ def tune(
     of a paired bootstrap of the F1 over all their objects. Returns the options and a
     record: both candidates' F1 and mean SEG, the number of units, whether it moved.
     """
-    from .metrics import match_objects, seg_score
+    from ..evaluate.metrics import match_objects, seg_score
 
     units = scoring_units(probabilities, truths, max(2 * MIN_BLOCK, int(4 * diameter)))
 

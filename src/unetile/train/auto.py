@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .weights import nearest_two_distances
+from ..data.weights import nearest_two_distances
 
 #: Gaps up to this width (px, d1 + d2 of the weight map) are "narrow": the paper's
 #: border term (sigma = 5) still weighs them more than 1 + w0 / e^2.
@@ -211,7 +211,7 @@ def choose(print_: Fingerprint, dims: int = 2) -> dict[str, Choice]:
             "sigma": Choice(5.0, "(unused without a border term)"),
             "class_weights": Choice("none", "no class balance (as for touching cells)"),
         }
-    from .tiling import Tiling
+    from ..network.tiling import Tiling
 
     depth = next(
         (d for d in (5, 4, 3) if 2 * Tiling(depth=d, dims=dims).margin <= print_.smallest_side), 2
@@ -233,7 +233,7 @@ def choose(print_: Fingerprint, dims: int = 2) -> dict[str, Choice]:
     }
     spread = max(print_.intensity_mean_spread, print_.intensity_std_spread)
     if spread > INTENSITY_SPREAD:
-        from .augment import AugmentParams
+        from ..data.augment import AugmentParams
 
         choices["augment"] = Choice(
             asdict(AugmentParams(contrast=(0.67, 1.5), brightness=(-0.2, 0.2), gamma=(0.67, 1.5))),
@@ -245,7 +245,7 @@ def choose(print_: Fingerprint, dims: int = 2) -> dict[str, Choice]:
 
 def seconds_per_step(config, in_channels: int, num_classes: int, device, steps: int = 3) -> float:
     """Best time of a training step (forward, backward, Adam) of ``config``'s network."""
-    from .model import UNet
+    from ..network.model import UNet
 
     model = UNet(
         in_channels=in_channels,
@@ -257,7 +257,7 @@ def seconds_per_step(config, in_channels: int, num_classes: int, device, steps: 
         dropout=0.0,
     ).to(device)
     tile = config["tile"]
-    from .tiling import Tiling
+    from ..network.tiling import Tiling
 
     shape = Tiling(depth=config["depth"], dims=config["dims"]).input_shape(tile)
     images = torch.randn((1, in_channels, *shape), device=device)
@@ -296,8 +296,8 @@ def choose_width(seconds_16: float, minutes: float, flops: dict[int, float]) -> 
 
 def width_flops(config: dict, in_channels: int, num_classes: int) -> dict[int, float]:
     """FLOPs of one forward pass of the training tile at each of :data:`WIDTHS`."""
-    from .model import forward_flops
-    from .tiling import Tiling
+    from ..network.model import forward_flops
+    from ..network.tiling import Tiling
 
     input_shape = Tiling(depth=config["depth"], dims=config["dims"]).input_shape(config["tile"])
     network = {"depth": config["depth"], "dims": config["dims"]}
@@ -330,9 +330,9 @@ def plan(options: dict, device: torch.device | str | None = None) -> dict:
     ``choices`` (field -> value), ``reasons`` (field -> why), ``given``
     (fields the user set), ``device`` and ``seconds``.
     """
+    from ..data.dataset import load_labeled_images
+    from ..predict.engine import resolve_device
     from .config import PRESETS, field_defaults
-    from .data import load_labeled_images
-    from .predict import resolve_device
 
     started = time.perf_counter()
     merged = {**field_defaults(), **PRESETS["auto"], **options}

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .tiling import widened_box
+from ..network.tiling import widened_box
 
 DEFAULT_TOLERANCE = 1e-6
 

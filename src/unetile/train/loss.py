@@ -2,7 +2,7 @@
 
 Section 3 of the paper trains with ``E = sum_x w(x) log p_l(x)(x)`` where
 ``p_k(x) = exp(a_k(x)) / sum_k' exp(a_k'(x))`` is the soft-max over the final
-feature map and ``w`` the precomputed weight map (``unetile.weights``).
+feature map and ``w`` the precomputed weight map (``unetile.data.weights``).
 
 Reduction: the paper sums over pixels. We divide that sum by the number of
 annotated pixels (the mean of ``w(x) * -log p_l(x)(x)`` over annotated pixels),
@@ -41,7 +41,7 @@ def _check_inputs(
         raise ValueError(
             f"target must have shape {expected} (logits without the class axis), got "
             f"{tuple(target.shape)}; crop the labels to the network's output with "
-            "unetile.model.output_size"
+            "unetile.network.model.output_size"
         )
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class labels (int64), got {target.dtype}")

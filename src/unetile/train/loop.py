@@ -41,7 +41,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, io, parallel
+from .. import io
+from ..data.dataset import (
+    IGNORE,
+    LabeledImage,
+    TileSampler,
+    labeled_images_from_arrays,
+    load_labeled_images,
+    too_small,
+)
+from ..network.model import UNet, estimate_batch_norm, freeze_batch_norm
+from ..network.normalization import Normalization
+from ..network.tiling import Tiling
+from ..predict import card
+from ..predict.engine import resolve_device
+from ..predict.instances import default_options
+from . import ddp
 from .checkpoint import (  # noqa: F401 - re-exported: they were train.py's
     flatten_optimizer_state,
     load_checkpoint,
@@ -64,20 +79,7 @@ from .config import (  # noqa: F401 - re-exported: config.py's names were train.
     init_run_config,
     make_config,
 )
-from .data import (
-    IGNORE,
-    LabeledImage,
-    TileSampler,
-    labeled_images_from_arrays,
-    load_labeled_images,
-    too_small,
-)
-from .instances import default_options
-from .model import UNet, estimate_batch_norm, freeze_batch_norm
-from .normalization import Normalization
-from .parallel import Ranks
-from .predict import resolve_device
-from .tiling import Tiling
+from .ddp import Ranks
 
 CHECKPOINT = "checkpoint.safetensors"
 LAST_WEIGHTS = "last.safetensors"
@@ -224,7 +226,7 @@ def freeze_norms_if_due(run: Run, state: RunState, finishing: bool = False) -> N
     done = state.step / run.config.steps
     if run.budget is not None:
         done = max(done, state.wall_seconds() / run.budget)
-    (due,) = parallel.agree(run.ranks, finishing or done >= share)
+    (due,) = ddp.agree(run.ranks, finishing or done >= share)
     if not due:
         return
     estimate_batch_norm(run.model, run.sampler.plain_tiles(STATISTICS_TILES))
@@ -242,7 +244,7 @@ def build_sampler(
         data.output_shape,
         data.normalization,
         config.augment,
-        parallel.sampler_rng(config.seed, ranks or Ranks()),
+        ddp.sampler_rng(config.seed, ranks or Ranks()),
         device=device,
     )
 
@@ -368,14 +370,14 @@ def holds_out(config: TrainConfig, validation_given: bool) -> bool:
 
 
 def hold_out(config: TrainConfig, items, cache_dir, source, error_type):
-    """Training and validation images split from ``items`` (:func:`unetile.holdout.split`),
+    """Training and validation images split from ``items`` (:func:`unetile.data.holdout.split`),
     the training ones with their weight maps; and the record of the split.
 
     The weight maps are computed here, after the split, so that a training part's
     map sees its own labels only.
     """
-    from .data import compute_weight_map
-    from .holdout import split
+    from ..data.dataset import compute_weight_map
+    from ..data.holdout import split
 
     try:
         train_images, validation, record = split(items, config.holdout, config.foreground)
@@ -390,7 +392,7 @@ def hold_out(config: TrainConfig, items, cache_dir, source, error_type):
 
 def holdout_note(config: TrainConfig, data: TrainingData) -> str | None:
     """The line said before training about held-out validation (None: nothing to say)."""
-    from .holdout import describe
+    from ..data.holdout import describe
 
     if data.holdout is not None:
         return describe(data.holdout)
@@ -407,7 +409,7 @@ def training_pixel_size(config: TrainConfig) -> tuple[float, ...] | None:
     unetile.io.InputError
         When two images state pixel sizes that differ by more than 1 %.
     """
-    from .scale import check_pixel_size, describe, relative_difference
+    from ..predict.scale import check_pixel_size, describe, relative_difference
 
     if config.pixel_size is not None:
         return check_pixel_size(config.pixel_size, config.dims, "--pixel-size")
@@ -477,7 +479,7 @@ def prepare_arrays(
     data = _assemble(config, train_images, validation, num_classes, "val_images", ValueError)
     data.holdout = record
     if config.pixel_size is not None:
-        from .scale import check_pixel_size
+        from ..predict.scale import check_pixel_size
 
         data.pixel_size = check_pixel_size(config.pixel_size, config.dims, "pixel_size")
     return data
@@ -489,7 +491,7 @@ def _assemble(config, train_images, validation, num_classes, validation_source, 
         if message is not None:
             raise error_type(message)
     if config.channels is not None:
-        from .data import fit_channels
+        from ..data.dataset import fit_channels
 
         for source, items in (
             (config.images or "images", train_images),
@@ -558,7 +560,7 @@ def run_config(config: TrainConfig, data: TrainingData) -> dict:
 def fitted_instances(config: TrainConfig, data: TrainingData) -> dict:
     """``config.json``'s ``"instances"`` (how objects are extracted) fitted to the training
     labels, and ``"instances_fit"`` (what was measured, why); class maps keep the paper's
-    components (:mod:`unetile.instance_fit`)."""
+    components (:mod:`unetile.train.instance_fit`)."""
     from .instance_fit import fit_from_labels
 
     base = default_options(config.label_mode, config.target, config.foreground)
@@ -584,8 +586,8 @@ def validate(
     tile's output shape; the foreground probability is thresholded at 0.5
     (the network's own decision), not at the best of several thresholds.
     """
-    from .metrics import score
-    from .predict import predict
+    from ..evaluate.metrics import score
+    from ..predict.engine import predict
 
     was_training = model.training
     model.eval()
@@ -625,9 +627,9 @@ def validation_probabilities(
     run_dir: Path, data: TrainingData, config: TrainConfig, device: torch.device
 ) -> list[np.ndarray]:
     """The kept model's probabilities on each validation image, predicted as in validation."""
-    from .predict import predict
+    from ..predict.engine import predict
 
-    model, _ = io.load_model(run_dir)
+    model, _ = card.load_model(run_dir)
     return [
         predict(
             model,
@@ -651,7 +653,7 @@ def calibrate(
 
     The validation images are scored as :func:`validate` scores them.
     """
-    from .calibration import calibrate_threshold
+    from ..evaluate.calibration import calibrate_threshold
 
     if data.num_classes != 2:
         return None
@@ -663,20 +665,19 @@ def calibrate(
         ignore_value=IGNORE if config.ignore_value is not None else None,
     )
     calibration = _calibration_beyond_noise(calibration, probabilities, truths, config)
-    stored = io.read_json(run_dir / io.MODEL_CONFIG)
-    stored["calibration"] = calibration
+    stored = card.ModelCard.read(run_dir)
     # The cells are drawn from the same foreground as the labels.
-    stored["instances"]["threshold"] = calibration["threshold"]
-    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    instances = {**stored.entries["instances"], "threshold": calibration["threshold"]}
+    card.ModelCard.update(run_dir, calibration=calibration, instances=instances)
     return calibration
 
 
 def _calibration_beyond_noise(calibration, probabilities, truths, config) -> dict:
     """Keep the argmax (0.5) unless the calibrated threshold's gain over it is beyond
-    the noise of the paired per-unit scores (:mod:`unetile.evidence`)."""
-    from .calibration import ARGMAX, lower_is_better
-    from .evidence import beyond_noise, scoring_units
-    from .metrics import score_per_threshold
+    the noise of the paired per-unit scores (:mod:`unetile.evaluate.evidence`)."""
+    from ..evaluate.calibration import ARGMAX, lower_is_better
+    from ..evaluate.evidence import beyond_noise, scoring_units
+    from ..evaluate.metrics import score_per_threshold
 
     best, metric = calibration["threshold"], calibration["metric"]
     if best == ARGMAX:
@@ -724,7 +725,7 @@ def tune_instances(
     """Tune the kept model's instance extraction on the validation images; store it.
 
     The options fitted to the training labels (``config.json`` ``"instances"``)
-    are compared with a grid around them (:func:`unetile.instance_fit.tune`) by
+    are compared with a grid around them (:func:`unetile.train.instance_fit.tune`) by
     object F1 at IoU 0.5, and replaced only for a gain beyond the noise. A
     foreground in more than ``UNTRAINED_PIECES`` pieces per true cell keeps
     them (``"validation": None``). The foreground is drawn at the calibrated
@@ -733,10 +734,10 @@ def tune_instances(
     """
     import dataclasses
 
+    from ..predict.instances import InstanceOptions, count_objects, extract_instances
     from .instance_fit import tune
-    from .instances import InstanceOptions, count_objects, extract_instances
 
-    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    stored = dict(card.ModelCard.read(run_dir).entries)
     base = InstanceOptions.from_dict(stored["instances"])
     base = dataclasses.replace(base, threshold=threshold)
     # Pieces the carried options leave (specks under the size floor are not objects).
@@ -749,14 +750,14 @@ def tune_instances(
             "scored_on": source,
             "skipped": f"the foreground is in over {UNTRAINED_PIECES} pieces per true object",
         }
-        io.write_json(run_dir / io.MODEL_CONFIG, stored)
+        card.ModelCard.from_entries(stored).write(run_dir)
         return {"options": base.to_dict(), "validation": None, "tuning": stored["instances_tuning"]}
     diameter = (stored.get("instances_fit") or {}).get("diameter") or 10.0
     best, record = tune(probabilities, truths, base, diameter)
     record["scored_on"] = source
     stored["instances"] = best.to_dict()
     stored["instances_tuning"] = record
-    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    card.ModelCard.from_entries(stored).write(run_dir)
     chosen = record["best"] if record["moved"] else record["default"]
     scores = {"f1@0.5": chosen["f1@0.5"], "seg": chosen["seg"]}
     return {"options": best.to_dict(), "validation": scores, "tuning": record}
@@ -766,15 +767,15 @@ def refit_instances(run_dir: str | os.PathLike) -> dict:
     """Fit a finished run's post-processing again as training now ends: from its training
     labels (:func:`fitted_instances`), then tuned on its validation images if it has
     some. For runs made before this release; the weights stay."""
-    from .predict import resolve_device
+    from ..predict.engine import resolve_device
 
     run_dir = Path(run_dir)
-    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    stored = dict(card.ModelCard.read(run_dir).entries)
     config = make_config(**stored["training"])
     data = prepare_data(config)
     stored.update(fitted_instances(config, data))
     stored.pop("instances_tuning", None)
-    io.write_json(run_dir / io.MODEL_CONFIG, stored)
+    card.ModelCard.from_entries(stored).write(run_dir)
     if not data.validation:
         return {"options": stored["instances"], "validation": None}
     device = resolve_device(config.device)
@@ -978,9 +979,9 @@ def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> 
         raise io.InputError(f"--device: {error}") from None
     if config.precision == "fp16" and device.type != "cuda":
         raise io.InputError(f"--precision fp16 needs a CUDA device, not {device.type}; use bf16")
-    # Under torchrun: one process per GPU or CPU share (parallel.py); rank 0 owns the folder.
-    ranks = parallel.ranks_from_environment()
-    device = parallel.device_for(ranks, device)
+    # Under torchrun: one process per GPU or CPU share (ddp.py); rank 0 owns the folder.
+    ranks = ddp.ranks_from_environment()
+    device = ddp.device_for(ranks, device)
     owner = io.folder_lock(run_dir, "trained") if ranks.writes else contextlib.nullcontext()
     with owner:
         if ranks.writes or resume:
@@ -993,7 +994,7 @@ def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> 
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            ranks = parallel.start(ranks, device)
+            ranks = ddp.start(ranks, device)
             return _train(
                 config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes
             )
@@ -1005,7 +1006,7 @@ def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> 
             # A full disk, a vanished folder: writes are atomic, the last checkpoint is intact.
             raise io.InputError(_save_failure(run_dir, error)) from None
         finally:
-            parallel.stop(ranks)
+            ddp.stop(ranks)
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic)
 
@@ -1141,9 +1142,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
     columns += [f"val_{name}" for name in config.metrics]
     log = CsvLog(run_dir / LOG if ranks.writes else None, columns, state.step if resume else None)
     if ranks.writes:
-        io.write_json(
-            run_dir / io.MODEL_CONFIG, {"unetile_version": __version__, **run.saved_config}
-        )
+        card.ModelCard.from_entries(run.saved_config).write(run_dir)
     bar = tqdm(
         total=config.steps,
         initial=state.step,
@@ -1165,7 +1164,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
                 # Stop: the step count, the time budget, Ctrl-C or stop_after (all ranks agree).
                 out_of_time = run.budget is not None and state.wall_seconds() >= run.budget
                 stopping = stop.is_set() or (stop_after is not None and state.step >= stop_after)
-                state.out_of_time, stopping = parallel.agree(ranks, out_of_time, stopping)
+                state.out_of_time, stopping = ddp.agree(ranks, out_of_time, stopping)
                 finishing = state.step >= config.steps or state.out_of_time
                 validating = bool(run.data.validation) and (
                     state.step % config.validate_every == 0 or finishing
@@ -1198,13 +1197,13 @@ def _set_up(config, run_dir, device, resume, data, ranks) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
         if not ranks.writes:
-            parallel.barrier(ranks)  # rank 0 fills the weight-map cache first
+            ddp.barrier(ranks)  # rank 0 fills the weight-map cache first
         data = prepare_data(config, run_dir / CACHE if config.cache_weights else None)
         if ranks.writes:
-            parallel.barrier(ranks)
+            ddp.barrier(ranks)
     init_weights, saved_config = _starting_point(config, run_dir, resume, data, ranks)
     # Drop-out draws from torch's global generator.
-    torch.manual_seed(parallel.torch_seed(config.seed, ranks))
+    torch.manual_seed(ddp.torch_seed(config.seed, ranks))
     model = build_model(config, data.in_channels, data.num_classes)
     if init_weights is not None:
         start_from(model, init_weights, str(Path(config.init) / io.MODEL_WEIGHTS))
@@ -1216,7 +1215,7 @@ def _set_up(config, run_dir, device, resume, data, ranks) -> Run:
         memory_format = torch.channels_last if config.dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=memory_format)
     training_mode(model, config)
-    wrapped = parallel.wrap(model, ranks, device)  # the model itself in one process
+    wrapped = ddp.wrap(model, ranks, device)  # the model itself in one process
     return Run(
         config=config,
         run_dir=run_dir,
@@ -1267,14 +1266,14 @@ def _restore(run: Run, state: RunState) -> None:
     saved = load_checkpoint(path, run.model, run.optimizer)
     state.restore(saved)
     training_mode(run.model, run.config, state.norms_frozen)
-    parallel.restore_generators(run.ranks, saved, run.sampler, path)
+    ddp.restore_generators(run.ranks, saved, run.sampler, path)
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
 
 
 def _checkpoint(run: Run, state: RunState) -> None:
     # Every rank's generators, so that each continues its own stream.
-    states = parallel.gather_states(run.ranks, parallel.generator_state(run.sampler))
+    states = ddp.gather_states(run.ranks, ddp.generator_state(run.sampler))
     if not run.ranks.writes:
         return
     save_checkpoint(
@@ -1310,7 +1309,7 @@ def _step(run: Run, state: RunState, compiling: bool) -> None:
         logits = _forward(run, images, compiling)
     loss = compute_loss(config, logits, labels, weights)
     if config.loss == "ce":
-        loss = parallel.scale_loss(run.ranks, loss, (labels != IGNORE).sum())
+        loss = ddp.scale_loss(run.ranks, loss, (labels != IGNORE).sum())
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if config.clip_grad_norm is not None:
@@ -1345,7 +1344,7 @@ def _report(run: Run, state: RunState, validating: bool) -> dict:
     A better validation score by ``keep_best`` saves ``model.safetensors``.
     """
     config = run.config
-    state.last_loss = float(parallel.mean_over_ranks(run.ranks, state.loss_sum)) / state.loss_count
+    state.last_loss = float(ddp.mean_over_ranks(run.ranks, state.loss_sum)) / state.loss_count
     if not math.isfinite(state.last_loss):
         raise FloatingPointError(
             f"training loss became {state.last_loss} at step {state.step}; "
@@ -1376,7 +1375,7 @@ def _report(run: Run, state: RunState, validating: bool) -> dict:
     better = better and (config.freeze_batch_norm is None or state.norms_frozen)
     if better:
         state.best_value, state.best_step = value, state.step
-        io.save_model(run.run_dir, run.model, run.saved_config)
+        card.save_model(run.run_dir, run.model, run.saved_config)
     return {**row, **{f"val_{name}": value for name, value in state.last_metrics.items()}}
 
 
@@ -1398,9 +1397,9 @@ def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
     config, run_dir, writes = run.config, run.run_dir, run.ranks.writes
     tuned = calibration = None
     if writes:
-        io.save_model(run_dir, run.model, run.saved_config, name=LAST_WEIGHTS)
+        card.save_model(run_dir, run.model, run.saved_config, name=LAST_WEIGHTS)
         if state.best_step is None:
-            io.save_model(run_dir, run.model, run.saved_config)
+            card.save_model(run_dir, run.model, run.saved_config)
         plot_curves(rows, config.metrics, run_dir / CURVES)
         if run.data.validation and not state.interrupted:
             probabilities = validation_probabilities(run_dir, run.data, config, run.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from .. import io
 
 #: Relative difference of pixel sizes beyond which prediction warns.
 TOLERANCE = 0.2
@@ -129,7 +129,7 @@ def predict_rescaled_to_files(
         Output paths (``labels``, ``probabilities``, ``instances``) and the
         other options of ``predict_to_files``.
     """
-    from .predict import predict_to_files
+    from .engine import predict_to_files
 
     dims = model.config.dims
     image = np.asarray(image)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import MIN_TRAINING_EXTENT, LabeledImage
+from .dataset import MIN_TRAINING_EXTENT, LabeledImage
 
 #: Images from which whole images are held out; with fewer, a strip of each.
 MIN_WHOLE_IMAGES = 4

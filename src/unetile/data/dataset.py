@@ -24,7 +24,7 @@ Conventions (the README restates them):
   connected regions of equal non-zero class.
 - Normalisation. Every channel is shifted and scaled by the mean and standard
   deviation of that channel over all training pixels
-  (:class:`unetile.normalization.Normalization`); the two lists are stored in
+  (:class:`unetile.network.normalization.Normalization`); the two lists are stored in
   the run's ``config.json`` (``"normalization"``) and applied to every image at
   training and at prediction time.
 - Tiles. Output tiles are centred on a pixel drawn uniformly over the whole
@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
-from .normalization import Normalization
-from .tiling import Window, tile_grid
+from .. import io
+from ..network.normalization import Normalization
+from ..network.tiling import Window, tile_grid
 
 LABEL_MODES = ("membrane", "instances", "classes")
 #: Training targets of instance labels: the paper's background / cell, or
@@ -897,7 +897,7 @@ class TileSampler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image, labels and weights of the window around ``centre`` of image ``index``.
 
-        Outside the image, the image is mirrored (:meth:`unetile.tiling.Window.read`,
+        Outside the image, the image is mirrored (:meth:`unetile.network.tiling.Window.read`,
         as in prediction), labels are :data:`IGNORE` and weights 0. No padded copy
         of any image is kept, and no step copies more than the window. Tensors
         on the device the images are stored on (:attr:`storage`); a window

@@ -1,6 +1,6 @@
 """``--preset auto`` checks its rules on held-out area before it spends the budget on them.
 
-The rules of :mod:`unetile.auto` were written from two data sets; on unseen
+The rules of :mod:`unetile.train.auto` were written from two data sets; on unseen
 EM organelles the rules' weight map (the paper's border term with class
 balance, on 8 % foreground) lost to ``cpu-fast``'s on every score. So when
 the rules' weight map differs from the safe baseline's (``cpu-fast``: w0 10,
@@ -8,7 +8,7 @@ sigma 2, no class balance), both race: each trains for ``RACE_SHARE`` of the
 budget divided between them, both are scored on the held-out images (object
 F1 at IoU 0.5 and foreground IoU, per image or block of one), and the rules
 win only with a gain beyond the noise of those paired scores
-(:func:`unetile.evidence.beyond_noise`). The winner then goes on from its own
+(:func:`unetile.evaluate.evidence.beyond_noise`). The winner then goes on from its own
 weights (``--init``) for the rest of the budget. The race's legs stay in
 ``OUT/race/`` and its record in ``config.json`` (``training.auto.race``).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from ..predict import card
 from .config import PRESETS, TrainConfig
 
 #: Share of the budget the race takes (split among the candidates).
@@ -59,7 +59,7 @@ def should_race(config: TrainConfig, resume: bool) -> bool:
 def race(config: TrainConfig, train, progress: bool, notes=None) -> TrainConfig:
     """Run the race; the configuration of the final run (the winner's weight map, its
     weights as ``init``, the rest of the budget, the record in ``auto["race"]``)."""
-    from .train import prepare_data
+    from .loop import prepare_data
 
     started = time.perf_counter()
     entrants = contenders(config)
@@ -112,7 +112,7 @@ def _weights(weights: dict) -> str:
 
 
 def beyond(candidate: dict, baseline: dict) -> bool:
-    from .evidence import beyond_noise
+    from ..evaluate.evidence import beyond_noise
 
     return beyond_noise(candidate["combined"], baseline["combined"])
 
@@ -120,13 +120,13 @@ def beyond(candidate: dict, baseline: dict) -> bool:
 def held_out_scores(run_dir: Path, data, config: TrainConfig) -> dict[str, list[float]]:
     """Per held-out unit: foreground IoU, object F1 at IoU 0.5 (the model's own objects),
     and their mean (``combined``)."""
-    from .evidence import scoring_units
-    from .instances import InstanceOptions, extract_instances, foreground_mask
-    from .metrics import iou, match_objects
-    from .predict import resolve_device
-    from .train import validation_probabilities
+    from ..evaluate.evidence import scoring_units
+    from ..evaluate.metrics import iou, match_objects
+    from ..predict.engine import resolve_device
+    from ..predict.instances import InstanceOptions, extract_instances, foreground_mask
+    from .loop import validation_probabilities
 
-    stored = io.read_json(run_dir / io.MODEL_CONFIG)
+    stored = dict(card.ModelCard.read(run_dir).entries)
     options = InstanceOptions.from_dict(stored["instances"])
     probabilities = validation_probabilities(run_dir, data, config, resolve_device(config.device))
     truths = [item.instances for item in data.validation]

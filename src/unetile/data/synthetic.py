@@ -51,7 +51,7 @@ class SyntheticEM:
         ISBI 2012 convention: 255 on cells, 0 on membranes.
     instances : ndarray of int32, shape (height, width)
         Cell ids 1..n, 0 on membranes; equal to
-        ``unetile.weights.instances_from_membrane_map(membrane)``.
+        ``unetile.data.weights.instances_from_membrane_map(membrane)``.
     """
 
     image: np.ndarray

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from scipy import ndimage
 
-from .tiling import widened_box
+from ..network.tiling import widened_box
 
 METHODS = ("components", "watershed", "distance")
 #: Largest extent (px per axis) of a connected component of the foreground that
@@ -89,7 +89,7 @@ class InstanceOptions:
     threshold : float or None
         Two-class networks: foreground where the foreground class's
         probability is above this, in (0, 1), as the labels are drawn with a
-        calibrated threshold (:mod:`unetile.calibration`, which training
+        calibrated threshold (:mod:`unetile.evaluate.calibration`, which training
         stores here too); None: the argmax, or in ``predict_to_files`` the
         labels' threshold.
     """
@@ -110,7 +110,7 @@ class InstanceOptions:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.threshold is not None:
-            from .calibration import check_threshold
+            from ..evaluate.calibration import check_threshold
 
             object.__setattr__(self, "threshold", check_threshold(self.threshold))
         if not 0 < self.seed_threshold <= 1:
@@ -321,7 +321,7 @@ def region_instances(
     Every connected component of the foreground that reaches into ``region``
     must lie inside ``window`` (so that it is processed whole, as on the whole
     image): the window is the region widened by ``options.max_extent`` px
-    (:func:`unetile.tiling.widened_box`), and a component that touches a
+    (:func:`unetile.network.tiling.widened_box`), and a component that touches a
     window side inside the image raises ValueError.
 
     Parameters
@@ -470,7 +470,7 @@ def write_region_keys(probabilities, keys, region, options: InstanceOptions) -> 
     The region's probabilities are read with a margin of ``max_extent + 1`` px
     (the 1 px shows whether a component stops at the margin).
     """
-    from .tiling import widened_box
+    from ..network.tiling import widened_box
 
     spatial = tuple(probabilities.shape[1:])
     window = widened_box(region, options.extent(len(spatial)) + 1, spatial)
@@ -575,7 +575,7 @@ def instances_from_probabilities(
 
 
 #: The starting point of instance labels' post-processing, before
-#: :func:`unetile.instance_fit.fit_from_labels` fits it to the training labels
+#: :func:`unetile.train.instance_fit.fit_from_labels` fits it to the training labels
 #: (the classes and the cores' threshold stay; two-class models get the paper's
 #: components, the size floor and holes from the labels). Chosen on the demo's
 #: data; a model that reads no labels (class maps) keeps the paper's components.
@@ -587,7 +587,7 @@ MEASURED_DEFAULTS = {
 
 def default_options(label_mode: str, target: str = "two-class", foreground: int = 1):
     """The :class:`InstanceOptions` training starts from for these labels (then fitted to
-    them, :func:`unetile.instance_fit.fit_from_labels`)."""
+    them, :func:`unetile.train.instance_fit.fit_from_labels`)."""
     if target == "three-class":
         return InstanceOptions(
             foreground_classes=(foreground, 2), seed_class=foreground, **MEASURED_DEFAULTS[target]
@@ -659,7 +659,7 @@ def tune_options(
     scores : dict
         ``{"f1@0.5": ..., "seg": ...}`` of the best, means over the images.
     """
-    from .metrics import match_objects, seg_score
+    from ..evaluate.metrics import match_objects, seg_score
 
     best, best_scores = None, None
     for options in candidates:

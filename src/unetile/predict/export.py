@@ -2,7 +2,7 @@
 
 A valid U-Net is exact under tiling only when every tile sees the same 2x2
 max-pooling grid as a whole-image pass, i.e. when tile origins are multiples of
-``2**(depth-1)`` (:mod:`unetile.tiling`). Other tools tile by the sizes the
+``2**(depth-1)`` (:mod:`unetile.network.tiling`). Other tools tile by the sizes the
 model declares, so the exported network is wrapped to accept exactly the sizes
 that keep that grid: **input = output + 2 * margin, the output a multiple of
 2**(depth-1)**. The paper's raw valid sizes (572 -> 388) are not of that form
@@ -39,9 +39,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from .model import UNet
-from .normalization import Normalization
-from .tiling import Tiling, Window
+from ..network.model import UNet
+from ..network.normalization import Normalization
+from ..network.tiling import Tiling, Window
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 ONNX_OPSET = 17  # run on the CPU by every onnxruntime since 1.14
@@ -161,7 +161,7 @@ class ExportedUNet(nn.Module):
 def metadata(model: UNet, config: dict) -> dict:
     """What a user of the exported file needs: sizes, normalisation, classes, architecture."""
     geometry = export_geometry(model.config.depth, model.config.padding)
-    from . import __version__
+    from .. import __version__
 
     return {
         "unetile_version": __version__,
@@ -204,7 +204,7 @@ def write_torchscript(model: UNet, config: dict, path: str | os.PathLike, border
     Load it with ``torch.jit.load(path)``; ``torch.jit.load(path, _extra_files=
     {"unetile.json": ""})`` also returns the metadata.
     """
-    from .io import atomic_path
+    from ..io import atomic_path
 
     wrapped = ExportedUNet(model, border=border).eval()
     geometry = export_geometry(model.config.depth, model.config.padding)
@@ -223,7 +223,7 @@ def write_onnx(model: UNet, config: dict, path: str | os.PathLike, border: bool 
     of it as JSON) is in the model's ``metadata_props``.
     """
     onnx = require("onnx")
-    from .io import atomic_path
+    from ..io import atomic_path
 
     wrapped = ExportedUNet(model, border=border).eval()
     geometry = export_geometry(model.config.depth, model.config.padding)
@@ -393,7 +393,7 @@ def write_bioimageio(
         Shown on bioimage.io and in the consumers.
     """
     spec = require("bioimageio.spec")
-    from .io import atomic_path
+    from ..io import atomic_path
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -572,7 +572,7 @@ def reference_prediction(model: UNet, config: dict, sample: np.ndarray) -> np.nd
     mirrored by its margin, so the two agree even for models whose output
     depends on the tile (instance norm, ``same`` padding).
     """
-    from .predict import predict
+    from .engine import predict
 
     geometry = export_geometry(model.config.depth, model.config.padding)
     tile = tuple(side + geometry.extra for side in sample.shape[1:])

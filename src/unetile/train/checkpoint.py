@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .predict import mps_available
+from .. import io
+from ..predict.engine import mps_available
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

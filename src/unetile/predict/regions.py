@@ -1,7 +1,7 @@
 """Prediction region by region on a Dask cluster, resumable after a crash.
 
 The overlap-tile grid of :mod:`unetile.predict` is cut into *regions*: groups
-of output tiles whose owned pixels (:func:`unetile.tiling.owned_region`)
+of output tiles whose owned pixels (:func:`unetile.network.tiling.owned_region`)
 cover whole chunks of the output zarr stores (the chunks are one tile step).
 Each region is one ``dask.distributed`` task: the worker reads the input
 windows of its tiles itself (a zarr store or a memory-mapped TIFF, by path),
@@ -44,20 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
-from .instances import (
-    InstanceOptions,
-    foreground_mask,
-    grow_cells,
-    join_labels,
-    label_foreground,
-    rank_keys,
-    write_region_keys,
-)
-from .instances import region_grid as instance_regions
-from .model import UNet
-from .normalization import Normalization
-from .predict import (
+from .. import io
+from ..network.model import UNet
+from ..network.normalization import Normalization
+from ..network.tiling import Tiling, grid_axes, owned_region, widened_box
+from .engine import (
     PredictOptions,
     auto_tile_shape,
     class_dtype,
@@ -73,7 +64,16 @@ from .predict import (
     spatial_shape,
     stable_tile,
 )
-from .tiling import Tiling, grid_axes, owned_region, widened_box
+from .instances import (
+    InstanceOptions,
+    foreground_mask,
+    grow_cells,
+    join_labels,
+    label_foreground,
+    rank_keys,
+    write_region_keys,
+)
+from .instances import region_grid as instance_regions
 
 KINDS = ("labels", "probabilities", "instances")
 WORK_SUFFIX = ".unetile-work"
@@ -245,7 +245,7 @@ class ImagePath:
     in_channels: int = 1
 
     def open(self):
-        from .data import channels_first, fit_channels
+        from ..data.dataset import channels_first, fit_channels
 
         image = io.read_image(self.path, memmap=True)
         if image.ndim == self.dims + 1:
@@ -433,7 +433,7 @@ def extraction_keys(plan: Plan, job: tuple[int, tuple[slice, ...]]) -> int:
     """Object keys of one extraction region (watershed, size or hole rules), and its record.
 
     The region is read from the probabilities with the margin of
-    :func:`unetile.instances.write_region_keys`, so its keys are those of the
+    :func:`unetile.predict.instances.write_region_keys`, so its keys are those of the
     whole image; they go to the ``provisional`` store and, as the region's
     completion record, to ``keys/<index>.npy``.
     """

@@ -9,7 +9,7 @@ validation probabilities of the kept model and picks the threshold of the
 best mean; training stores it in ``config.json`` (``"calibration"``), and
 ``predict`` draws labels (and instances) with it.
 
-The rule is the metrics' (:func:`unetile.metrics.score_per_threshold`):
+The rule is the metrics' (:func:`unetile.evaluate.metrics.score_per_threshold`):
 foreground where ``probability > threshold``; at 0.5 that is the argmax of
 two classes. Networks of more than two classes are not calibrated: their
 labels stay the argmax.
@@ -47,10 +47,10 @@ def calibrate_threshold(
     probabilities : sequence of ndarray
         Foreground probability of each validation image, in [0, 1].
     truths : sequence of ndarray
-        Their ground truth, as :func:`unetile.metrics.score` reads it (a
+        Their ground truth, as :func:`unetile.evaluate.metrics.score` reads it (a
         binary cell map or instance labels), same shapes.
     metric : str
-        A name of :data:`unetile.metrics.METRICS`; ``*_error`` metrics are
+        A name of :data:`unetile.evaluate.metrics.METRICS`; ``*_error`` metrics are
         minimised, the others maximised.
     thresholds : sequence of float
         Candidates in (0, 1); must include 0.5 (:data:`ARGMAX`) for ``at_0.5``.
@@ -104,7 +104,7 @@ def calibrate_threshold(
 
 def check_threshold(threshold, source: str = "threshold") -> float:
     """``threshold`` as a float in (0, 1); ValueError naming ``source`` otherwise."""
-    from .numbers import check_float
+    from ..numbers import check_float
 
     value = check_float(source, threshold, 0.0, 1.0, open_minimum=True)
     if value >= 1.0:

@@ -36,7 +36,7 @@ class UNetConfig:
     dims: int = 2
 
     def __post_init__(self):
-        from .numbers import (
+        from ..numbers import (
             MAX_BASE_CHANNELS,
             MAX_CHANNELS,
             MAX_CLASSES,
@@ -302,8 +302,8 @@ class UNet(nn.Module):
             for level in reversed(range(depth - 1))
         )
         self.classifier = conv(widths[0], num_classes, kernel_size=1)
-        #: The input normalisation it was trained with (a unetile.normalization.Normalization,
-        #: set by unetile.io.load_model); prediction applies it. None: the input as it is.
+        #: The input normalisation it was trained with (a Normalization,
+        #: set by unetile.predict.card.load_model); prediction applies it. None: the input as it is.
         self.normalization = None
         # Valid input sizes are smallest + k * multiple (plain ints for a cheap check).
         self._valid_sizes = (smallest_input_size(depth, padding), size_multiple(depth))

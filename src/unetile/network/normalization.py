@@ -4,7 +4,7 @@ Every channel is shifted and scaled by the mean and standard deviation of that
 channel over all training pixels. Training computes it
 (:meth:`Normalization.from_images`), stores it in the run's ``config.json``
 (``"normalization": {"mean": [...], "std": [...]}``),
-:func:`unetile.io.load_model` puts it back on the model
+:func:`unetile.predict.card.load_model` puts it back on the model
 (``model.normalization``) and :func:`unetile.predict.predict` applies it to
 every tile it reads unless told otherwise.
 """

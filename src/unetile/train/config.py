@@ -25,12 +25,12 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import io
-from .augment import AugmentParams
-from .data import LABEL_MODES, TARGETS
-from .model import UNetConfig, context_margin, is_valid_input_size
-from .numbers import check_int
-from .tiling import Tiling
+from .. import io
+from ..data.augment import AugmentParams
+from ..data.dataset import LABEL_MODES, TARGETS
+from ..network.model import UNetConfig, context_margin, is_valid_input_size
+from ..network.tiling import Tiling
+from ..numbers import check_int
 
 try:
     import tomllib
@@ -73,14 +73,14 @@ PRESETS: dict[str, dict] = {
         # 1.23x the steps in 4 minutes (699 against 568), after ~30 s of compiling.
         "compile": True,
     },
-    # What the data and the device say (unetile.auto chooses the weight map, tile, depth,
+    # What the data and the device say (unetile.train.auto chooses the weight map, tile, depth,
     # width, normalisation, augmentation and budget; these are the rest).
     "auto": {
         "dropout": 0.0,
         "optimizer": "adam",
         "learning_rate": 1e-3,
         "schedule": "cosine",
-        # unetile.auto sets the steps a measured step time allows; the budget ends the run.
+        # unetile.train.auto sets the steps a measured step time allows; the budget ends the run.
         "validate_every": 250,
         "checkpoint_every": 250,
         "compile": True,
@@ -371,7 +371,7 @@ class TrainConfig:
         self._check_numbers()
         if self.tile is not None and len(self.tile) not in (1, self.dims):
             raise ValueError(f"tile {self.tile} needs 1 or {self.dims} sizes for dims={self.dims}")
-        from .metrics import METRICS
+        from ..evaluate.metrics import METRICS
 
         unknown = [name for name in self.metrics if name not in METRICS]
         if unknown or not self.metrics:
@@ -391,7 +391,7 @@ class TrainConfig:
         if (self.val_images is None) != (self.val_labels is None):
             raise ValueError("val_images and val_labels go together; give both or neither")
         if self.pixel_size is not None:
-            from .scale import check_pixel_size
+            from ..predict.scale import check_pixel_size
 
             check_pixel_size(self.pixel_size, self.dims, "pixel_size")
         # Fail early on a bad architecture rather than after reading the data.
@@ -400,7 +400,7 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         """Every number whole or finite, of its type and in range (TOML, JSON and CLI alike)."""
-        from .numbers import MAX_CLASSES, check_float
+        from ..numbers import MAX_CLASSES, check_float
 
         def whole(name, low, high=None, optional=False):
             value = getattr(self, name)
@@ -626,7 +626,7 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
 
 
 def _planned(options: dict) -> dict:
-    """``options`` with what :func:`unetile.auto.plan` chose where they are silent, and the plan.
+    """``options`` with what :func:`.auto.plan` chose where they are silent, and the plan.
 
     Without training folders (a config built before the data is known) the
     preset's fixed values stand alone and nothing is measured.
@@ -643,7 +643,7 @@ def _planned(options: dict) -> dict:
             "torchrun with --config plan.toml"
         )
 
-    from .data import check_training_extents
+    from ..data.dataset import check_training_extents
 
     check_training_extents(options["images"], options["labels"])  # as training would refuse
     record = plan(options)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import io
+from .. import io
 
 
 @dataclass(frozen=True)
