@@ -43,6 +43,7 @@ from unetile.allocator import keep_freed_memory
 from unetile.data.synthetic import cells_like
 from unetile.demo import merged_touching_pairs
 from unetile.evaluate.metrics import iou, match_objects, seg_score
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.instances import InstanceOptions, extract_instances
 from unetile.train.loop import make_config, train
@@ -165,7 +166,7 @@ def run(dataset: str, preset: str, minutes: float, seed: int, data: Path) -> dic
 
             print(describe(config.auto), flush=True)
         summary = train(config, progress=sys.stderr.isatty())
-        model, saved = io.load_model(folder / "run")
+        model, saved = card.load_model(folder / "run")
         scoring = score_cells if dataset == "cells" else score_membranes
         scores = scoring(model, saved, test)
     return {

@@ -39,6 +39,7 @@ from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.evaluate.calibration import calibrate_threshold
 from unetile.evaluate.metrics import score
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.loop import make_config, prepare_arrays, train
 
@@ -57,7 +58,7 @@ def read_pairs(data: Path, indices):
 
 def test_scores(run_dir: Path, images, labels, threshold: float) -> dict:
     """Mean scores at 0.5 and at ``threshold`` on the test images, and the oracle threshold."""
-    model, _ = io.load_model(run_dir)
+    model, _ = card.load_model(run_dir)
     cells = [predict(model, image, progress=False)[1] for image in images]
     truths = [label == 255 for label in labels]
     scores = {}

@@ -57,7 +57,7 @@ from machine import machine_info  # noqa: E402
 
 from unetile.network.model import UNet, size_multiple  # noqa: E402
 from unetile.network.tiling import Tiling, tile_step  # noqa: E402
-from unetile.predict.engine import predict_to_files  # noqa: E402
+from unetile.predict.files import predict_to_files  # noqa: E402
 from unetile.predict.instances import InstanceOptions  # noqa: E402
 from unetile.predict.regions import Plan, model_payload, predict_regions, region_grid  # noqa: E402
 

@@ -37,6 +37,7 @@ from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.data.synthetic import em_like
 from unetile.evaluate.metrics import score
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.loop import make_config, prepare_arrays, train
 
@@ -63,7 +64,7 @@ def em_slices(count: int, seed: int, size: int):
 
 
 def evaluate(run_dir: Path, images, labels) -> dict[str, float]:
-    model, config = io.load_model(run_dir)
+    model, config = card.load_model(run_dir)
     totals = dict.fromkeys(METRICS, 0.0)
     for image, label in zip(images, labels, strict=True):
         probabilities = predict(model, image, normalization=config["normalization"], progress=False)

@@ -231,9 +231,9 @@ def train_network(train_set, validation, target, w0, steps, dims, folder, seed):
         [validation[1]],
     )
     summary = train(config, progress=False, data=data)
-    from unetile import io
+    from unetile.predict import card
 
-    model, saved = io.load_model(folder)
+    model, saved = card.load_model(folder)
     return model, saved, summary
 
 

@@ -48,7 +48,9 @@ from unetile.allocator import keep_freed_memory
 from unetile.evaluate.metrics import score
 from unetile.network.model import forward_flops
 from unetile.network.tiling import Tiling
-from unetile.predict.engine import instances_from_probabilities, predict
+from unetile.predict import card
+from unetile.predict.engine import predict
+from unetile.predict.instances import instances_from_probabilities
 from unetile.train.loop import make_config, train
 
 HERE = Path(__file__).resolve().parent
@@ -97,7 +99,7 @@ def run_unetile(data: Path, preset: str, minutes: float, seed: int, work: Path, 
     started = time.perf_counter()
     summary = train(config, progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
-    model, saved = io.load_model(work / "unetile")
+    model, saved = card.load_model(work / "unetile")
     flops_per_step = 3 * forward_flops(saved["model"], summary["input_shape"]) * config.batch_size
     return model, saved, summary, wall, flops_per_step, config
 

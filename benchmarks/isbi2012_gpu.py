@@ -50,6 +50,7 @@ from machine import machine_info
 
 from unetile import io
 from unetile.network.model import forward_flops
+from unetile.predict import card
 from unetile.predict.engine import resolve_device
 from unetile.train.loop import (
     LAST_WEIGHTS,
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
                 print(error)
                 break
             step = summary["step"]
-            model, saved = io.load_model(config.out, name=LAST_WEIGHTS)
+            model, saved = card.load_model(config.out, name=LAST_WEIGHTS)
             scores = evaluate(predict_unetile(model, saved, val_images, tta=False), val_cells)
             curve.append(
                 {

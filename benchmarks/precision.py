@@ -32,6 +32,7 @@ from machine import machine_info, matmul_peak_gflops
 
 from unetile import io, precision
 from unetile.evaluate.metrics import score
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.config import make_config
 from unetile.train.loop import train
@@ -111,7 +112,7 @@ def main() -> None:
     report["bf16_missing"] = native
     with tempfile.TemporaryDirectory(prefix="unetile-precision-") as work:
         run = args.model or train_model(args.data, args.preset, args.minutes, args.seed, Path(work))
-        model, saved = io.load_model(run)
+        model, saved = card.load_model(run)
         report["model"] = {"run": str(args.model) if args.model else None, **saved["model"]}
     cell = saved["classes"]["foreground"]
     images = np.stack(

@@ -27,6 +27,7 @@ from suite import SETS, model_input, pairs, truth_objects
 from unetile import io
 from unetile.evaluate.metrics import iou, match_objects
 from unetile.precision import bf16_unsupported_reason
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.instances import InstanceOptions, extract_instances, foreground_mask
 
@@ -34,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def compare(run: Path, root: Path) -> dict:
-    model, config = io.load_model(run)
+    model, config = card.load_model(run)
     options = InstanceOptions.from_dict(config["instances"])
     seconds = {"fp32": 0.0, "bf16": 0.0}
     agree, changed, scores = [], 0.0, {"fp32": [], "bf16": []}

@@ -61,7 +61,8 @@ from unetile.network.model import (
     size_multiple,
 )
 from unetile.network.tiling import tile_grid
-from unetile.predict.engine import activation_bytes_per_pixel, auto_tile_shape, predict_to_files
+from unetile.predict.engine import activation_bytes_per_pixel, auto_tile_shape
+from unetile.predict.files import predict_to_files
 
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}
 HERE = Path(__file__).resolve().parent

@@ -56,7 +56,9 @@ from machine import machine_info, matmul_peak_gflops
 from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.network.model import UNet, forward_flops, input_size_for_output
-from unetile.predict.engine import predict, predict_images, predict_to_files
+from unetile.predict import card
+from unetile.predict.engine import predict, predict_images
+from unetile.predict.files import predict_to_files
 
 HERE = Path(__file__).resolve().parent
 NORMALIZATION = {"mean": [127.5], "std": [64.0]}
@@ -216,7 +218,7 @@ def cli_method(model: UNet, slices: list[np.ndarray], scratch: Path):
     from unetile.cli import main
 
     config = {"model": model.config.to_dict(), "normalization": NORMALIZATION}
-    io.save_model(scratch / "run", model, config)
+    card.save_model(scratch / "run", model, config)
     folders = {1: scratch / "first", len(slices) - 1: scratch / "slices"}
     for number, image in enumerate(slices):
         folder = folders[1 if number == 0 else len(slices) - 1]

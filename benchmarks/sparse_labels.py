@@ -47,12 +47,12 @@ import numpy as np
 import torch
 from machine import machine_info
 
-from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.data.synthetic import cells_like
 from unetile.data.weights import touching_borders
 from unetile.demo import DEMO_TRAINING
 from unetile.evaluate.metrics import score
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.loop import make_config, prepare_arrays, train
 
@@ -149,7 +149,7 @@ def evaluate(run_dir: Path, images, truths) -> dict[str, float]:
     ``cell_area_vs_truth`` (predicted cell pixels / true cell pixels) tells
     whether the errors are cells drawn too large (> 1) or too small (< 1).
     """
-    model, config = io.load_model(run_dir)
+    model, config = card.load_model(run_dir)
     totals: dict[str, float] = {}
     for image, truth in zip(images, truths, strict=True):
         probabilities = predict(model, image, normalization=config["normalization"], progress=False)

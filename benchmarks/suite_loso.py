@@ -25,6 +25,7 @@ from suite import PIXELS_ONLY, SETS, model_input, pairs, truth_objects
 
 from unetile import io
 from unetile.evaluate.metrics import match_objects
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.instances import InstanceOptions, extract_instances
 from unetile.train.instance_fit import MIN_SIZE_SHARE
@@ -50,7 +51,7 @@ def variants(carried: InstanceOptions, size_p5: float) -> dict[str, dict[str, In
 
 
 def set_scores(run: Path, root: Path) -> dict[str, dict[str, float]]:
-    model, config = io.load_model(run)
+    model, config = card.load_model(run)
     carried = InstanceOptions.from_dict(config["instances"])
     size_p5 = (config.get("instances_fit") or {}).get("size_p5", 0.0)
     grid = variants(carried, size_p5)

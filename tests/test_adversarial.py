@@ -24,6 +24,7 @@ from unetile import io
 from unetile.cli import main
 from unetile.cli.predict import OWNER_RECORD
 from unetile.network.model import UNet
+from unetile.predict import card
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -82,7 +83,7 @@ def save_run(run_dir: Path, model: UNet | None = None, **entries) -> Path:
         "tile": {"input_shape": [68, 68], "output_shape": [52, 52]},
     }
     config.update(entries)
-    io.save_model(run_dir, model, config)
+    card.save_model(run_dir, model, config)
     return run_dir
 
 
@@ -440,7 +441,7 @@ def _nan_weight(run: Path) -> None:
     model = tiny_model()
     with torch.no_grad():
         model.classifier.weight[0, 0] = float("nan")
-    io.save_model(run, model, json.loads((run / io.MODEL_CONFIG).read_text()))
+    card.save_model(run, model, json.loads((run / io.MODEL_CONFIG).read_text()))
 
 
 def _pickle_weights(run: Path) -> None:
@@ -1327,21 +1328,21 @@ def test_full_disk_at_the_final_save_keeps_the_checkpoint_and_says_where(
     from unetile import train as training
 
     out = tmp_path / "run"
-    real_save = io.save_model
+    real_save = card.save_model
 
     def failing_save(run_dir, model, config, name=io.MODEL_WEIGHTS):
         if name == training.LAST_WEIGHTS:
             _no_space(Path(run_dir) / name)
         real_save(run_dir, model, config, name)
 
-    monkeypatch.setattr(io, "save_model", failing_save)
+    monkeypatch.setattr(card, "save_model", failing_save)
     argv = train_argv(data, out) + TINY + ["--steps", "4", "--checkpoint-every", "2"]
     argv += ["--augment", "none"]
     status, error = run_cli(argv, capsys)
     assert status == 2
     assert_one_line(error, "No space left on device", "the checkpoint of step", "--resume")
     assert (out / training.CHECKPOINT).is_file()
-    monkeypatch.setattr(io, "save_model", real_save)
+    monkeypatch.setattr(card, "save_model", real_save)
     status, error = run_cli(argv + ["--resume"], capsys)
     assert status == 0, error
     assert json.loads((out / "summary.json").read_text())["step"] == 4
@@ -1454,7 +1455,7 @@ def test_init_from_a_model_with_nan_weights_is_refused(data, tmp_path, capsys):
     model = UNet.from_config(config["model"])
     with torch.no_grad():
         model.classifier.bias[0] = float("inf")
-    io.save_model(init, model, config)
+    card.save_model(init, model, config)
     out = tmp_path / "tuned"
     status, error = run_cli(train_argv(data, out) + TINY + ["--init", init], capsys)
     assert status == 2

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_train import stripes_data, tiny_config
 
-from unetile import io
 from unetile.network.model import UNet, batch_norms, estimate_batch_norm
 from unetile.network.tiling import Tiling
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.config import make_config
 from unetile.train.loop import train
@@ -53,19 +53,19 @@ def frozen_run(tmp_path, share, **options):
 def test_frozen_statistics_come_from_the_training_images_and_stay_fixed(tmp_path):
     config, summary = frozen_run(tmp_path, 0.5, steps=6)
     assert summary["step"] == 6
-    model, _ = io.load_model(tmp_path / "run")
+    model, _ = card.load_model(tmp_path / "run")
     norm = batch_norms(model)[0]
     # Frozen after step 3: the last three steps ran with the norms in evaluation mode,
     # so the counter of batches seen stopped where the average was taken.
     assert int(norm.num_batches_tracked) == 3 * 4  # 3 images x 2 x 2 tiles of 44 px over 64 px
     # The last weights and the kept model share the statistics.
-    last, _ = io.load_model(tmp_path / "run", name="last.safetensors")
+    last, _ = card.load_model(tmp_path / "run", name="last.safetensors")
     assert torch.equal(batch_norms(last)[0].running_mean, norm.running_mean)
 
 
 def test_a_run_frozen_at_its_end_estimates_once_after_the_last_step(tmp_path):
     _, summary = frozen_run(tmp_path, 1.0, steps=4)
-    model, _ = io.load_model(tmp_path / "run")
+    model, _ = card.load_model(tmp_path / "run")
     assert summary["step"] == 4 and int(batch_norms(model)[0].num_batches_tracked) == 12
 
 
@@ -77,8 +77,8 @@ def test_resume_across_the_freeze_reaches_the_same_weights(tmp_path):
     train(config, progress=False, data=data, stop_after=6)  # past the freeze at step 4
     resumed = train(config, resume=True, progress=False, data=data)
     assert straight["loss"] == resumed["loss"]
-    a, _ = io.load_model(tmp_path / "a")
-    b, _ = io.load_model(tmp_path / "b")
+    a, _ = card.load_model(tmp_path / "a")
+    b, _ = card.load_model(tmp_path / "b")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x.float(), y.float(), rtol=0, atol=1e-6), name
 
@@ -87,7 +87,7 @@ def test_resume_across_the_freeze_reaches_the_same_weights(tmp_path):
 def frozen_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("frozen")
     frozen_run(folder, 0.5, steps=6)
-    model, _ = io.load_model(folder / "run")
+    model, _ = card.load_model(folder / "run")
     return model
 
 

@@ -9,13 +9,11 @@ from unetile import io
 from unetile.cli import main
 from unetile.evaluate.calibration import THRESHOLDS, calibrate_threshold
 from unetile.network.model import UNet, UNetConfig
-from unetile.predict.engine import (
-    PredictOptions,
-    labels_from_probabilities,
-    predict,
-    predict_to_files,
-)
+from unetile.predict import card
+from unetile.predict.engine import predict
+from unetile.predict.files import predict_to_files
 from unetile.predict.instances import InstanceOptions
+from unetile.predict.postprocessing import PostProcessing, labels_from_probabilities
 from unetile.train.loop import make_config, train
 
 
@@ -102,7 +100,7 @@ def test_predict_to_files_draws_labels_and_instances_at_the_models_threshold(
     )
     np.testing.assert_array_equal(io.read_image(paths["instances"]) > 0, cell > threshold)
     with pytest.raises(ValueError, match="must be below 1"):
-        PredictOptions(threshold=1.0).resolve(random_model, (40, 40))
+        PostProcessing(threshold=1.0)
 
 
 def test_training_calibrates_and_predict_and_evaluate_use_it(tmp_path, capsys):
@@ -134,7 +132,7 @@ def test_training_calibrates_and_predict_and_evaluate_use_it(tmp_path, capsys):
     # Scored as validation scores the kept model: at 0.5 it is the best validation value.
     assert calibration["at_0.5"] == pytest.approx(summary["best_value"], abs=1e-9)
     assert calibration["value"] <= calibration["at_0.5"]
-    model, _ = io.load_model(tmp_path / "run")
+    model, _ = card.load_model(tmp_path / "run")
     assert model.threshold == calibration["threshold"]
     held_out = images / "02.png"
     out = tmp_path / "predicted"

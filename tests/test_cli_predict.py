@@ -13,7 +13,10 @@ from unetile import io
 from unetile.cli import main
 from unetile.cli.predict import OWNER_RECORD
 from unetile.network.model import UNet
-from unetile.predict.engine import instances_from_probabilities, labels_from_probabilities, predict
+from unetile.predict import card
+from unetile.predict.engine import predict
+from unetile.predict.instances import instances_from_probabilities
+from unetile.predict.postprocessing import labels_from_probabilities
 
 
 def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):
@@ -28,7 +31,7 @@ def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):
         "classes": {"foreground": 1},
         "tile": {"input_shape": [68, 68], "output_shape": [52, 52]},
     }
-    io.save_model(run_dir, model, config)
+    card.save_model(run_dir, model, config)
     return model.eval()
 
 
@@ -136,7 +139,7 @@ def test_invalid_tile_is_one_line_error(tmp_path, capsys):
 def test_rgb_png_is_read_channels_last_as_in_training(tmp_path, capsys):
     torch.manual_seed(0)
     model = UNet(in_channels=3, base_channels=2, depth=2, dropout=0.0)
-    io.save_model(
+    card.save_model(
         tmp_path / "run",
         model,
         {"model": model.config.to_dict(), "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}},

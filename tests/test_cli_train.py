@@ -7,6 +7,7 @@ import pytest
 
 from unetile import io
 from unetile.cli import build_parser, main
+from unetile.predict import card
 from unetile.train.loop import TrainConfig
 
 
@@ -62,7 +63,7 @@ def test_cli_trains_with_toml_options_overridden_by_the_command_line(dataset, ca
         + ["--out", str(run), "--config", str(options), "--steps", "4", "--quiet"]
     )
     assert code == 0
-    model, saved = io.load_model(run)
+    model, saved = card.load_model(run)
     training = saved["training"]
     assert training["steps"] == 4  # the command line beats the file's 2
     assert training["depth"] == 2 and training["base_channels"] == 4  # from the file

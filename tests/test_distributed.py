@@ -17,7 +17,8 @@ from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet, input_size_for_output, size_multiple
 from unetile.network.tiling import grid_axes, owned_region, tile_step
-from unetile.predict.engine import predict_to_files
+from unetile.predict import card
+from unetile.predict.files import predict_to_files
 from unetile.predict.instances import InstanceOptions
 from unetile.predict.regions import (
     RECORDS,
@@ -309,7 +310,9 @@ def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(
     client, tmp_path, capsys, monkeypatch
 ):
     model = small_model(depth=2, base=4, seed=1)
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
+    card.save_model(
+        tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None}
+    )
     image = np.random.default_rng(1).random((60, 50), dtype=np.float32)
     tifffile.imwrite(tmp_path / "cells.tif", image)
     tile = str(valid_tile(model, 6))
@@ -355,7 +358,9 @@ def test_cli_resume_after_ctrl_c_and_a_cluster_by_its_address(
 )
 def test_bad_cluster_options_are_one_line_errors(tmp_path, capsys, options, message):
     model = small_model()
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
+    card.save_model(
+        tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None}
+    )
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 20), np.float32))
     status = main(
         ["predict", str(tmp_path / "run"), str(tmp_path / "a.tif")]

@@ -14,11 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet, is_valid_input_size, output_size
 from unetile.network.normalization import Normalization
-from unetile.predict import export
+from unetile.predict import card, export
 from unetile.predict.engine import predict
 
 NORMALIZATION = {"mean": [100.0], "std": [50.0]}
@@ -244,7 +243,7 @@ def test_bioimageio_core_reproduces_the_test_output(package):
 
 def save_run(run_dir, depth=3):
     model = tiny_model(depth=depth)
-    io.save_model(run_dir, model, config_of(model))
+    card.save_model(run_dir, model, config_of(model))
     return model
 
 

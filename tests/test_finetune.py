@@ -8,6 +8,7 @@ from test_train import stripes_data, tiny_config
 
 from unetile import io
 from unetile.cli import main
+from unetile.predict import card
 from unetile.train.loop import _sha256, train
 
 
@@ -19,7 +20,7 @@ def source_run(tmp_path_factory):
 
 
 def weights_of(run):
-    model, _ = io.load_model(run)
+    model, _ = card.load_model(run)
     return {name: value.clone() for name, value in model.state_dict().items()}
 
 
@@ -80,7 +81,7 @@ def test_cli_takes_the_network_of_the_init_run(tmp_path, source_run, capsys):
     common = ["train", "--images", str(images), "--labels", str(labels), "--init", str(source_run)]
     common += ["--tile", "44", "--steps", "2", "--quiet", "--threads", "1"]
     assert main([*common, "--out", str(tmp_path / "run"), "--freeze-encoder"]) == 0
-    model, saved = io.load_model(tmp_path / "run")
+    model, saved = card.load_model(tmp_path / "run")
     assert (saved["model"]["depth"], saved["model"]["base_channels"]) == (2, 4)
     assert saved["training"]["init"] == str(source_run)
     assert main([*common, "--out", str(tmp_path / "deeper"), "--depth", "3"]) == 2

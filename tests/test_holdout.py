@@ -10,6 +10,7 @@ from unetile.cli import main
 from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, TileSampler, compute_weight_map, labels_to_classes
 from unetile.data.holdout import MIN_STRIP, choose_images, evenly_spaced, split
+from unetile.predict import card
 from unetile.train.loop import make_config, prepare_arrays, train
 
 
@@ -153,8 +154,8 @@ def test_resume_holds_out_the_same_images_and_ends_as_a_straight_run(tmp_path):
     assert io.read_json(tmp_path / "resumed" / "config.json")["holdout"] == stored
     assert second["validation"] == straight["validation"]
     assert second["best_value"] == straight["best_value"]
-    a, _ = io.load_model(tmp_path / "straight")
-    b, _ = io.load_model(tmp_path / "resumed")
+    a, _ = card.load_model(tmp_path / "straight")
+    b, _ = card.load_model(tmp_path / "resumed")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 

@@ -4,6 +4,7 @@ import torch
 
 from unetile import io
 from unetile.network.model import UNet
+from unetile.predict import card
 
 
 def test_list_images_skips_hidden_sidecars_and_temporaries(tmp_path):
@@ -51,8 +52,8 @@ def test_images_round_trip_and_bad_files_are_one_line_errors(tmp_path):
 
 def test_model_round_trips_through_safetensors_and_json(tmp_path):
     model = UNet(base_channels=2, depth=2)
-    io.save_model(tmp_path, model, {"model": model.config.to_dict(), "normalization": None})
-    loaded, config = io.load_model(tmp_path)
+    card.save_model(tmp_path, model, {"model": model.config.to_dict(), "normalization": None})
+    loaded, config = card.load_model(tmp_path)
     assert config["unetile_version"] and config["model"]["base_channels"] == 2
     for (name, tensor), other in zip(
         model.state_dict().items(), loaded.state_dict().values(), strict=True
@@ -60,4 +61,4 @@ def test_model_round_trips_through_safetensors_and_json(tmp_path):
         assert torch.equal(tensor, other), name
     (tmp_path / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(io.InputError, match="model.safetensors: not a safetensors weights file"):
-        io.load_model(tmp_path)
+        card.load_model(tmp_path)

@@ -18,6 +18,7 @@ from unetile import io  # noqa: E402
 from unetile.napari import _logic  # noqa: E402
 from unetile.napari._sample import touching_cells  # noqa: E402
 from unetile.napari._session import KEY, Session, session  # noqa: E402
+from unetile.predict import card  # noqa: E402
 from unetile.train.config import make_config  # noqa: E402
 from unetile.train.loop import _sha256, prepare_arrays, train  # noqa: E402
 
@@ -220,7 +221,7 @@ def test_stop_leaves_a_complete_new_run_and_the_old_one_untouched(model_run, cel
             break
     assert len(progress) == 1 and summary["interrupted"] and 0 < summary["step"] < 50
     assert _sha256(model_run / "model.safetensors") == before
-    model, config = io.load_model(out)
+    model, config = card.load_model(out)
     assert config["init"]["run"] == str(model_run)
     assert config["model"] == io.read_json(model_run / "config.json")["model"]
     with pytest.raises(io.InputError, match="is the model being fine-tuned"):

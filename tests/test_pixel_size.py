@@ -8,6 +8,7 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
+from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.scale import relative_difference, resample, scaled_shape
 from unetile.train.loop import make_config, prepare_arrays, run_config, training_pixel_size
@@ -93,7 +94,7 @@ def run_at_10nm(tmp_path):
         "classes": {"foreground": 1},
         "pixel_size_um": [0.01, 0.01],
     }
-    io.save_model(tmp_path / "run", model, config)
+    card.save_model(tmp_path / "run", model, config)
     return tmp_path / "run", model.eval()
 
 
@@ -157,7 +158,9 @@ def test_rescale_predicts_at_the_models_pixel_size_and_returns_the_inputs_shape(
 
 def test_rescale_needs_a_model_with_a_pixel_size(tmp_path, capsys):
     model = UNet(base_channels=2, depth=2, dropout=0.0)
-    io.save_model(tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None})
+    card.save_model(
+        tmp_path / "run", model, {"model": model.config.to_dict(), "normalization": None}
+    )
     io.write_image(tmp_path / "in.tif", np.zeros((20, 20), np.float32))
     assert main(predict_command(tmp_path, "--rescale", "--pixel-size", "0.01")) == 2
     assert "the model has no pixel size to --rescale to" in capsys.readouterr().err

@@ -7,9 +7,10 @@ import pytest
 import tifffile
 import torch
 
-from unetile import io, precision
+from unetile import precision
 from unetile.cli import main
 from unetile.network.model import UNet
+from unetile.predict import card
 from unetile.predict.engine import PredictOptions, predict
 
 
@@ -46,7 +47,7 @@ def test_cli_refuses_bf16_with_one_line_and_status_2(monkeypatch, tmp_path, caps
     image = tmp_path / "slice.tif"
     tifffile.imwrite(image, np.zeros((20, 20), dtype=np.uint8))
     model = small_model()
-    io.save_model(
+    card.save_model(
         tmp_path / "model", model, {"model": model.config.to_dict(), "normalization": None}
     )
     out = tmp_path / "out"
@@ -80,7 +81,7 @@ def test_auto_takes_bf16_only_where_it_is_native_and_says_so(monkeypatch, tmp_pa
     image = tmp_path / "slice.tif"
     tifffile.imwrite(image, np.random.default_rng(1).random((40, 40), dtype=np.float32))
     model = small_model(seed=1)
-    io.save_model(
+    card.save_model(
         tmp_path / "model", model, {"model": model.config.to_dict(), "normalization": None}
     )
     arguments = [str(tmp_path / "model"), str(image), "--no-progress", "--save-probabilities"]

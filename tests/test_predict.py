@@ -14,16 +14,16 @@ from hypothesis import strategies as st
 from unetile import io
 from unetile.network.model import UNet, input_size_for_output, size_multiple
 from unetile.network.tiling import axis_origins, tile_step
+from unetile.predict import card
 from unetile.predict.engine import (
     _tile_batches,
     activation_bytes_per_pixel,
     auto_tile_shape,
     gaussian_importance,
-    labels_from_probabilities,
     predict,
     predict_images,
-    predict_to_files,
 )
+from unetile.predict.files import predict_to_files
 from unetile.predict.instances import (
     chunk_regions,
     final_instances,
@@ -32,6 +32,7 @@ from unetile.predict.instances import (
     label_foreground,
     merge_tile_labels,
 )
+from unetile.predict.postprocessing import labels_from_probabilities
 
 
 def small_model(depth=2, base=2, seed=0, padding="valid", in_channels=1, dims=2, classes=2):
@@ -500,14 +501,13 @@ def test_watershed_instance_files_equal_the_whole_image_across_regions(tmp_path,
 
 
 def test_a_loaded_model_brings_its_normalisation_and_options_are_one_object(tmp_path):
-    from unetile import io
     from unetile.network.normalization import Normalization
     from unetile.predict.engine import PredictOptions
 
     model = small_model(depth=2, base=3, seed=4)
     stored = {"mean": [100.0], "std": [50.0]}
-    io.save_model(tmp_path, model, {"model": model.config.to_dict(), "normalization": stored})
-    loaded, config = io.load_model(tmp_path)
+    card.save_model(tmp_path, model, {"model": model.config.to_dict(), "normalization": stored})
+    loaded, config = card.load_model(tmp_path)
     assert loaded.normalization == Normalization((100.0,), (50.0,))
     image = np.random.default_rng(4).integers(0, 256, (23, 30), dtype=np.uint8)
     expected = whole_image_reference(model, (image.astype(np.float32) - 100.0) / 50.0)
@@ -616,5 +616,5 @@ def test_load_model_records_the_training_tile(tmp_path):
         augment="none",
     )
     train(config, progress=False)
-    model, _ = io.load_model(tmp_path / "run")
+    model, _ = card.load_model(tmp_path / "run")
     assert model.training_tile == (20, 20) and model.config.norm == "instance"

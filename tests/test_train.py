@@ -9,6 +9,7 @@ from unetile import io
 from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, labels_to_classes
 from unetile.network.normalization import Normalization
+from unetile.predict import card
 from unetile.train.loop import (
     PRESETS,
     TrainConfig,
@@ -196,8 +197,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, optim
     second = train(config, resume=True, progress=False, data=data)
     assert second["step"] == 6 and not second["interrupted"]
     assert straight["loss"] == second["loss"]
-    a, _ = io.load_model(tmp_path / "straight")
-    b, _ = io.load_model(tmp_path / "resumed")
+    a, _ = card.load_model(tmp_path / "straight")
+    b, _ = card.load_model(tmp_path / "resumed")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x, y, rtol=0, atol=1e-6), name
     with open(tmp_path / "resumed" / "log.csv") as handle:
@@ -221,7 +222,7 @@ def test_run_folder_holds_what_predict_needs(tmp_path):
         "summary.json",
     ):
         assert (run / name).is_file(), name
-    model, saved = io.load_model(run)
+    model, saved = card.load_model(run)
     assert saved["model"]["base_channels"] == 4 and saved["model"]["depth"] == 2
     assert saved["classes"] == {
         "num_classes": 2,
@@ -338,7 +339,7 @@ def test_three_class_target_trains_and_the_model_carries_instance_options_tuned_
     assert data.num_classes == 3
     assert set(np.unique(data.train[0].classes)) == {0, 1, 2}
     summary = train(config, progress=False, data=data)
-    _, saved = io.load_model(tmp_path / "run")
+    _, saved = card.load_model(tmp_path / "run")
     assert saved["model"]["num_classes"] == 3
     assert saved["calibration"] is None  # more than two classes: the labels stay the argmax
     options = InstanceOptions.from_dict(saved["instances"])

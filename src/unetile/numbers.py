@@ -118,3 +118,11 @@ def real_option(
 
     parse.__name__ = "number"
     return parse
+
+
+def flag(help: str, *, name: str | None = None, metavar: str | None = None, kind=None, **extra):
+    """The ``metadata`` of an option type's field that the command line shows as a flag:
+    its help, flag (default ``--field-name``), metavar and parser (``kind``: a
+    :func:`whole_option` / :func:`real_option`, ``bool`` for an on/off switch, or None
+    for text); ``extra`` goes to ``argparse`` as it is (``choices``, ``action``)."""
+    return {"flag": {"help": help, "name": name, "metavar": metavar, "kind": kind, **extra}}

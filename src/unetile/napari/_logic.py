@@ -237,8 +237,8 @@ def instance_options(model: LoadedModel, post: PostOptions):
 def post_process(probabilities: np.ndarray, model: LoadedModel, post: PostOptions) -> Segmentation:
     """Labels and instances from probabilities: no network, so it can follow every change."""
     from ..evaluate.calibration import check_threshold
-    from ..predict.engine import labels_from_probabilities
     from ..predict.instances import extract_instances
+    from ..predict.postprocessing import labels_from_probabilities
 
     threshold = None
     if post.threshold is not None and model.num_classes == 2:

@@ -26,32 +26,17 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .. import io
 from ..network.model import UNet
 from ..network.normalization import Normalization
 from ..network.tiling import Tiling, Window, axis_origins
+from ..numbers import flag, real_option, whole_option
 from ..precision import autocast, check_precision
-from .instances import (  # noqa: F401 - importable from here as before they moved
-    InstanceOptions,
-    check_grow,
-    chunk_regions,
-    final_instances,
-    foreground_mask,
-    grow_cells,
-    instances_from_probabilities,
-    join_labels,
-    keys_by_region,
-    label_foreground,
-    merge_tile_labels,
-    rank_keys,
-    region_grid,
-)
+from .postprocessing import class_dtype, labels_from_probabilities  # noqa: F401 - as before
 
 GIB = 2**30
 CPU_BUDGET = 1.5 * GIB  # activations; keeps a base-16 run under 2 GB resident
@@ -94,26 +79,58 @@ class PredictOptions:
     overlap : float
         Tile overlap fraction for ``same`` models (blended); ignored for
         ``valid`` models, which are exact without overlap.
-    threshold : float, optional
-        Labels (and instances) of a two-class model: foreground where its
-        probability is above this, in (0, 1); default the model's calibrated
-        threshold (``model.threshold``, from ``config.json`` ``"calibration"``)
-        or, without one, the argmax. The probabilities do not depend on it.
     precision : {"fp32", "bf16"}
         Arithmetic of the network (:mod:`unetile.precision`); ``bf16`` only
         where the device computes it natively (ValueError otherwise).
     """
 
-    tile_shape: int | tuple[int, ...] | None = None
-    batch_size: int = 1
-    tta: bool = False
-    device: str | torch.device | None = None
-    memory_budget: float | None = None
+    tile_shape: int | tuple[int, ...] | None = field(
+        default=None,
+        metadata=flag(
+            "output tile size in pixels (default: the largest that fits the memory budget)",
+            name="--tile",
+            metavar="N",
+            kind=whole_option(1, 65536),
+        ),
+    )
+    batch_size: int = field(
+        default=1,
+        metadata=flag("tiles per forward pass", metavar="B", kind=whole_option(1, 4096)),
+    )
+    tta: bool = field(
+        default=False,
+        metadata=flag("average over the 8 flips and rotations of the plane", action="store_true"),
+    )
+    device: str | torch.device | None = field(
+        default=None,
+        metadata=flag(
+            "'cpu', 'cuda', 'cuda:N' or 'mps' (Apple GPU) (default: cuda if available, else "
+            "mps, else cpu)",
+            metavar="DEVICE",
+        ),
+    )
+    memory_budget: float | None = field(
+        default=None,
+        metadata=flag(
+            "memory for activations when the tile size is automatic (GiB)",
+            metavar="GB",
+            kind=real_option(0, 10**6, open_minimum=True),
+        ),
+    )
     normalization: Normalization | dict | tuple | None = None
-    progress: bool = True
+    progress: bool = field(
+        default=True, metadata=flag("no progress bar", name="--no-progress", action="store_false")
+    )
     overlap: float = SAME_OVERLAP
-    threshold: float | None = None
-    precision: str = "fp32"
+    precision: str = field(
+        default="fp32",
+        metadata=flag(
+            "arithmetic of the network: bf16 only where the processor computes it natively "
+            "(CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else fp32; 'auto' (default) takes "
+            "bf16 where it is native, fp32 elsewhere",
+            choices=("auto", "fp32", "bf16"),
+        ),
+    )
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -146,37 +163,7 @@ class PredictOptions:
             device=device,
             tile_shape=tile_shape,
             normalization=normalization,
-            threshold=resolve_threshold(model, self.threshold),
         )
-
-
-def resolve_threshold(model: UNet, threshold: float | None = None) -> float | None:
-    """The labels' foreground threshold: ``threshold``, else the model's calibrated one
-    (``model.threshold``), else None (the argmax).
-
-    Raises
-    ------
-    ValueError
-        For a threshold outside (0, 1) or a model of more than two classes.
-    """
-    from ..evaluate.calibration import check_threshold
-
-    if threshold is None:
-        threshold = getattr(model, "threshold", None)
-    if threshold is None:
-        return None
-    threshold = check_threshold(threshold)
-    if model.config.num_classes != 2:
-        raise ValueError(
-            f"a threshold decides between two classes; this model has "
-            f"{model.config.num_classes}: its labels are the argmax"
-        )
-    return threshold
-
-
-def model_foreground(model: UNet) -> int:
-    """The class a threshold applies to: ``model.foreground`` (``config.json``), else 1."""
-    return int(getattr(model, "foreground", 1))
 
 
 def activation_bytes_per_pixel(model: UNet) -> int:
@@ -640,7 +627,7 @@ def _iter_resolved(model, images, spatials, resolved):
     ]
     batches = _tile_batches(tiles, [o.tile_shape for o in resolved], options.batch_size)
     left = [len(image_tiles) for image_tiles in tiles]
-    channels_last = device.type == "cpu" and config.dims == 2
+    channels_last = uses_channels_last(model, device)
     valid = config.padding == "valid"
     blends = {}
 
@@ -656,23 +643,9 @@ def _iter_resolved(model, images, spatials, resolved):
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(left), unit="tile", disable=not options.progress, desc="predict")
-    # One reader thread fetches the next batch of tiles while the network runs.
-    reader = ThreadPoolExecutor(max_workers=1)
     try:
         with _inference(model, device, channels_last):
-            pending = reader.submit(load, batches[0])
-            for index, batch in enumerate(batches):
-                inputs = pending.result()
-                if index + 1 < len(batches):
-                    pending = reader.submit(load, batches[index + 1])
-                outputs = forward_probabilities(
-                    model, inputs, device, options.tta, channels_last, options.precision
-                )
-                if not np.isfinite(outputs).all():
-                    raise ValueError(
-                        "the network gave NaN probabilities from finite input: its weights "
-                        "or normalisation are broken; train again or take an earlier checkpoint"
-                    )
+            for batch, outputs in forward_batches(model, batches, load, device, options):
                 for (number, tile), output in zip(batch, outputs, strict=True):
                     bar.update(1)
                     left[number] -= 1
@@ -688,8 +661,41 @@ def _iter_resolved(model, images, spatials, resolved):
                         whole = tuple(slice(0, s) for s in spatials[number])
                         yield number, whole, blends.pop(number).result()
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
         bar.close()
+
+
+def forward_batches(model: UNet, batches: Sequence, load, device, options: PredictOptions):
+    """The tile loop of every runner: ``(batch, probabilities)`` for each batch, in order.
+
+    ``load(batch)`` reads a batch's input tiles; one reader thread reads the
+    next batch while the network runs this one. The model must be ready on
+    ``device`` (in eval mode, in the layout :func:`channels_last` says).
+    ValueError when the network gives NaN.
+    """
+    channels_last = uses_channels_last(model, device)
+    reader = ThreadPoolExecutor(max_workers=1)
+    try:
+        pending = reader.submit(load, batches[0])
+        for index, batch in enumerate(batches):
+            inputs = pending.result()
+            if index + 1 < len(batches):
+                pending = reader.submit(load, batches[index + 1])
+            outputs = forward_probabilities(
+                model, inputs, device, options.tta, channels_last, options.precision
+            )
+            if not np.isfinite(outputs).all():
+                raise ValueError(
+                    "the network gave NaN probabilities from finite input: its weights "
+                    "or normalisation are broken; train again or take an earlier checkpoint"
+                )
+            yield batch, outputs
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+
+
+def uses_channels_last(model: UNet, device: torch.device) -> bool:
+    """Whether a 2D network runs channels-last here (faster with oneDNN on the CPU)."""
+    return device.type == "cpu" and model.config.dims == 2
 
 
 def predict_images(
@@ -764,393 +770,3 @@ def predict(model: UNet, image, options: PredictOptions | None = None, *, out=No
     for region, block in iter_predictions(model, image, options, **changes):
         out[(slice(None), *region)] = block
     return out
-
-
-# --------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------
-
-
-def class_dtype(num_classes: int):
-    return np.uint8 if num_classes <= 256 else np.uint16
-
-
-def labels_from_probabilities(
-    probabilities: np.ndarray, threshold: float | None = None, foreground: int = 1
-) -> np.ndarray:
-    """Class map of ``(K, *spatial)`` probabilities: the argmax over the first axis, or
-    with ``threshold`` (two classes) ``foreground`` where its probability is above it.
-
-    Parameters
-    ----------
-    probabilities : ndarray ``(K, *spatial)``
-    threshold : float or None
-        In (0, 1), for two classes only; ``model.threshold`` is a model's
-        calibrated one (:mod:`unetile.evaluate.calibration`). At 0.5 it is the argmax.
-    foreground : int
-        The class whose probability is thresholded (0 or 1).
-
-    Examples
-    --------
-    >>> p = np.array([[0.8, 0.6, 0.3]]); probabilities = np.concatenate([p, 1 - p])
-    >>> labels_from_probabilities(probabilities).tolist()
-    [0, 0, 1]
-    >>> labels_from_probabilities(probabilities, threshold=0.35).tolist()
-    [0, 1, 1]
-    """
-    probabilities = np.asarray(probabilities)
-    dtype = class_dtype(probabilities.shape[0])
-    if threshold is None:
-        return probabilities.argmax(axis=0).astype(dtype)
-    if probabilities.shape[0] != 2 or foreground not in (0, 1):
-        raise ValueError(
-            f"a threshold decides between two classes; got {probabilities.shape[0]} classes "
-            f"and foreground class {foreground}"
-        )
-    cells = probabilities[foreground] > threshold
-    return np.where(cells, foreground, 1 - foreground).astype(dtype)
-
-
-# --------------------------------------------------------------------------
-# Out of core: prediction straight to files
-# --------------------------------------------------------------------------
-
-
-def predict_to_files(
-    model: UNet,
-    image,
-    options: PredictOptions | None = None,
-    *,
-    labels: str | os.PathLike | None = None,
-    probabilities: str | os.PathLike | None = None,
-    instances: str | os.PathLike | None = None,
-    foreground_class: int = 1,
-    grow: int = 0,
-    instance_options: InstanceOptions | None = None,
-    **changes,
-) -> dict[str, Path]:
-    """Predict an image of any size into files, holding only a few tiles in memory.
-
-    (Bounded memory holds for ``valid`` models, the paper's; a ``same`` model's
-    Gaussian blending keeps whole-image sums in memory.)
-
-    Each output path ending in ``.zarr`` becomes a zarr store, ``.tif`` or
-    ``.tiff`` a tiled (256 x 256) BigTIFF. Tiles are written as they are
-    predicted into zarr stores in a scratch folder beside the outputs; the
-    TIFFs are streamed from those, and every output appears under its final
-    name only when complete.
-
-    Parameters
-    ----------
-    labels, probabilities, instances : path, optional
-        Where to write the class map (argmax, uint8), the ``(K, *spatial)``
-        float32 probabilities and the instance labels (uint32, one id per cell
-        across tiles, the same as :func:`unetile.predict.instances.extract_instances`
-        of the whole image).
-    foreground_class : int
-        Class index of the cells, for ``instances`` without ``instance_options``.
-    grow : int
-        Pixels by which each cell of ``instances`` grows into the background
-        (:func:`unetile.predict.instances.grow_cells`); 0 keeps the cells as they are.
-    instance_options : InstanceOptions, optional
-        How ``instances`` are extracted; default the paper's connected
-        components of ``foreground_class``. The paper's components are joined
-        across tiles without bound; the other methods read each region with a
-        margin of ``max_extent`` px and raise ValueError when a connected group
-        of cells is wider.
-    options, keywords
-        As for :func:`predict`.
-
-    Returns
-    -------
-    dict
-        The written paths, keyed by "labels", "probabilities", "instances".
-    """
-    outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
-    for _ in predict_images_to_files(
-        model,
-        [image],
-        [outputs],
-        options,
-        foreground_class=foreground_class,
-        grow=grow,
-        instance_options=instance_options,
-        **changes,
-    ):
-        pass
-    return {kind: Path(path) for kind, path in outputs.items() if path is not None}
-
-
-def predict_images_to_files(
-    model: UNet,
-    images: Sequence,
-    outputs: Sequence[dict],
-    options: PredictOptions | None = None,
-    *,
-    foreground_class: int = 1,
-    grow: int = 0,
-    instance_options: InstanceOptions | None = None,
-    **changes,
-) -> Iterator[int]:
-    """:func:`predict_to_files` for several images, their tiles batched together.
-
-    The network is set up once and the tiles of consecutive images share
-    forward passes (:func:`iter_image_predictions`), ``batch_size`` at a
-    time: a folder of small slices runs several slices per pass. Each
-    image's files are written as :func:`predict_to_files` writes them.
-
-    Parameters
-    ----------
-    images : sequence of array-like
-        As :func:`predict` takes them.
-    outputs : sequence of dict
-        Per image, its ``labels``, ``probabilities`` and ``instances`` paths
-        (as the keywords of :func:`predict_to_files`; None or absent: not written).
-    options, foreground_class, grow, instance_options, keywords
-        As for :func:`predict_to_files`, the same for every image.
-
-    Yields
-    ------
-    int
-        The number of each image whose files are complete, in order.
-    """
-    images = list(images)
-    if len(outputs) != len(images):
-        raise ValueError(f"give one outputs dict per image: {len(outputs)} for {len(images)}")
-    plans = []
-    for paths in outputs:
-        paths = tuple(paths.get(kind) for kind in ("labels", "probabilities", "instances"))
-        plans.append(requested_outputs(model, paths, grow, foreground_class, instance_options))
-    spatials, resolved = _resolve_each(model, images, PredictOptions.of(options, **changes))
-    # The cells are drawn from the same foreground as the labels (one threshold for all).
-    plans = [
-        (requested, grow, follow_threshold(instances, each.threshold))
-        for (requested, grow, instances), each in zip(plans, resolved, strict=True)
-    ]
-    # Checked for every image before any is predicted (a grow wider than the tile).
-    chunks = [
-        output_chunks(model, spatial, each.tile_shape, plan[1])
-        for spatial, each, plan in zip(spatials, resolved, plans, strict=True)
-    ]
-    blocks = _iter_resolved(model, images, spatials, resolved) if images else iter(())
-    with contextlib.ExitStack() as stack:
-        # Each image's files are opened when its first block comes, closed after its last.
-        current, files = None, None
-        for number, region, block in blocks:
-            if number != current:
-                if files is not None:
-                    files.finish()
-                    stack.close()
-                    yield current
-                files = _ImageFiles.open(
-                    model, spatials[number], resolved[number], plans[number], chunks[number], stack
-                )
-                current = number
-            files.write(region, block)
-        if files is not None:
-            files.finish()
-            stack.close()
-            yield current
-
-
-@dataclass
-class _ImageFiles:
-    """One image's output files while its predictions stream in (:func:`predict_to_files`)."""
-
-    requested: dict[str, Path]
-    arrays: dict
-    stores: _ScratchStores
-    cells: _TileCells
-    chunks: tuple[int, ...]
-    grow: int
-    instance_options: InstanceOptions
-    options: PredictOptions
-    per_tile: bool
-    by_region: bool
-    foreground: int  # the class the labels' threshold applies to
-
-    @classmethod
-    def open(cls, model, spatial, options, plan, chunks, stack: contextlib.ExitStack):
-        """The scratch stores of one image, in a scratch folder that ``stack`` removes."""
-        requested, grow, instance_options = plan
-        first = next(iter(requested.values()))
-        first.parent.mkdir(parents=True, exist_ok=True)
-        io.remove_stale_scratch(first.parent)
-        scratch = stack.enter_context(io.scratch_folder(first.parent))
-        stores = _ScratchStores(scratch, spatial, chunks)
-        instances = "instances" in requested
-        by_region = instances and instance_options.needs_whole_objects
-        arrays = stores.outputs(requested, model.config.num_classes, by_region)
-        cells = _TileCells(arrays.get("provisional"))
-        per_tile = instances and not by_region
-        return cls(
-            requested,
-            arrays,
-            stores,
-            cells,
-            chunks,
-            grow,
-            instance_options,
-            options,
-            per_tile,
-            by_region,
-            model_foreground(model),
-        )
-
-    def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
-        """Stream one predicted block into the stores; label the cells of each tile."""
-        arrays = self.arrays
-        if "probabilities" in arrays:
-            arrays["probabilities"][(slice(None), *region)] = block
-        options = self.options
-        classes = labels_from_probabilities(block, options.threshold, self.foreground)
-        if "labels" in arrays:
-            arrays["labels"][region] = classes.astype(class_dtype(block.shape[0]))
-        if self.per_tile:
-            self.cells.add(region, foreground_mask(block, self.instance_options))
-
-    def finish(self) -> None:
-        """Instances joined across tiles; every output moved or written under its final name."""
-        arrays, stores, scratch = self.arrays, self.stores, self.stores.folder
-        if "instances" in self.requested:
-            provisional = self.cells.provisional
-            if self.by_region:
-                lut = _ranked_objects(
-                    arrays, provisional, self.chunks, self.instance_options, self.options
-                )
-            else:
-                lut = self.cells.lookup()
-            arrays["instances"] = stores.create("instances", np.uint32)
-            for region in chunk_regions(stores.spatial, self.chunks):
-                arrays["instances"][region] = final_instances(provisional, lut, region, self.grow)
-        for kind, path in self.requested.items():
-            if path.suffix.lower() == ".zarr":
-                io.move_directory(scratch / f"{kind}.zarr", path)
-            else:
-                # Written inside the scratch folder, then renamed: a killed run leaves
-                # nothing beside the outputs that the next run would not remove.
-                io.write_tiled_tiff(scratch / f"{kind}{path.suffix}", arrays[kind])
-                os.replace(scratch / f"{kind}{path.suffix}", path)
-
-
-def requested_outputs(
-    model: UNet, outputs, grow: int, foreground_class: int, instance_options
-) -> tuple[dict[str, Path], int, InstanceOptions]:
-    """The output paths given, by kind, with ``grow`` and the instance options, checked.
-
-    ``outputs`` are the labels, probabilities and instances paths (None: not
-    written). ValueError for no output, a suffix that is not written, a grow
-    without instances or instance classes the model does not have.
-    """
-    kinds = ("labels", "probabilities", "instances")
-    given = zip(kinds, outputs, strict=True)
-    requested = {kind: Path(path) for kind, path in given if path is not None}
-    if not requested:
-        raise ValueError("give at least one of labels, probabilities, instances")
-    for kind, path in requested.items():
-        if path.suffix.lower() not in (".zarr", ".tif", ".tiff"):
-            raise ValueError(f"{kind} path {path} must end in .zarr, .tif or .tiff")
-    grow = check_grow(grow)
-    if grow and "instances" not in requested:
-        raise ValueError("grow grows the cells of instances: give an instances path")
-    if instance_options is None:
-        instance_options = InstanceOptions(foreground_classes=(int(foreground_class),))
-    if "instances" in requested:
-        instance_options.check_classes(model.config.num_classes)
-    return requested, grow, instance_options
-
-
-def follow_threshold(instance_options: InstanceOptions, threshold: float | None):
-    """The instance options with the labels' ``threshold`` where they name none, so that
-    the cells are drawn from the same foreground as the labels."""
-    if instance_options.threshold is not None or threshold is None:
-        return instance_options
-    return dataclasses.replace(instance_options, threshold=threshold)
-
-
-def output_chunks(model: UNet, spatial, tile_shape, grow: int = 0) -> tuple[int, ...]:
-    """Chunks of the output stores: one tile step, so that each tile writes whole chunks."""
-    steps = Tiling.of(model).steps(tile_shape)
-    if grow > min(steps):
-        # Each output region is grown from a grow-wide margin: keep it within a tile.
-        raise ValueError(
-            f"grow {grow} px is larger than the output tile ({min(steps)} px): "
-            "use a smaller grow or a larger tile"
-        )
-    return tuple(min(s, step) for s, step in zip(spatial, steps, strict=True))
-
-
-@dataclass
-class _ScratchStores:
-    """Zarr stores in the scratch folder, chunked like the output tiles."""
-
-    folder: Path
-    spatial: tuple[int, ...]
-    chunks: tuple[int, ...]
-
-    def create(self, name: str, dtype, channels: int | None = None):
-        import zarr
-
-        shape = self.spatial if channels is None else (channels, *self.spatial)
-        chunks = self.chunks if channels is None else (channels, *self.chunks)
-        return zarr.open_array(
-            store=str(self.folder / f"{name}.zarr"),
-            mode="w",
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            fill_value=0,
-        )
-
-    def outputs(self, requested, num_classes: int, by_region: bool) -> dict:
-        """Stores for the requested labels and probabilities; probabilities also when the
-        instances are extracted region by region, which reads them again."""
-        arrays = {}
-        if "probabilities" in requested or by_region:
-            name = "probabilities" if "probabilities" in requested else "scratch_probabilities"
-            arrays["probabilities"] = self.create(name, np.float32, num_classes)
-        if "labels" in requested:
-            arrays["labels"] = self.create("labels", class_dtype(num_classes))
-        if "instances" in requested:
-            arrays["provisional"] = self.create("provisional", np.uint64)
-        return arrays
-
-
-@dataclass
-class _TileCells:
-    """The cells of each tile numbered one after another, and where tiles meet."""
-
-    provisional: object
-    count: int = 0
-    boundaries: list = dataclasses.field(default_factory=list)
-
-    def add(self, region: tuple[slice, ...], foreground: np.ndarray) -> None:
-        pieces, found = label_foreground(foreground)
-        pieces = pieces.astype(np.uint64)
-        pieces[pieces > 0] += self.count
-        self.count += found
-        self.provisional[region] = pieces
-        if not self.boundaries:
-            self.boundaries = [set() for _ in region]
-        for axis, r in enumerate(region):
-            self.boundaries[axis].add(r.start)
-
-    def lookup(self) -> np.ndarray:
-        """The table joining the pieces of a cell across tiles (:func:`merge_tile_labels`)."""
-        return merge_tile_labels(self.provisional, [sorted(b) for b in self.boundaries], self.count)
-
-
-def _ranked_objects(arrays, provisional, chunks, instance_options, options):
-    """Objects extracted region by region with a margin, ranked to final ids (a lookup)."""
-    spatial = tuple(provisional.shape)
-    regions = region_grid(spatial, chunks, instance_options.extent(len(spatial)))
-    if options.progress:
-        from tqdm.auto import tqdm
-
-        regions = tqdm(regions, desc="instances", unit="region", dynamic_ncols=True)
-    sorted_keys = keys_by_region(arrays["probabilities"], provisional, regions, instance_options)
-
-    def lut(block):
-        return rank_keys(block, sorted_keys)
-
-    return lut

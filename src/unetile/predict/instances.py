@@ -38,12 +38,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from scipy import ndimage
 
 from ..network.tiling import widened_box
+from ..numbers import flag, real_option, whole_option
 
 METHODS = ("components", "watershed", "distance")
 #: Largest extent (px per axis) of a connected component of the foreground that
@@ -94,16 +95,61 @@ class InstanceOptions:
         labels' threshold.
     """
 
-    method: str = "components"
-    seed_threshold: float = 0.9
-    h: float = 2.0
-    min_size: int = 0
-    fill_holes: bool = False
+    method: str = field(
+        default="components",
+        metadata=flag(
+            "'components' (the paper: connected components of the class map), 'watershed' "
+            "(seeded by probability cores) or 'distance' (seeded by maxima of the distance to "
+            "the background)",
+            choices=METHODS,
+        ),
+    )
+    seed_threshold: float = field(
+        default=0.9,
+        metadata=flag(
+            "watershed: probability of the seed class that makes a core (0 < P <= 1)",
+            metavar="P",
+            kind=real_option(0, 1, open_minimum=True),
+        ),
+    )
+    h: float = field(
+        default=2.0,
+        metadata=flag(
+            "distance: height (px) a distance maximum must have to seed a cell",
+            metavar="PX",
+            kind=real_option(0, None, open_minimum=True),
+        ),
+    )
+    min_size: int = field(
+        default=0,
+        metadata=flag(
+            "remove cells of fewer pixels (0: keep all)", metavar="PX", kind=whole_option(0)
+        ),
+    )
+    fill_holes: bool = field(
+        default=False, metadata=flag("fill the background holes inside each cell", kind=bool)
+    )
     foreground_classes: tuple[int, ...] = (1,)
     seed_class: int | None = None
-    max_extent: int | None = None
+    max_extent: int | None = field(
+        default=None,
+        metadata=flag(
+            "largest extent of a group of touching cells that the tiled watershed accepts "
+            "(its margin; default 512 in 2D, 64 in 3D); larger groups stop with an error",
+            metavar="PX",
+            kind=whole_option(1),
+        ),
+    )
     threshold: float | None = None
-    opening: int = 0
+    opening: int = field(
+        default=0,
+        metadata=flag(
+            "open each cell with a disk of radius PX before splitting: removes specks and "
+            "ragged edges, cuts thin bridges (0: none)",
+            metavar="PX",
+            kind=whole_option(0, 1000),
+        ),
+    )
     connectivity: int = 1
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..evaluate.calibration import check_threshold
+from ..numbers import flag, real_option, whole_option
 from .instances import InstanceOptions, check_grow, extract_instances, foreground_mask, grow_cells
 
 
@@ -77,9 +78,26 @@ class PostProcessing:
     """
 
     foreground: int = 1
-    threshold: float | None = None
+    threshold: float | None = field(
+        default=None,
+        metadata=flag(
+            "two-class models: labels and instances are foreground where its probability is "
+            "above P, 0 < P < 1 (default: the threshold calibrated in training, config.json "
+            "'calibration', else the argmax, i.e. 0.5)",
+            metavar="P",
+            kind=real_option(0, 1, open_minimum=True),
+        ),
+    )
     instances: InstanceOptions = field(default_factory=InstanceOptions)
-    grow: int = 0
+    grow: int = field(
+        default=0,
+        metadata=flag(
+            "with --instances: grow each cell up to PX pixels into the background, never into "
+            "another cell (EM membranes: cells that meet at the membranes)",
+            metavar="PX",
+            kind=whole_option(0, 10000),
+        ),
+    )
 
     def __post_init__(self):
         if self.threshold is not None:

@@ -37,7 +37,6 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,32 +49,17 @@ from ..network.normalization import Normalization
 from ..network.tiling import Tiling, grid_axes, owned_region, widened_box
 from .engine import (
     PredictOptions,
-    auto_tile_shape,
-    class_dtype,
-    follow_threshold,
-    forward_probabilities,
-    labels_from_probabilities,
-    model_foreground,
-    output_chunks,
+    forward_batches,
     read_inputs,
-    requested_outputs,
     resolve_device,
-    resolve_threshold,
     spatial_shape,
-    stable_tile,
+    uses_channels_last,
 )
-from .instances import (
-    InstanceOptions,
-    foreground_mask,
-    grow_cells,
-    join_labels,
-    label_foreground,
-    rank_keys,
-    write_region_keys,
-)
+from .files import KINDS, block_products, create_stores, output_chunks, publish, requested_outputs
+from .instances import grow_cells, join_labels, label_foreground, rank_keys, write_region_keys
 from .instances import region_grid as instance_regions
+from .postprocessing import PostProcessing, class_dtype, legacy_post
 
-KINDS = ("labels", "probabilities", "instances")
 WORK_SUFFIX = ".unetile-work"
 MANIFEST = "manifest.json"
 RECORDS = "regions"  # one .npz per predicted region: its completion record
@@ -226,14 +210,10 @@ def _worker_model(payload: dict, device: torch.device) -> UNet:
             model = UNet.from_config(payload["config"])
             model.load_state_dict(load(payload["weights"]))
             model.eval().to(device)
-            if _channels_last(model, device):
+            if uses_channels_last(model, device):
                 model.to(memory_format=torch.channels_last)
             _MODELS[key] = model
         return _MODELS[key]
-
-
-def _channels_last(model: UNet, device: torch.device) -> bool:
-    return device.type == "cpu" and model.config.dims == 2
 
 
 @dataclass(frozen=True)
@@ -277,16 +257,13 @@ class Plan:
     steps: tuple[int, ...]
     tiling: Tiling
     kinds: tuple[str, ...]
-    instance_options: dict
+    post: PostProcessing
     by_region: bool
-    grow: int
     batch_size: int
     tta: bool
     device: str | None
     normalization: Normalization | None
     num_classes: int
-    threshold: float | None = None  # the labels' foreground threshold (None: the argmax)
-    foreground: int = 1  # the class it applies to
     precision: str = "fp32"
 
 
@@ -325,12 +302,11 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
         owned = owned_region(origin, per_axis, plan.spatial)
         block = output[(slice(None), *_local(owned, [slice(o, None) for o in origin]))]
         where = _local(owned, region.box)
-        tile_classes = labels_from_probabilities(block, plan.threshold, plan.foreground)
-        classes[where] = tile_classes
+        per_tile = "instances" in plan.kinds and not plan.by_region
+        classes[where], foreground = block_products(block, plan.post, per_tile)
         if probabilities is not None:
             probabilities[(slice(None), *where)] = block
-        if "instances" in plan.kinds and not plan.by_region:
-            foreground = foreground_mask(block, InstanceOptions.from_dict(plan.instance_options))
+        if per_tile:
             pieces, found = label_foreground(foreground)
             number = region.tile_numbers[len(counts)]
             provisional[where] = np.where(
@@ -356,24 +332,16 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
 
 
 def _tile_outputs(model, image, origins, plan: Plan, device):
-    """``(origin, probabilities)`` of each tile, in order; the next batch is read meanwhile."""
+    """``(origin, probabilities)`` of each tile, in order (the shared tile loop)."""
     batches = [origins[i : i + plan.batch_size] for i in range(0, len(origins), plan.batch_size)]
-    channels_last = _channels_last(model, device)
+    how = PredictOptions(tta=plan.tta, precision=plan.precision, progress=False)
 
     def load(batch):
         windows = [plan.tiling.window(o, plan.tile_shape, plan.spatial) for o in batch]
         return read_inputs(image, windows, plan.normalization)
 
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(load, batches[0])
-        for number, batch in enumerate(batches):
-            inputs = pending.result()
-            if number + 1 < len(batches):
-                pending = reader.submit(load, batches[number + 1])
-            outputs = forward_probabilities(
-                model, inputs, device, plan.tta, channels_last, plan.precision
-            )
-            yield from zip(batch, outputs, strict=True)
+    for batch, outputs in forward_batches(model, batches, load, device, how):
+        yield from zip(batch, outputs, strict=True)
 
 
 def _touching(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -438,9 +406,8 @@ def extraction_keys(plan: Plan, job: tuple[int, tuple[slice, ...]]) -> int:
     completion record, to ``keys/<index>.npy``.
     """
     index, region = job
-    options = InstanceOptions.from_dict(plan.instance_options)
     found = write_region_keys(
-        _store(plan, "probabilities"), _store(plan, "provisional"), region, options
+        _store(plan, "probabilities"), _store(plan, "provisional"), region, plan.post.cells
     )
     with io.atomic_path(Path(plan.work) / KEYS / f"{index}.npy") as temporary:
         with open(temporary, "wb") as file:
@@ -454,13 +421,13 @@ def finish_region(plan: Plan, lut: np.ndarray, offsets: np.ndarray, region: Regi
     ``lut`` maps the joined per-tile labels (components) or, with
     ``plan.by_region``, is the image's sorted object keys.
     """
-    window = widened_box(region.box, plan.grow, plan.spatial)
+    window = widened_box(region.box, plan.post.grow, plan.spatial)
     provisional = np.asarray(_store(plan, "provisional")[window])
     if plan.by_region:
         ids = rank_keys(provisional, lut)
     else:
         ids = lut[_dense(provisional, offsets)]
-    labels = grow_cells(ids, plan.grow)
+    labels = grow_cells(ids, plan.post.grow)
     _store(plan, "instances")[region.box] = labels[_local(region.box, window)]
     marker = Path(plan.work) / FINISHED / str(region.index)
     with io.atomic_path(marker) as temporary:
@@ -539,36 +506,7 @@ def work_folder(first_output: str | os.PathLike) -> Path:
 
 
 def _create_stores(work: Path, plan: Plan, chunks: Sequence[int]) -> None:
-    import zarr
-
-    def store(name, shape, dtype, chunk_shape):
-        zarr.open_array(
-            store=str(work / f"{name}.zarr"),
-            mode="w",
-            shape=shape,
-            chunks=chunk_shape,
-            dtype=dtype,
-            fill_value=0,
-        )
-
-    spatial = plan.spatial
-    if "probabilities" in plan.kinds:
-        store(
-            "probabilities",
-            (plan.num_classes, *spatial),
-            np.float32,
-            (plan.num_classes, *chunks),
-        )
-    if "labels" in plan.kinds:
-        store("labels", spatial, class_dtype(plan.num_classes), chunks)
-    if "instances" in plan.kinds:
-        store("provisional", spatial, np.uint64, chunks)
-        store("instances", spatial, np.uint32, chunks)
-    if plan.by_region and "probabilities" not in plan.kinds:
-        # The watershed reads each region's probabilities with a margin.
-        store(
-            "probabilities", (plan.num_classes, *spatial), np.float32, (plan.num_classes, *chunks)
-        )
+    create_stores(work, plan.spatial, chunks, plan.kinds, plan.num_classes, plan.by_region)
     for folder in (RECORDS, FINISHED, KEYS):
         (work / folder).mkdir()
 
@@ -646,8 +584,7 @@ def _lower_neighbours(region: Region, shape: Sequence[int]) -> list[tuple[int, i
 
 def _extract_by_region(client, work: Path, plan: Plan, chunks, regions, progress: bool):
     """Object keys region by region with a margin, then their ranks as the final ids."""
-    options = InstanceOptions.from_dict(plan.instance_options)
-    boxes = instance_regions(plan.spatial, chunks, options.extent(len(plan.spatial)))
+    boxes = instance_regions(plan.spatial, chunks, plan.post.cells.extent(len(plan.spatial)))
     done = _intact_records(work / KEYS, "*.npy")
     todo = [(index, box) for index, box in enumerate(boxes) if index not in done]
     _run(client, extraction_keys, todo, [plan], "instances", progress)
@@ -686,9 +623,11 @@ def predict_regions(
     labels: str | os.PathLike | None = None,
     probabilities: str | os.PathLike | None = None,
     instances: str | os.PathLike | None = None,
+    post: PostProcessing | None = None,
     foreground_class: int = 1,
     grow: int = 0,
-    instance_options: InstanceOptions | None = None,
+    instance_options=None,
+    threshold: float | None = None,
     client=None,
     resume: bool = False,
     region_tiles: int = 1,
@@ -708,8 +647,8 @@ def predict_regions(
         A path (zarr store, TIFF, PNG) is opened by each worker itself, lazily;
         an array is sent to every worker once (give a path for an image larger
         than memory). ``(C, *spatial)`` or ``spatial``, as for ``predict``.
-    labels, probabilities, instances, foreground_class, grow, instance_options
-        As for :func:`unetile.predict.predict_to_files`; with a method beyond
+    labels, probabilities, instances, post, foreground_class, grow, instance_options, threshold
+        As for :func:`unetile.predict.files.predict_to_files`; with a method beyond
         the paper's components the probabilities are kept in the work folder
         and read again region by region with a margin of ``max_extent`` px.
     client : distributed.Client, optional
@@ -730,96 +669,89 @@ def predict_regions(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    requested, grow, instance_options = requested_outputs(
-        model, (labels, probabilities, instances), grow, foreground_class, instance_options
-    )
+    if post is None:
+        post = legacy_post(model, threshold, foreground_class, instance_options, grow)
+    outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
+    requested = requested_outputs(model.config.num_classes, outputs, post)
     if region_tiles < 1:
         raise ValueError(f"region_tiles must be >= 1, got {region_tiles}")
-    config = model.config
-    if config.padding != "valid":
+    if model.config.padding != "valid":
         raise ValueError(
             "region-by-region prediction needs a 'valid' model: a 'same' model's "
             "blended tiles depend on their neighbours; predict it in one process"
         )
     options = PredictOptions.of(options, **changes)
     if isinstance(image, str | os.PathLike):
-        image = ImagePath(str(image), config.dims, config.in_channels)
-    spatial = spatial_shape(model, _open_image(image))
-    tiling = Tiling.of(model)
-    tile_shape = options.tile_shape
-    if tile_shape is None:
-        tile_shape = stable_tile(model) or auto_tile_shape(
-            model, spatial, options.device, options.memory_budget, options.batch_size
-        )
-    tile_shape = tiling.check(tile_shape)
-    chunks = output_chunks(model, spatial, tile_shape, grow)
-    threshold = resolve_threshold(model, options.threshold)
-    instance_options = follow_threshold(instance_options, threshold)
-    normalization = Normalization.of(options.normalization) or model.normalization
-    if normalization is not None:
-        normalization = normalization.broadcast(config.in_channels)
-    plan = Plan(
-        work=str(work_folder(next(iter(requested.values())))),
-        spatial=tuple(spatial),
-        tile_shape=tile_shape,
-        steps=tiling.steps(tile_shape),
-        tiling=tiling,
-        kinds=tuple(kind for kind in KINDS if kind in requested),
-        instance_options=instance_options.to_dict(),
-        by_region="instances" in requested and instance_options.needs_whole_objects,
-        grow=grow,
-        batch_size=options.batch_size,
-        tta=bool(options.tta),
-        device=None if options.device is None else str(options.device),
-        normalization=normalization,
-        num_classes=config.num_classes,
-        threshold=threshold,
-        foreground=model_foreground(model),
-        precision=options.precision,
-    )
+        image = ImagePath(str(image), model.config.dims, model.config.in_channels)
+    plan, chunks = _plan(model, _open_image(image), options, post, requested)
     payload = model_payload(model)
-    manifest = {
-        "model_sha256": payload["sha256"],
-        "model": config.to_dict(),
-        "image_shape": list(spatial),
-        "tile_shape": list(tile_shape),
-        "region_tiles": region_tiles,
-        "outputs": list(plan.kinds),
-        "instances": plan.instance_options if "instances" in requested else None,
-        "threshold": threshold,
-        "grow": grow,
-        "batch_size": plan.batch_size,
-        "tta": plan.tta,
-        "precision": plan.precision,
-        "normalization": None if normalization is None else [normalization.mean, normalization.std],
-    }
-    manifest = json.loads(json.dumps(manifest))
     work = Path(plan.work)
-    _prepare_work(work, manifest, plan, chunks, resume)
-
-    regions = region_grid(spatial, tile_shape, plan.steps, tiling.alignment, region_tiles)
+    _prepare_work(work, _manifest(plan, payload, region_tiles, model), plan, chunks, resume)
+    tiling = plan.tiling
+    regions = region_grid(plan.spatial, plan.tile_shape, plan.steps, tiling.alignment, region_tiles)
     done = _intact_records(work / RECORDS, "*.npz")
     todo = [region for region in regions if region.index not in done]
     _run(client, predict_region, todo, [payload, image, plan], "predict", options.progress)
     if plan.by_region:
         _extract_by_region(client, work, plan, chunks, regions, options.progress)
     elif "instances" in plan.kinds:
-        tile_count = math.prod(
-            len(origins) for origins in grid_axes(spatial, tile_shape, plan.steps, tiling.alignment)
-        )
+        per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, tiling.alignment)
+        tile_count = math.prod(len(origins) for origins in per_axis)
         _join_instances(client, work, plan, regions, tile_count, options.progress)
-    _deliver(work, requested)
+    publish(work, requested)
+    shutil.rmtree(work)
     return requested
 
 
-def _deliver(work: Path, requested: dict[str, Path]) -> None:
-    """Put each finished store in place (zarr) or stream it into a tiled BigTIFF."""
-    for kind, path in requested.items():
-        if path.suffix.lower() == ".zarr":
-            io.move_directory(work / f"{kind}.zarr", path)
-        else:
-            io.write_tiled_tiff(path, io.open_zarr(work / f"{kind}.zarr"))
-    shutil.rmtree(work)
+def _plan(model: UNet, image, options: PredictOptions, post, requested) -> tuple[Plan, tuple]:
+    """The plan of a region prediction, with the options checked as one process checks them
+    (the tile, precision and memory for this machine's device) and the stores' chunks."""
+    spatial = tuple(spatial_shape(model, image))
+    resolved = options.resolve(model, spatial)
+    chunks = output_chunks(model, spatial, resolved.tile_shape, post.grow)
+    normalization = resolved.normalization
+    if normalization is not None:
+        normalization = normalization.broadcast(model.config.in_channels)
+    tiling = Tiling.of(model)
+    plan = Plan(
+        work=str(work_folder(next(iter(requested.values())))),
+        spatial=spatial,
+        tile_shape=resolved.tile_shape,
+        steps=tiling.steps(resolved.tile_shape),
+        tiling=tiling,
+        kinds=tuple(kind for kind in KINDS if kind in requested),
+        post=post,
+        by_region="instances" in requested and post.cells.needs_whole_objects,
+        batch_size=options.batch_size,
+        tta=bool(options.tta),
+        # Each worker resolves its own device (its GPU if it has one).
+        device=None if options.device is None else str(options.device),
+        normalization=normalization,
+        num_classes=model.config.num_classes,
+        precision=options.precision,
+    )
+    return plan, chunks
+
+
+def _manifest(plan: Plan, payload: dict, region_tiles: int, model: UNet) -> dict:
+    """What a resumed prediction must share with the one it continues."""
+    normalization = plan.normalization
+    manifest = {
+        "model_sha256": payload["sha256"],
+        "model": model.config.to_dict(),
+        "image_shape": list(plan.spatial),
+        "tile_shape": list(plan.tile_shape),
+        "region_tiles": region_tiles,
+        "outputs": list(plan.kinds),
+        "instances": plan.post.cells.to_dict() if "instances" in plan.kinds else None,
+        "threshold": plan.post.threshold,
+        "grow": plan.post.grow,
+        "batch_size": plan.batch_size,
+        "tta": plan.tta,
+        "precision": plan.precision,
+        "normalization": None if normalization is None else [normalization.mean, normalization.std],
+    }
+    return json.loads(json.dumps(manifest))
 
 
 @contextlib.contextmanager

@@ -129,7 +129,7 @@ def predict_rescaled_to_files(
         Output paths (``labels``, ``probabilities``, ``instances``) and the
         other options of ``predict_to_files``.
     """
-    from .engine import predict_to_files
+    from .files import predict_to_files
 
     dims = model.config.dims
     image = np.asarray(image)
