@@ -8,7 +8,7 @@ from test_cli_train import write_dataset
 
 from unetile import auto, io, synthetic
 from unetile.cli import main
-from unetile.config import make_config
+from unetile.config import auto_defaults, make_config
 from unetile.data import labeled_images_from_arrays
 
 
@@ -130,7 +130,7 @@ def test_the_plan_of_isbi_like_folders_reads_their_files_only_once_each(folders,
     )
     monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
     monkeypatch.setattr(auto, "FINGERPRINT_IMAGES", 3)
-    plan = auto.plan({"images": str(images), "labels": str(labels)})
+    plan = auto.plan({"images": str(images), "labels": str(labels)}, defaults=auto_defaults())
     assert plan["fingerprint_images"] == 3 and len([r for r in reads if "images" in str(r)]) == 3
     assert np.isfinite(plan["fingerprint"]["cell_diameter"])
 

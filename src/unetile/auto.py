@@ -252,7 +252,7 @@ def seconds_per_step(config, in_channels: int, num_classes: int, device, steps: 
         num_classes=num_classes,
         depth=config["depth"],
         base_channels=config["base_channels"],
-        norm=config["norm"],
+        norm=None if config["norm"] == "none" else config["norm"],  # as given
         dims=config["dims"],
         dropout=0.0,
     ).to(device)
@@ -321,21 +321,23 @@ def choose_steps(seconds_16: float, values: dict, flops: dict[int, float]) -> Ch
 FINGERPRINT_IMAGES = 50
 
 
-def plan(options: dict, device: torch.device | str | None = None) -> dict:
+def plan(options: dict, device: torch.device | str | None = None, *, defaults: dict) -> dict:
     """Fingerprint the training data of ``options``, time the device, choose.
 
-    ``options`` are TrainConfig fields (folders, label mode...); the options
-    it holds among :data:`CHOSEN` are kept as given. Returns the plan as it is
-    stored in ``config.json`` (``training.auto``): ``fingerprint``,
-    ``choices`` (field -> value), ``reasons`` (field -> why), ``given``
-    (fields the user set), ``device`` and ``seconds``.
+    ``options`` are the TrainConfig fields the user gave (folders, label
+    mode...); those among :data:`CHOSEN` are kept as given. ``defaults`` are
+    every field's value without them: TrainConfig's defaults under the auto
+    preset (:func:`unetile.config.auto_defaults`; this module reads no
+    configuration of its own, :mod:`unetile.config` builds on it). Returns
+    the plan as it is stored in ``config.json`` (``training.auto``):
+    ``fingerprint``, ``choices`` (field -> value), ``reasons`` (field ->
+    why), ``given`` (fields the user set), ``device`` and ``seconds``.
     """
-    from .config import PRESETS, field_defaults
     from .data import load_labeled_images
     from .predict import resolve_device
 
     started = time.perf_counter()
-    merged = {**field_defaults(), **PRESETS["auto"], **options}
+    merged = {**defaults, **options}
     labelled, num_classes = load_labeled_images(
         merged["images"],
         merged["labels"],
@@ -356,6 +358,8 @@ def plan(options: dict, device: torch.device | str | None = None) -> dict:
     )
     choices = choose(measured, merged["dims"])
     given = sorted(name for name in CHOSEN if options.get(name) is not None)
+    if "holdout" in options and options["holdout"] is None:  # --no-holdout: given as none
+        given = sorted([*given, "holdout"])
     minutes = options.get("max_minutes") or DEFAULT_MINUTES
     choices["max_minutes"] = Choice(
         minutes, "as given" if options.get("max_minutes") else "the default budget of auto"
