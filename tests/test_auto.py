@@ -143,7 +143,7 @@ def test_plan_flag_writes_a_config_file_that_trains_without_timing_again(
     data = ["--images", str(images), "--labels", str(labels)]
     assert main(["train", *data, "--preset", "auto", "--plan"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith('preset = "auto"') and "sigma = 2.0  # " in text
+    assert '\npreset = "auto"\n' in text and "\nsigma = 2.0  # " in text
     plan_file = tmp_path / "plan.toml"
     plan_file.write_text(text)
 
