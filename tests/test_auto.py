@@ -11,7 +11,7 @@ from unetile.cli import main
 from unetile.data import synthetic
 from unetile.data.dataset import labeled_images_from_arrays
 from unetile.train import auto
-from unetile.train.config import make_config
+from unetile.train.config import auto_defaults, make_config
 
 
 def measured(images, labels, label_mode):
@@ -132,7 +132,7 @@ def test_the_plan_of_isbi_like_folders_reads_their_files_only_once_each(folders,
     )
     monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)
     monkeypatch.setattr(auto, "FINGERPRINT_IMAGES", 3)
-    plan = auto.plan({"images": str(images), "labels": str(labels)})
+    plan = auto.plan({"images": str(images), "labels": str(labels)}, defaults=auto_defaults())
     assert plan["fingerprint_images"] == 3 and len([r for r in reads if "images" in str(r)]) == 3
     assert np.isfinite(plan["fingerprint"]["cell_diameter"])
 
@@ -145,7 +145,7 @@ def test_plan_flag_writes_a_config_file_that_trains_without_timing_again(
     data = ["--images", str(images), "--labels", str(labels)]
     assert main(["train", *data, "--preset", "auto", "--plan"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith('preset = "auto"') and "sigma = 2.0  # " in text
+    assert '\npreset = "auto"\n' in text and "\nsigma = 2.0  # " in text
     plan_file = tmp_path / "plan.toml"
     plan_file.write_text(text)
 

@@ -1,4 +1,4 @@
-"""Command line: ``unetile {demo,train,predict,evaluate,export}``.
+"""Command line: ``unetile {demo,plan,train,predict,evaluate,export}``.
 
 Argument parsing only; each sub-command lives in its own module with
 ``add_parser(subparsers)`` and ``run(args) -> int`` and calls the package's
@@ -23,7 +23,7 @@ from .. import __version__
 from ..allocator import keep_freed_memory
 from ..io import InputError, describe_os_error
 
-COMMANDS = ("demo", "train", "predict", "evaluate", "export")
+COMMANDS = ("demo", "plan", "train", "predict", "evaluate", "export")
 
 
 class OneLineParser(argparse.ArgumentParser):

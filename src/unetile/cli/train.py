@@ -3,13 +3,15 @@
 Options come from three places, later ones winning: the preset (``--preset``),
 the TOML file (``--config``), the command line. With ``--resume`` the options
 stored in the run folder come first, so ``unetile train --out RUN --resume``
-alone continues a run.
+alone continues a run. The training folders are the two positional arguments
+or --images and --labels (either way, or in the TOML file).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from .. import io
 
 DESCRIPTION = """\
 Train a U-Net (Ronneberger et al. 2015) on pairs of images and labels matched
-by file stem (TIFF or PNG; 2D, multi-channel or 3D). The defaults are the
+by file stem (TIFF or PNG; 2D, multi-channel or 3D), from the folders IMAGES
+and LABELS (or --images and --labels). The defaults are the
 paper's recipe: SGD with momentum 0.99, one large tile per step (the largest
 valid one up to the paper's: 572 px in, 388 px out), weighted cross-entropy
 with the weight map w0 = 10, sigma = 5 px, drop-out 0.5, elastic deformations.
@@ -38,14 +41,18 @@ Every option can also be set in a TOML file given with --config, by its long
 name with '_' or '-' (e.g. learning_rate = 0.0001, tile = [388, 388]) and
 an [augment] table (elastic, elastic_sigma, elastic_grid, rotation, flip,
 shift, gray, contrast, brightness, gamma). Command-line options override it.
-The defaults shown are those of the 'paper' preset.
+The defaults shown are those of the 'paper' preset. 'unetile plan IMAGES
+LABELS > plan.toml' writes what --preset auto chooses as such a file.
 """
 
 EXAMPLE = """\
 example (ISBI 2012 EM data, white = cell):
-  unetile train --images isbi/train/images --labels isbi/train/labels \\
+  unetile train isbi/train/images isbi/train/labels \\
       --val-images isbi/val/images --val-labels isbi/val/labels \\
       --label-mode membrane --cell-value 255 --out runs/isbi
+a plan of --preset auto, read and trained:
+  unetile plan isbi/train/images isbi/train/labels > plan.toml
+  unetile train isbi/train/images isbi/train/labels --config plan.toml --out runs/isbi
 """
 
 
@@ -60,11 +67,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    for name in ("images", "labels"):
+        parser.add_argument(
+            f"{name}_folder",
+            nargs="?",
+            metavar=name.upper(),
+            help=f"folder of training {name} (or --{name})",
+        )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     defaults = field_defaults()
     for item in fields(TrainConfig):
         if item.metadata["flag"] is not False:  # written by unetile, not an option
-            _add_field(groups[item.metadata["group"]], item, defaults)
+            add_field(groups[item.metadata["group"]], item, defaults)
     run = groups["run"]
     run.add_argument(
         "--config",
@@ -92,13 +106,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--plan",
         action="store_true",
-        help="with --preset auto: print the plan as a --config TOML file and stop (no training)",
+        help="with --preset auto: print the plan as a --config TOML file and stop (no "
+        "training); deprecated: use 'unetile plan IMAGES LABELS > plan.toml'",
     )
     parser.set_defaults(run=run_command)
     return parser
 
 
-def _add_field(group, item, defaults: dict) -> None:
+def add_field(group, item, defaults: dict) -> None:
     """The flag of one TrainConfig field: its type, choices and help with the default."""
     from ..train.config import field_type, shown_default
 
@@ -127,9 +142,19 @@ def options_from_args(args: argparse.Namespace) -> dict:
     from ..train.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    return {
+    options = {
         name: value for name, value in vars(args).items() if name in names and value is not None
     }
+    for name in ("images", "labels"):  # the positional folder, or the flag: one of them
+        folder = getattr(args, f"{name}_folder", None)
+        if folder is None:
+            continue
+        if options.get(name) not in (None, folder):
+            raise io.InputError(
+                f"{name.upper()} {folder} and --{name} {options[name]} name two folders: give one"
+            )
+        options[name] = folder
+    return options
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
@@ -180,28 +205,47 @@ def _refuse_out_on_inputs(config) -> None:
     )
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from ..train.loop import make_config, train
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig the command line, the --config file and the preset make (InputError)."""
+    from ..train.config import make_config
 
     options = resolve_options(args)
     try:
-        config = make_config(**options)
+        return make_config(**options), options
     except io.InputError:
         raise  # a data file named in one line (--preset auto reads the data)
     except (TypeError, ValueError) as error:
         where = f"{args.config} or the command line" if args.config else "command line"
         raise io.InputError(f"bad training option ({where}): {error}") from None
-    if args.plan:
-        if config.auto is None:
-            raise io.InputError("--plan shows what --preset auto chooses: add --preset auto")
-        from ..train.auto import as_toml
 
-        print(as_toml(config.auto), end="")
-        return 0
+
+def print_plan(config, options: dict) -> int:
+    """``--plan`` (deprecated for ``unetile plan``): the plan as a --config file, no training."""
+    if config.auto is None:
+        raise io.InputError("--plan shows what --preset auto chooses: add --preset auto")
+    warnings.warn(
+        "--plan is replaced by 'unetile plan IMAGES LABELS [options] > plan.toml', which "
+        "writes the same file; --plan ends with the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    from .plan import plan_toml
+
+    sys.stdout.write(plan_toml(config, options))
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    config, options = config_from_args(args)
+    if args.plan:
+        return print_plan(config, options)
     for name in ("images", "labels", "out"):
         if getattr(config, name) is None:
             flag = "--" + name.replace("_", "-")
-            raise io.InputError(f"{flag} is required (on the command line or in --config)")
+            where = "on the command line" if name == "out" else f"as {name.upper()} or {flag}"
+            raise io.InputError(f"{flag} is required ({where}, or in --config)")
     _refuse_out_on_inputs(config)
     from ..train.ddp import ranks_from_environment
 

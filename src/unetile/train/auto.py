@@ -31,11 +31,15 @@ rules. Each rule below rests on a measurement in ``benchmarks/`` (README,
   given, to keep the best model and calibrate the threshold.
 
 :func:`fingerprint` measures, :func:`choose` applies the rules, :func:`plan`
-does both and times the device; :func:`describe` prints the plan.
+does both and times the device; :func:`describe` prints the plan and
+:func:`as_toml` writes it as a ``--config`` file (``unetile plan``). This
+module reads no configuration: :mod:`unetile.config` builds on it
+(``make_config("auto", ...)`` calls :func:`plan` with the defaults to plan from).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -252,7 +256,7 @@ def seconds_per_step(config, in_channels: int, num_classes: int, device, steps: 
         num_classes=num_classes,
         depth=config["depth"],
         base_channels=config["base_channels"],
-        norm=config["norm"],
+        norm=None if config["norm"] == "none" else config["norm"],  # as given
         dims=config["dims"],
         dropout=0.0,
     ).to(device)
@@ -321,21 +325,23 @@ def choose_steps(seconds_16: float, values: dict, flops: dict[int, float]) -> Ch
 FINGERPRINT_IMAGES = 50
 
 
-def plan(options: dict, device: torch.device | str | None = None) -> dict:
+def plan(options: dict, device: torch.device | str | None = None, *, defaults: dict) -> dict:
     """Fingerprint the training data of ``options``, time the device, choose.
 
-    ``options`` are TrainConfig fields (folders, label mode...); the options
-    it holds among :data:`CHOSEN` are kept as given. Returns the plan as it is
-    stored in ``config.json`` (``training.auto``): ``fingerprint``,
-    ``choices`` (field -> value), ``reasons`` (field -> why), ``given``
-    (fields the user set), ``device`` and ``seconds``.
+    ``options`` are the TrainConfig fields the user gave (folders, label
+    mode...); those among :data:`CHOSEN` are kept as given. ``defaults`` are
+    every field's value without them: TrainConfig's defaults under the auto
+    preset (:func:`unetile.config.auto_defaults`; this module reads no
+    configuration of its own, :mod:`unetile.config` builds on it). Returns
+    the plan as it is stored in ``config.json`` (``training.auto``):
+    ``fingerprint``, ``choices`` (field -> value), ``reasons`` (field ->
+    why), ``given`` (fields the user set), ``device`` and ``seconds``.
     """
     from ..data.dataset import load_labeled_images
     from ..predict.engine import resolve_device
-    from .config import PRESETS, field_defaults
 
     started = time.perf_counter()
-    merged = {**field_defaults(), **PRESETS["auto"], **options}
+    merged = {**defaults, **options}
     labelled, num_classes = load_labeled_images(
         merged["images"],
         merged["labels"],
@@ -356,6 +362,8 @@ def plan(options: dict, device: torch.device | str | None = None) -> dict:
     )
     choices = choose(measured, merged["dims"])
     given = sorted(name for name in CHOSEN if options.get(name) is not None)
+    if "holdout" in options and options["holdout"] is None:  # --no-holdout: given as none
+        given = sorted([*given, "holdout"])
     minutes = options.get("max_minutes") or DEFAULT_MINUTES
     choices["max_minutes"] = Choice(
         minutes, "as given" if options.get("max_minutes") else "the default budget of auto"
@@ -398,47 +406,77 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def describe(record: dict) -> str:
-    """The plan as printed before the first step: what was measured, chosen and why."""
+def measurements(record: dict) -> str:
+    """What the plan measured, in a line: images, sizes, cells, gaps, intensities."""
     data = record["fingerprint"]
     shape = " x ".join(map(str, data["median_shape"]))
     gap = "none" if data["median_gap"] is None else f"{data['median_gap']:.1f} px"
     percent = {key: f"{100 * data[key]:.0f} %" for key in data if key.endswith(("share", "spread"))}
-    lines = [
-        f"auto: measured {data['images']} image(s) ({record['fingerprint_images']} read) on "
+    return (
+        f"measured {data['images']} image(s) ({record['fingerprint_images']} read) on "
         f"{record['device']} in {record['seconds']:.1f} s: median {shape} px; {data['cells']} "
         f"cells, median diameter {data['cell_diameter']:.1f} px, {percent['touching_share']} "
         f"touching; foreground {percent['foreground_share']}; narrow gaps "
         f"{percent['narrow_gap_share']} of the background (median {gap}); "
         f"intensity spread {percent['intensity_mean_spread']} (means), "
         f"{percent['intensity_std_spread']} (contrast)"
-    ]
+    )
+
+
+def describe(record: dict) -> str:
+    """The plan as printed before the first step: what was measured, chosen and why."""
+    lines = [f"auto: {measurements(record)}"]
     for name, value in record["choices"].items():
         shown = "wider" if isinstance(value, dict) else value
         lines.append(f"  {name} = {shown}: {record['reasons'][name]}")
     return "\n".join(lines)
 
 
-def as_toml(record: dict) -> str:
-    """The plan's choices as a ``--config`` file: each with its reason as a comment."""
-    lines = ['preset = "auto"']
+def as_toml(record: dict, given: dict | None = None, notes: tuple[str, ...] = ()) -> str:
+    """The plan as a ``--config`` file that trains it: ``preset = "auto"``, the ``given``
+    options (the user's, ``# given``), then each choice with its reason as a comment.
+
+    ``given`` maps option names to plain values (as ``TrainConfig.to_dict``
+    writes them) and wins over the plan's value of a choice; a value of None
+    (no TOML spelling) becomes a comment. ``notes`` and what was measured
+    open the file as comments.
+    """
+    given = dict(given or {})
+    reasons = {name: "given" for name in given} | record["reasons"]
+    values = {name: value for name, value in given.items() if name not in record["choices"]}
+    values.update({name: given.get(name, value) for name, value in record["choices"].items()})
+    said = (*notes, "M" + measurements(record)[1:])
+    lines = [f"# {line}" for note in said for line in _wrapped(note)]
+    lines.append('preset = "auto"')
     tables = []
-    for name, value in record["choices"].items():
+    for name, value in values.items():
         if isinstance(value, dict):
             tables.append((name, value))
-            continue
-        lines.append(f"{name} = {_toml_value(value)}  # {record['reasons'][name]}")
+        elif value is None:  # TOML has no none: a comment, and the flag that says it
+            flag = " (train with --no-holdout)" if name == "holdout" else ""
+            lines.append(f"# {name}: none, {reasons[name]}{flag}")
+        else:
+            lines.append(f"{name} = {toml_value(value)}  # {reasons[name]}")
     for name, table in tables:
-        lines.append(f"[{name}]  # {record['reasons'][name]}")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append(f"[{name}]  # {reasons[name]}")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value) -> str:
+def _wrapped(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, 86, break_on_hyphens=False, break_long_words=False) or [""]
+
+
+def toml_value(value) -> str:
+    """``value`` (bool, number, string or a list of them) in TOML."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+        return json.dumps(value, ensure_ascii=False)  # its escapes are TOML's too
+    if isinstance(value, int | float):
+        return repr(value)
+    raise TypeError(f"no TOML spelling for {value!r}")

@@ -6,7 +6,9 @@ parser and the README's table of options are generated from them, so the
 defaults, the choices and the help have one source. Options are layered, later
 ones winning: the preset (:data:`PRESETS`), the ``--init`` run's network, the
 options stored in a run folder (``--resume``), a TOML file, the command line
-(:func:`make_config` takes the merged result).
+(:func:`make_config` takes the merged result). The ``auto`` preset's plan comes
+from :mod:`unetile.auto`, which this module builds on (auto imports nothing
+of it: the defaults it plans from are passed in, :func:`auto_defaults`).
 
 "Tile" is the output tile, in pixels, here as in ``unetile predict``: the
 input tile adds the network's context margin on every side (572 -> 388 for
@@ -31,6 +33,7 @@ from ..data.dataset import LABEL_MODES, TARGETS
 from ..network.model import UNetConfig, context_margin, is_valid_input_size
 from ..network.tiling import Tiling
 from ..numbers import check_int
+from . import auto as planner  # config builds on auto, which reads no configuration
 
 try:
     import tomllib
@@ -625,6 +628,11 @@ def make_config(preset: str | None = None, **options) -> TrainConfig:
     return TrainConfig(**{name: _coerce(name, value) for name, value in merged.items()})
 
 
+def auto_defaults() -> dict:
+    """Each TrainConfig field's value under the auto preset before its plan fills it in."""
+    return {**field_defaults(), **PRESETS["auto"]}
+
+
 def _planned(options: dict) -> dict:
     """``options`` with what :func:`.auto.plan` chose where they are silent, and the plan.
 
@@ -633,20 +641,23 @@ def _planned(options: dict) -> dict:
     """
     if options.get("images") is None or options.get("labels") is None:
         return options
-    from .auto import plan
-
     timed = ("base_channels", "steps")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(options.get(n) is None for n in timed):
         raise ValueError(
             "--preset auto times this device, and each process would time it apart: write the "
-            "plan once with 'unetile train --preset auto ... --plan > plan.toml' and start "
-            "torchrun with --config plan.toml"
+            "plan once with 'unetile plan IMAGES LABELS ... > plan.toml' and start torchrun "
+            "with --config plan.toml"
         )
 
     from ..data.dataset import check_training_extents
 
     check_training_extents(options["images"], options["labels"])  # as training would refuse
-    record = plan(options)
+    defaults = auto_defaults()
+    typed = dict(options)
+    if options.get("tile") is not None:  # "388" from the command line: the plan times it
+        tile = _coerce("tile", options["tile"])
+        typed["tile"] = tile * options.get("dims", defaults["dims"]) if len(tile) == 1 else tile
+    record = planner.plan(typed, defaults=defaults)
     return {**record["choices"], **options, "auto": record}
 
 
