@@ -46,7 +46,8 @@ from unetile.evaluate.metrics import iou, match_objects, seg_score
 from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.instances import InstanceOptions, extract_instances
-from unetile.train.loop import make_config, train
+from unetile.train.loop import make_config
+from unetile.train.run import train
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "auto_runs"

@@ -41,7 +41,8 @@ from unetile.evaluate.calibration import calibrate_threshold
 from unetile.evaluate.metrics import score
 from unetile.predict import card
 from unetile.predict.engine import predict
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 DATA = Path("/work/shared/data/isbi2012")
 METRICS = ["pixel_error", "rand_error"]

@@ -39,7 +39,8 @@ from unetile.data.synthetic import em_like
 from unetile.evaluate.metrics import score
 from unetile.predict import card
 from unetile.predict.engine import predict
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 DATA = Path("/work/shared/data/isbi2012")
 METRICS = ["pixel_error", "rand_error", "iou"]

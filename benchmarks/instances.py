@@ -52,7 +52,8 @@ from unetile.predict.instances import (
     extract_instances,
     tune_options,
 )
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 DENSITIES = {"low": 0.3, "medium": 0.6, "high": 0.9}
 CONFIGURATIONS = (

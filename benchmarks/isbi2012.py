@@ -51,7 +51,8 @@ from unetile.network.tiling import Tiling
 from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.predict.instances import instances_from_probabilities
-from unetile.train.loop import make_config, train
+from unetile.train.loop import make_config
+from unetile.train.run import train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "isbi2012"

@@ -60,8 +60,8 @@ from unetile.train.loop import (
     compute_loss,
     make_config,
     prepare_data,
-    train,
 )
+from unetile.train.run import train
 
 HERE = Path(__file__).resolve().parent
 # Steps per throughput variant, the first WARMUP of them untimed (cuDNN's autotuning).

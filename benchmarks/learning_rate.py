@@ -30,7 +30,8 @@ from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.data.synthetic import em_like
 from unetile.network.model import output_size
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 HERE = Path(__file__).resolve().parent
 

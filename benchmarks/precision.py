@@ -35,7 +35,7 @@ from unetile.evaluate.metrics import score
 from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.config import make_config
-from unetile.train.loop import train
+from unetile.train.run import train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "isbi2012"

@@ -54,7 +54,8 @@ from unetile.demo import DEMO_TRAINING
 from unetile.evaluate.metrics import score
 from unetile.predict import card
 from unetile.predict.engine import predict
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 METRICS = ["pixel_error", "iou", "f1", "seg", "rand_error"]
 #: Label value of the unannotated pixels (instance ids are 1..n, far below it).

@@ -33,14 +33,8 @@ from unetile import io
 from unetile.allocator import keep_freed_memory
 from unetile.data.dataset import IGNORE
 from unetile.network.model import forward_flops
-from unetile.train.loop import (
-    build_model,
-    build_optimizer,
-    compute_loss,
-    make_config,
-    prepare_data,
-    train,
-)
+from unetile.train.loop import build_model, build_optimizer, compute_loss, make_config, prepare_data
+from unetile.train.run import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 

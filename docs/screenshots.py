@@ -64,7 +64,8 @@ def main() -> None:
     from unetile.napari._sample import touching_cells
     from unetile.napari._widgets import EvaluateWidget, FineTuneWidget, SegmentWidget
     from unetile.train.config import make_config
-    from unetile.train.loop import prepare_arrays, train
+    from unetile.train.loop import prepare_arrays
+    from unetile.train.run import train
 
     # A small model of other cells than those shown, as a user's earlier run would be.
     image, truth = _logic.synthetic_cells(384, seed=7)

@@ -22,9 +22,9 @@ import torch
 
 from unetile import io
 from unetile.cli import main
-from unetile.cli.predict import OWNER_RECORD
 from unetile.network.model import UNet
 from unetile.predict import card
+from unetile.predict.outputs import OWNER_RECORD
 
 # --------------------------------------------------------------------------
 # Helpers

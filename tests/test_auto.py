@@ -192,7 +192,7 @@ def touching_cells(root, count=4, size=96):
 
 def test_auto_races_its_weight_map_against_the_baseline_and_keeps_the_record(tmp_path, monkeypatch):
     from unetile.train import race
-    from unetile.train.loop import train
+    from unetile.train.run import train
 
     options = touching_cells(tmp_path)
     monkeypatch.setattr(auto, "seconds_per_step", lambda *args, **kwargs: 0.2)

@@ -12,7 +12,7 @@ from unetile.network.tiling import Tiling
 from unetile.predict import card
 from unetile.predict.engine import predict
 from unetile.train.config import make_config
-from unetile.train.loop import train
+from unetile.train.run import train
 
 
 def test_estimate_sets_the_plain_average_of_the_tiles_statistics():

@@ -14,7 +14,8 @@ from unetile.predict.engine import predict
 from unetile.predict.files import predict_to_files
 from unetile.predict.instances import InstanceOptions
 from unetile.predict.postprocessing import PostProcessing, labels_from_probabilities
-from unetile.train.loop import make_config, train
+from unetile.train.loop import make_config
+from unetile.train.run import train
 
 
 def test_the_sweep_picks_the_threshold_of_the_best_mean_over_images():

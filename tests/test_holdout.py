@@ -11,7 +11,8 @@ from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, TileSampler, compute_weight_map, labels_to_classes
 from unetile.data.holdout import MIN_STRIP, choose_images, evenly_spaced, split
 from unetile.predict import card
-from unetile.train.loop import make_config, prepare_arrays, train
+from unetile.train.loop import make_config, prepare_arrays
+from unetile.train.run import train
 
 
 def membrane_map(shape, offset=0):

@@ -131,7 +131,8 @@ def test_training_carries_the_label_fit_and_tunes_it_only_on_held_out_images(tmp
     from unetile import io
     from unetile.data import synthetic
     from unetile.train.config import make_config
-    from unetile.train.loop import refit_instances, train
+    from unetile.train.loop import refit_instances
+    from unetile.train.run import train
 
     for index in range(5):
         cells = synthetic.cells_like((128, 128), touching_fraction=0.5, rng=index)

@@ -20,7 +20,8 @@ from unetile.napari._sample import touching_cells  # noqa: E402
 from unetile.napari._session import KEY, Session, session  # noqa: E402
 from unetile.predict import card  # noqa: E402
 from unetile.train.config import make_config  # noqa: E402
-from unetile.train.loop import _sha256, prepare_arrays, train  # noqa: E402
+from unetile.train.loop import _sha256, prepare_arrays
+from unetile.train.run import train
 
 SMALL = dict(
     depth=2,

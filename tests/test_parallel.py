@@ -24,9 +24,9 @@ from unetile.train.loop import (
     learning_rate_at,
     make_config,
     prepare_arrays,
-    train,
     training_mode,
 )
+from unetile.train.run import train
 
 STEPS = 4
 

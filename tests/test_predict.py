@@ -596,7 +596,7 @@ def test_a_tile_dependent_model_gives_one_answer_whatever_the_memory():
 
 def test_load_model_records_the_training_tile(tmp_path):
     from unetile.train.config import make_config
-    from unetile.train.loop import train
+    from unetile.train.run import train
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     for index in range(2):

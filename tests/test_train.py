@@ -22,9 +22,9 @@ from unetile.train.loop import (
     lower_is_better,
     make_config,
     prepare_arrays,
-    train,
     unflatten_optimizer_state,
 )
+from unetile.train.run import train
 
 
 def stripes_data(size=48, count=2, seed=0, validation=0) -> TrainingData:

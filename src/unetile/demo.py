@@ -31,7 +31,8 @@ from .evaluate.metrics import score
 from .predict import card
 from .predict.engine import predict
 from .predict.instances import InstanceOptions, extract_instances
-from .train.loop import make_config, prepare_data, train
+from .train.loop import make_config, prepare_data
+from .train.run import train
 
 #: Training steps of each demo network (measured: README, The demo).
 DEMO_STEPS = 600

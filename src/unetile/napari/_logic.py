@@ -389,7 +389,7 @@ def run_training(
     complete run folder: checkpoint, ``model.safetensors`` and summary. The
     parts last about ``part_seconds`` each.
     """
-    from ..train.loop import train
+    from ..train.run import train
 
     step, resume, per_step, overhead = 0, False, None, 0.0
     began = time.perf_counter()

@@ -4,7 +4,7 @@ objects fitted from the labels (:mod:`.instance_fit`). Writes a run folder that 
 predict floor reads."""
 
 from .config import TrainConfig, make_config
-from .loop import train
+from .run import train
 
 __all__ = ["TrainConfig", "make_config", "train"]
 
