@@ -126,31 +126,3 @@ def test_old_run_resumes_with_its_tiles_silently(tmp_path, capsys):
     assert resumed["training"]["tile"] == [40] and "tile_shape" not in resumed["training"]
     assert resumed["tile"] == stored["tile"]
     assert io.read_json(run / "summary.json")["step"] == 5
-
-
-def test_config_builds_on_auto_and_auto_imports_no_configuration():
-    """No import cycle: config.py imports auto at its top only; auto.py never imports config."""
-    import ast
-
-    source = Path(__file__).resolve().parents[1] / "src" / "unetile"
-
-    def imports(name):
-        """(module imported, at the top of the file?) for each relative import of the file."""
-        tree = ast.parse((source / f"{name}.py").read_text())
-        top = {id(node) for node in tree.body}
-        found = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):  # from . import auto, from .auto import plan
-                package = "unetile." * node.level + (node.module or "")
-                names = [f"{package}.{a.name}" if not node.module else package for a in node.names]
-            else:
-                continue
-            modules = [n.replace("unetile.", "", 1).strip(".") for n in names]
-            found.extend((module.split(".")[0], id(node) in top) for module in modules)
-        return found
-
-    assert ("auto", True) in imports("config")
-    assert not [m for m, at_top in imports("config") if m == "auto" and not at_top]
-    assert not [m for m, _ in imports("auto") if m == "config"]

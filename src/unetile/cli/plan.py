@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__, io
+from .. import io
+from .train import plan_toml
 
 DESCRIPTION = """\
 Measure the training images and labels (up to 50 pairs, evenly spaced) and
@@ -40,7 +41,6 @@ example (instance labels, a 30-minute budget):
 #: what the plan reads (validation folders, the budget, the device it times).
 PLAN_FIELDS = ("val_images", "val_labels", "max_minutes", "device")
 #: Options never written to the plan: the data and the run it is trained on, and its record.
-NOT_WRITTEN = ("images", "labels", "out", "preset", "auto")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -91,29 +91,6 @@ def plan_options(args: argparse.Namespace) -> dict:
     given.pop("preset", None)
     given.update(options_from_args(args))
     return given
-
-
-def plan_toml(config, given: dict) -> str:
-    """The plan of ``config`` (made by ``--preset auto``) as a ``--config`` file.
-
-    The ``given`` options are written too (as ``config`` holds them), except
-    the training folders, the run folder and the record (:data:`NOT_WRITTEN`),
-    so that the file trains the same configuration on the folders named there.
-    """
-    from ..train.auto import as_toml
-
-    values = config.to_dict()
-    written = {name: values[name] for name in given if name not in NOT_WRITTEN}
-    if "norm" in written and written["norm"] is None:
-        written["norm"] = "none"  # TOML has no none; the file spells it so
-    notes = (
-        f"unetile plan (unetile {__version__}): what --preset auto chooses for the images in "
-        f"{config.images} and the labels in {config.labels}.",
-        "Train it with: unetile train IMAGES LABELS --config plan.toml --out RUN. Training "
-        "keeps every value below (edit any; the command line overrides the file): it reads "
-        "the data again for its record, times nothing and does not race the weight map.",
-    )
-    return as_toml(config.auto, written, notes)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -58,14 +58,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     options = _options(args)
     segmenter = _post(args, Segmenter.load(args.model))
-    if args.tile is not None:
+    if args.tile_shape is not None:
         try:
-            Tiling.of(segmenter.model).check(args.tile)
+            Tiling.of(segmenter.model).check(args.tile_shape)
         except ValueError as error:
             raise io.InputError(f"--tile: {error}") from None
     outputs = Outputs(args.out, **given(args, Outputs))
     regions = given(args, Regions)
-    if regions.get("workers") or regions.get("scheduler") or regions.get("resume"):
+    if "workers" in regions or "scheduler" in regions or regions.get("resume"):
         if args.rescale:
             raise io.InputError(
                 "--rescale holds the image in memory and cannot run region by region; "

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .. import io
+from .. import __version__, io
 
 DESCRIPTION = """\
 Train a U-Net (Ronneberger et al. 2015) on pairs of images and labels matched
@@ -229,7 +229,6 @@ def print_plan(config, options: dict) -> int:
         FutureWarning,
         stacklevel=2,
     )
-    from .plan import plan_toml
 
     sys.stdout.write(plan_toml(config, options))
     return 0
@@ -301,3 +300,29 @@ def run_command(args: argparse.Namespace) -> int:
             )
         print(f"model: {Path(config.out) / io.MODEL_WEIGHTS}")
     return 0
+
+
+NOT_WRITTEN = ("images", "labels", "out", "preset", "auto")  # not in a plan file
+
+
+def plan_toml(config, given: dict) -> str:
+    """The plan of ``config`` (made by ``--preset auto``) as a ``--config`` file.
+
+    The ``given`` options are written too (as ``config`` holds them), except
+    the training folders, the run folder and the record (:data:`NOT_WRITTEN`),
+    so that the file trains the same configuration on the folders named there.
+    """
+    from ..train.auto import as_toml
+
+    values = config.to_dict()
+    written = {name: values[name] for name in given if name not in NOT_WRITTEN}
+    if "norm" in written and written["norm"] is None:
+        written["norm"] = "none"  # TOML has no none; the file spells it so
+    notes = (
+        f"unetile plan (unetile {__version__}): what --preset auto chooses for the images in "
+        f"{config.images} and the labels in {config.labels}.",
+        "Train it with: unetile train IMAGES LABELS --config plan.toml --out RUN. Training "
+        "keeps every value below (edit any; the command line overrides the file): it reads "
+        "the data again for its record, times nothing and does not race the weight map.",
+    )
+    return as_toml(config.auto, written, notes)

@@ -92,13 +92,11 @@ class ModelCard:
         return cls.from_entries(io.read_json(run_dir / MODEL_CONFIG), run_dir / MODEL_CONFIG)
 
     def to_dict(self) -> dict:
-        entries = {key: value for key, value in self.entries.items() if key != "unetile_version"}
-        return {"unetile_version": __version__, "card_version": CARD_VERSION, **entries}
+        return stamped(self.entries)
 
     def write(self, run_dir: str | os.PathLike) -> None:
         """Write ``config.json`` into ``run_dir`` (atomically)."""
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        io.write_json(Path(run_dir) / MODEL_CONFIG, self.to_dict())
+        write_entries(run_dir, self.entries)
 
     def updated(self, **entries) -> ModelCard:
         """This card with some entries replaced (checked as on reading)."""
@@ -110,6 +108,19 @@ class ModelCard:
         card = cls.read(run_dir).updated(**entries)
         card.write(run_dir)
         return card
+
+
+def stamped(entries: dict) -> dict:
+    """``entries`` as ``config.json`` holds them: with this unetile's version and the card's."""
+    kept = {k: v for k, v in entries.items() if k not in ("unetile_version", "card_version")}
+    return {"unetile_version": __version__, "card_version": CARD_VERSION, **kept}
+
+
+def write_entries(run_dir: str | os.PathLike, entries: dict) -> None:
+    """The one writer of ``config.json`` (atomic). :meth:`ModelCard.write` writes a checked
+    card through it; :func:`save_model` writes what training gives, as it gives it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    io.write_json(Path(run_dir) / MODEL_CONFIG, stamped(entries))
 
 
 def _pixel_size(entries: dict, dims: int) -> tuple[float, ...] | None:
@@ -238,7 +249,7 @@ def save_model(run_dir: str | os.PathLike, model, config: dict, name: str = MODE
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     io.save_safetensors(state, run_dir / name)
-    ModelCard.from_entries(config, run_dir / MODEL_CONFIG).write(run_dir)
+    write_entries(run_dir, config)
 
 
 def load_network(run_dir: str | os.PathLike, card: ModelCard, name: str = MODEL_WEIGHTS) -> UNet:

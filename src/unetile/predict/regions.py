@@ -673,13 +673,7 @@ def predict_regions(
         post = legacy_post(model, threshold, foreground_class, instance_options, grow)
     outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
     requested = requested_outputs(model.config.num_classes, outputs, post)
-    if region_tiles < 1:
-        raise ValueError(f"region_tiles must be >= 1, got {region_tiles}")
-    if model.config.padding != "valid":
-        raise ValueError(
-            "region-by-region prediction needs a 'valid' model: a 'same' model's "
-            "blended tiles depend on their neighbours; predict it in one process"
-        )
+    _check_regions(model, region_tiles)
     options = PredictOptions.of(options, **changes)
     if isinstance(image, str | os.PathLike):
         image = ImagePath(str(image), model.config.dims, model.config.in_channels)
@@ -701,6 +695,16 @@ def predict_regions(
     publish(work, requested)
     shutil.rmtree(work)
     return requested
+
+
+def _check_regions(model: UNet, region_tiles: int) -> None:
+    if region_tiles < 1:
+        raise ValueError(f"region_tiles must be >= 1, got {region_tiles}")
+    if model.config.padding != "valid":
+        raise ValueError(
+            "region-by-region prediction needs a 'valid' model: a 'same' model's "
+            "blended tiles depend on their neighbours; predict it in one process"
+        )
 
 
 def _plan(model: UNet, image, options: PredictOptions, post, requested) -> tuple[Plan, tuple]:

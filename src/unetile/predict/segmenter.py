@@ -190,7 +190,7 @@ class InProcess:
             )
 
         def alone(image, rescaled, outputs: dict) -> None:
-            (rescaled or predict_to_files)(model, image, options, **outputs, post=post)
+            (rescaled or predict_to_files)(model, image, options=options, **outputs, post=post)
             remove_stale_work(outputs)
 
         def together(images, outputs):
