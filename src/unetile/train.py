@@ -860,9 +860,10 @@ def plot_curves(rows: list[dict], metrics: tuple[str, ...], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt():
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
-    stop = threading.Event()
+def _stop_on_interrupt(stop: threading.Event | None = None):
+    """First Ctrl-C (or ``stop`` set by another thread) asks the loop to stop after the
+    current step; a second Ctrl-C aborts."""
+    stop = threading.Event() if stop is None else stop
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -912,6 +913,7 @@ def train(
     stop_after: int | None = None,
     overwrite: bool = False,
     notes=None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Train a U-Net as configured; return the run summary.
 
@@ -940,6 +942,9 @@ def train(
     notes : callable or None
         Called with each one-line note for the user before training (the
         validation held out, :func:`holdout_note`); None keeps them silent.
+    stop : threading.Event or None
+        Set from another thread (a GUI's Stop button) to stop after the current
+        step as on Ctrl-C: with a checkpoint and the model saved.
 
     Returns
     -------
@@ -958,14 +963,14 @@ def train(
 
     if data is None and race.should_race(config, resume):
         config = race.race(config, train, progress, notes)
-    summary = _train_run(config, resume, progress, data, stop_after, overwrite, notes)
+    summary = _train_run(config, resume, progress, data, stop_after, overwrite, notes, stop)
     poor = race.poor_result(summary) if config.auto is not None else None
     if poor and notes:
         notes(poor)
     return summary
 
 
-def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> dict:
+def _train_run(config, resume, progress, data, stop_after, overwrite, notes, stop=None) -> dict:
     began = time.perf_counter()
     if config.out is None:
         raise io.InputError("no run folder: give --out")
@@ -994,9 +999,8 @@ def _train_run(config, resume, progress, data, stop_after, overwrite, notes) -> 
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             ranks = parallel.start(ranks, device)
-            return _train(
-                config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes
-            )
+            where = (config, run_dir, device, resume, progress, data, stop_after, began, ranks)
+            return _train(*where, notes, stop)
         except OSError as error:
             if error.filename is not None and run_dir.resolve() not in (
                 Path(error.filename).resolve().parents
@@ -1122,7 +1126,9 @@ class RunState:
         self.norms_frozen = saved.get("norms_frozen", False)
 
 
-def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes):
+def _train(
+    config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes, stop=None
+):
     from tqdm.auto import tqdm
 
     # Set up: data, network, optimiser, sampler; the state of a resumed run.
@@ -1157,7 +1163,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
         resume and run.budget is not None and state.earlier_wall_seconds >= run.budget
     )
     try:
-        with _stop_on_interrupt() as stop:
+        with _stop_on_interrupt(stop) as stop:
             while state.step < config.steps and not state.out_of_time:
                 _step(run, state, compiling=state.step == first_step)
                 bar.update(1)
