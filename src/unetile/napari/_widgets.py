@@ -29,7 +29,7 @@ from magicgui.widgets import (
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QPointF, QRectF, Qt
-from qtpy.QtGui import QPainter, QPalette, QPen, QPolygonF
+from qtpy.QtGui import QColor, QPainter, QPalette, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .. import io
@@ -94,12 +94,13 @@ class LossPlot(QWidget):
     the largest and smallest loss at the left, the last at the right."""
 
     MARGIN = 4
+    LINE = QColor(255, 160, 40)  # orange: seen on napari's dark and light themes
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.points: list[tuple[int, float]] = []
         self.steps = 1
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.setToolTip("training loss (log.csv rows) against steps")
 
@@ -136,8 +137,8 @@ class LossPlot(QWidget):
             return
         drawn = curve_points(self.points, self.steps, box.width(), box.height())
         line = QPolygonF([QPointF(box.left() + x, box.top() + y) for x, y in drawn])
-        pen = QPen(self.palette().color(QPalette.ColorRole.Highlight))
-        pen.setWidthF(1.5)
+        pen = QPen(self.LINE)
+        pen.setWidthF(2.0)
         painter.setPen(pen)
         painter.drawPolyline(line)
         painter.setPen(text)
