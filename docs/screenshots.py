@@ -6,8 +6,8 @@ Run under a display server, e.g. on a machine without a screen:
 
 It opens the sample cells, trains a small model (a minute on 2 cores),
 then drives the real widgets: Segment, a correction of the instances layer,
-Fine-tune, Segment again and Evaluate, saving ``napari_*.png`` (palette PNGs,
-a few hundred KB at most) into ``--out``.
+Fine-tune (with its loss curve), Segment again and Evaluate, saving
+``napari_*.png`` (palette PNGs, a few hundred KB at most) into ``--out``.
 """
 
 from __future__ import annotations
@@ -57,33 +57,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="unetile_napari_"))
+    base = train_base(work / "cells_model", args.steps)
 
     import napari
 
-    from unetile.napari import _logic
     from unetile.napari._sample import touching_cells
-    from unetile.napari._widgets import EvaluateWidget, FineTuneWidget, SegmentWidget
-    from unetile.train.config import make_config
-    from unetile.train.loop import prepare_arrays
-    from unetile.train.run import train
-
-    # A small model of other cells than those shown, as a user's earlier run would be.
-    image, truth = _logic.synthetic_cells(384, seed=7)
-    base = work / "cells_model"
-    config = make_config(
-        "cpu-fast",
-        out=str(base),
-        label_mode="instances",
-        depth=3,
-        base_channels=8,
-        tile=(124,),
-        steps=args.steps,
-        compile=False,
-        validate_every=10**6,
-        checkpoint_every=10**6,
-    )
-    print(f"training {base} ({args.steps} steps)")
-    train(config, progress=False, data=prepare_arrays(config, [image], [truth]))
 
     viewer = napari.Viewer(show=False, title="unetile in napari")
     viewer.window.resize(*SIZE)
@@ -91,8 +69,42 @@ def main() -> None:
         getattr(viewer, f"add_{kind}")(data, **meta)
     wait(lambda: True)
     viewer.reset_view()
+    segment = show_segment(viewer, base, out / "napari_segment.png")
+    correct(viewer, out / "napari_correct.png")
+    tune_dock = fine_tune(viewer, segment, out / "napari_finetune.png")
+    evaluate(viewer, tune_dock, out / "napari_evaluate.png")
+    viewer.close()
 
-    # 1. Segment.
+
+def train_base(base: Path, steps: int) -> Path:
+    """A small model of other cells than those shown, as a user's earlier run would be."""
+    from unetile.napari import _logic
+    from unetile.train.config import make_config
+    from unetile.train.loop import prepare_arrays
+    from unetile.train.run import train
+
+    image, truth = _logic.synthetic_cells(384, seed=7)
+    config = make_config(
+        "cpu-fast",
+        out=str(base),
+        label_mode="instances",
+        depth=3,
+        base_channels=8,
+        tile=(124,),
+        steps=steps,
+        compile=False,
+        validate_every=10**6,
+        checkpoint_every=10**6,
+    )
+    print(f"training {base} ({steps} steps)")
+    train(config, progress=False, data=prepare_arrays(config, [image], [truth]))
+    return base
+
+
+def show_segment(viewer, base: Path, path: Path):
+    """1. Segment with the run folder."""
+    from unetile.napari._widgets import SegmentWidget
+
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment", area="right")
     segment.model_dir.value = base
@@ -100,10 +112,13 @@ def main() -> None:
     segment.run_button.clicked.emit()
     wait(lambda: "cells instances" in viewer.layers and segment.run_button.enabled)
     viewer.layers["cells probabilities"].visible = False
-    save(viewer, out / "napari_segment.png")
+    save(viewer, path)
+    return segment
 
-    # 2. Correct: the user merges nothing by hand here; we mimic a brush stroke that adds
-    # the true cells the model missed and removes its false ones.
+
+def correct(viewer, path: Path) -> None:
+    """2. Correct: the user merges nothing by hand here; we mimic a brush stroke that adds
+    the true cells the model missed and removes its false ones."""
     instances = viewer.layers["cells instances"]
     corrected = instances.data.copy()
     true_cells = viewer.layers["cells truth"].data
@@ -117,9 +132,14 @@ def main() -> None:
     instances.mode = "paint"
     instances.selected_label = int(corrected.max()) + 1
     viewer.layers.selection.active = instances
-    save(viewer, out / "napari_correct.png")
+    save(viewer, path)
 
-    # 3. Fine-tune on the corrected layer, into a new run folder; it segments again.
+
+def fine_tune(viewer, segment, path: Path):
+    """3. Fine-tune on the corrected layer, into a new run folder (its loss curve drawn as
+    it trains); it segments again."""
+    from unetile.napari._widgets import FineTuneWidget
+
     tune = FineTuneWidget(viewer)
     tune_dock = viewer.window.add_dock_widget(tune, name="Fine-tune", area="right")
     tune.image.value, tune.labels.value = "cells", "cells instances"
@@ -129,17 +149,21 @@ def main() -> None:
     wait(lambda: "cells corrected" in viewer.layers)
     wait(lambda: tune.trainer.start.enabled and segment.run_button.enabled and not segment.queue)
     viewer.layers["cells corrected"].visible = False
-    save(viewer, out / "napari_finetune.png")
+    save(viewer, path)
+    return tune_dock
 
-    # 4. Evaluate the new instances against the sample's truth.
+
+def evaluate(viewer, tune_dock, path: Path) -> None:
+    """4. Evaluate the new instances against the sample's truth."""
+    from unetile.napari._widgets import EvaluateWidget
+
     viewer.window.remove_dock_widget(tune_dock)
-    evaluate = EvaluateWidget(viewer)
-    viewer.window.add_dock_widget(evaluate, name="Evaluate", area="right")
-    evaluate.labels.value, evaluate.truth.value = "cells instances", "cells truth"
-    evaluate.run_button.clicked.emit()
+    widget = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Evaluate", area="right")
+    widget.labels.value, widget.truth.value = "cells instances", "cells truth"
+    widget.run_button.clicked.emit()
     viewer.layers["cells truth"].visible = False
-    save(viewer, out / "napari_evaluate.png")
-    viewer.close()
+    save(viewer, path)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from unetile.cli import main
 from unetile.network.model import UNet, is_valid_input_size, output_size
 from unetile.network.normalization import Normalization
-from unetile.predict import card, export
-from unetile.predict.engine import predict
+from unetile.predict import card
+from unetile.predict.engine import card, export, predict
 
 NORMALIZATION = {"mean": [100.0], "std": [50.0]}
 
@@ -202,8 +202,8 @@ def package(tmp_path_factory):
     return model, config, image, path
 
 
-def test_package_validates_and_states_the_tiling(package):
-    _, _, _, path = package
+def test_package_validates_and_states_the_tiling(package, tmp_path):
+    model, config, _, path = package
     descr = export.load_package(path)
     assert descr.validation_summary.status == "valid-format"
     inputs, outputs = descr.inputs[0], descr.outputs[0]
@@ -218,6 +218,15 @@ def test_package_validates_and_states_the_tiling(package):
     assert set(descr.weights.model_dump(exclude_none=True)) == {"torchscript", "onnx"}
     names = set(zipfile.ZipFile(path).namelist())
     assert {"rdf.yaml", "cover.png", "README.md", "test_input.npy", "test_output.npy"} <= names
+    # unetile's own run files, attached: the package loads as the run it came from.
+    assert {"config.json", "model.safetensors"} <= names
+    with zipfile.ZipFile(path) as archive:
+        archive.extract("config.json", tmp_path)
+        archive.extract("model.safetensors", tmp_path)
+    loaded, stored = card.load_model(tmp_path)
+    assert stored["pixel_size_um"] == [0.5, 0.25] and stored["classes"] == config["classes"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_bioimageio_core_tiling_equals_unetile(package):

@@ -5,6 +5,9 @@ fine-tune -> segment again end to end."""
 import importlib
 import importlib.util
 import os
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from unetile.napari import _logic  # noqa: E402
 from unetile.napari._sample import touching_cells  # noqa: E402
 from unetile.napari._session import KEY, Session, session  # noqa: E402
 from unetile.predict import card  # noqa: E402
+from unetile.predict.engine import card  # noqa: E402
 from unetile.train.config import make_config  # noqa: E402
 from unetile.train.loop import _sha256, prepare_arrays
 from unetile.train.run import train
@@ -194,6 +198,113 @@ def test_errors_are_the_librarys_one_line(tmp_path, model_run, cells):
 
 
 # --------------------------------------------------------------------------
+# Lazy and multiscale layers
+# --------------------------------------------------------------------------
+
+
+def test_dask_zarr_and_multiscale_layers_segment_as_their_numpy_image(tmp_path, model_run, cells):
+    """A lazy layer is read tile by tile in the worker; a multiscale layer at its level 0."""
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    image, _ = cells
+    viewer, state = viewer_with(image)
+    state.load(model_run)
+    expected = _logic.run_to_end(state.segment_work("cells"))[1]
+    stored = zarr.open_array(
+        str(tmp_path / "cells.zarr"), mode="w", shape=image.shape, chunks=(32, 32), dtype="f4"
+    )
+    stored[:] = image
+    viewer.add_image(da.from_array(image, chunks=(32, 32)), name="dask")
+    viewer.add_image(stored, name="zarr")
+    levels = [da.from_array(image, chunks=32), da.from_array(image[::2, ::2], chunks=32)]
+    viewer.add_image(levels, name="multiscale", multiscale=True)
+    for name in ("dask", "zarr", "multiscale"):
+        assert not isinstance(viewer.layers[name].data, np.ndarray)
+        found, probabilities = _logic.run_to_end(state.segment_work(name))
+        assert found == name
+        np.testing.assert_array_equal(probabilities, expected)
+        state.show(name, probabilities)
+        assert viewer.layers[f"{name} instances"].data.shape == image.shape
+
+
+# --------------------------------------------------------------------------
+# bioimage.io packages
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package(model_run, cells, tmp_path_factory):
+    """``unetile export RUN --format bioimageio`` of the tiny model."""
+    pytest.importorskip("bioimageio.spec")
+    import tifffile
+
+    from unetile.cli import main
+
+    folder = tmp_path_factory.mktemp("package")
+    tifffile.imwrite(folder / "cells.tif", cells[0])
+    out = folder / "cells model.zip"
+    arguments = ["export", str(model_run), "--format", "bioimageio", "--out", str(out)]
+    assert main([*arguments, "--image", str(folder / "cells.tif")]) == 0
+    return out
+
+
+def test_a_package_segments_exactly_as_its_run_folder(model_run, package, cells):
+    image, _ = cells
+    from_run = segmented(model_run, image)[1]
+    viewer, state = viewer_with(image)
+    model = state.load(package)
+    assert model.is_package and model.name == "cells model" and model.source == package
+    assert model.config == io.read_json(model_run / "config.json")
+    state.show(*_logic.run_to_end(state.segment_work("cells")))
+    assert state.post == from_run.post
+    np.testing.assert_array_equal(state.probabilities["cells"], from_run.probabilities["cells"])
+    for kind in ("labels", "instances"):
+        ours = from_run.viewer.layers[f"cells {kind}"].data
+        np.testing.assert_array_equal(viewer.layers[f"cells {kind}"].data, ours)
+    assert viewer.layers["cells instances"].metadata[KEY]["run"] == str(package)
+    # Fine-tuning it writes a new run folder beside the package, never into the temporary one.
+    state.add_pair("cells", "cells instances")
+    summary = _logic.run_to_end(state.fine_tune_work(steps=2))
+    assert Path(summary["run_dir"]) == package.parent / "cells model_tuned1"
+    assert state.adopt(summary).run_dir == package.parent / "cells model_tuned1"
+
+
+def test_an_older_package_gives_its_torchscript_weights(tmp_path, model_run, package):
+    """Without the attached run files: the TorchScript file's weights (read, not run) and its
+    metadata's network, normalisation and classes."""
+    older = tmp_path / "older.zip"
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(older, "w") as target:
+        for name in source.namelist():
+            if name not in ("config.json", "model.safetensors"):
+                target.writestr(name, source.read(name))
+    model = _logic.LoadedModel.load(older)
+    run, config = card.load_model(model_run)
+    for key, value in run.state_dict().items():
+        assert np.array_equal(model.model.state_dict()[key].numpy(), value.numpy()), key
+    for key in ("model", "normalization", "classes"):
+        assert model.config[key] == config[key]
+
+
+def test_a_bad_or_foreign_zip_is_one_line(tmp_path):
+    (tmp_path / "text.zip").write_text("not a zip")
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        archive.writestr("rdf.yaml", "type: model\n")
+        archive.writestr("cat.png", b"png")
+    with zipfile.ZipFile(tmp_path / "broken.zip", "w") as archive:
+        archive.writestr("weights.torchscript.pt", b"not torchscript")
+    cases = {
+        "missing.zip": "no such file",
+        "text.zip": "not a readable .zip",
+        "photos.zip": "is no model package of 'unetile export",
+        "broken.zip": "its TorchScript weights cannot be read",
+    }
+    for name, message in cases.items():
+        with pytest.raises(io.InputError) as error:
+            _logic.LoadedModel.load(tmp_path / name)
+        assert message in str(error.value) and "\n" not in str(error.value), name
+
+
+# --------------------------------------------------------------------------
 # Fine-tune and train
 # --------------------------------------------------------------------------
 
@@ -210,9 +321,9 @@ def test_stop_leaves_a_complete_new_run_and_the_old_one_untouched(model_run, cel
     image, instances = cells
     before = _sha256(model_run / "model.safetensors")
     out = model_run.parent / "stopped"
-    work = _logic.fine_tune(
-        model_run, [image], [instances], out=out, steps=50, should_stop=lambda: True
-    )
+    stop = threading.Event()
+    stop.set()  # Stop pressed while the data were prepared: one step, then a complete run
+    work = _logic.fine_tune(model_run, [image], [instances], out=out, steps=50, stop=stop)
     progress = []
     while True:
         try:
@@ -220,13 +331,58 @@ def test_stop_leaves_a_complete_new_run_and_the_old_one_untouched(model_run, cel
         except StopIteration as stop:
             summary = stop.value
             break
-    assert len(progress) == 1 and summary["interrupted"] and 0 < summary["step"] < 50
+    assert len(progress) == 1 and summary["interrupted"] and summary["step"] == 1
     assert _sha256(model_run / "model.safetensors") == before
     model, config = card.load_model(out)
     assert config["init"]["run"] == str(model_run)
     assert config["model"] == io.read_json(model_run / "config.json")["model"]
     with pytest.raises(io.InputError, match="is the model being fine-tuned"):
         _logic.fine_tune_config(model_run, out=model_run)
+
+
+def test_training_yields_the_loss_curve_as_log_csv_grows(model_run, cells):
+    image, instances = cells
+    out = model_run.parent / "curve"
+    work = _logic.fine_tune(model_run, [image], [instances], out=out, steps=23)
+    progress = []
+    while True:
+        try:
+            progress.append(next(work))
+        except StopIteration as stop:
+            summary = stop.value
+            break
+    points = [point for part in progress for point in part.points]
+    # Every row of log.csv, each once, in order: steps 5, 10, 15, 20 (log_every) and 23.
+    assert points == list(_logic.logged_losses(out)) and points[-1][0] == summary["step"] == 23
+    assert {5, 10, 15, 20} <= {step for step, _ in points}
+    assert all(np.isfinite(loss) for _, loss in points)
+
+
+def test_stop_ends_a_long_part_within_a_step_and_keeps_a_complete_run(model_run, cells):
+    image, instances = cells
+    out = model_run.parent / "stopped_in_a_part"
+    config = _logic.fine_tune_config(model_run, out, steps=10**5)
+    data = _logic.training_data(config, [image], [instances])
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)  # the Stop button, half-way through a part
+    began = time.perf_counter()
+    timer.start()
+    progress = []
+    work = _logic.run_training(config, data, stop, part_seconds=600.0)
+    while True:
+        try:
+            progress.append(next(work))
+        except StopIteration as end:
+            summary = end.value
+            break
+    timer.join()
+    assert time.perf_counter() - began < 60  # not the 600 s part
+    assert summary["interrupted"] and 0 < summary["step"] < 10**5
+    assert progress[-1].step == summary["step"]
+    card.load_model(out)  # a valid model
+    # Nothing is lost: the run resumes from the step it stopped at.
+    more = train(config, resume=True, progress=False, data=data, stop_after=summary["step"] + 2)
+    assert more["step"] == summary["step"] + 2
 
 
 def test_train_from_scratch_on_layers(tmp_path, cells):
@@ -378,3 +534,66 @@ def test_a_fault_is_a_notification_not_a_traceback(make_napari_viewer, tmp_path,
     assert shown == [f"{tmp_path}: has no config.json; is it a unetile run?"] or (
         len(shown) == 1 and str(tmp_path) in shown[0] and "\n" not in shown[0]
     )
+
+
+@needs_display
+def test_the_zip_button_loads_a_package_and_a_bad_zip_is_a_notification(
+    make_napari_viewer, tmp_path, monkeypatch, package
+):
+    from unetile.napari import _widgets
+
+    shown = []
+    monkeypatch.setattr(_widgets, "show_error", shown.append)
+    viewer = make_napari_viewer()
+    widget = _widgets.SegmentWidget(viewer)
+    asked = []
+
+    def dialog(mode, caption=None, start_path=None, filter=None):  # noqa: A002 (magicgui's name)
+        asked.append((str(mode.value), filter))
+        return package
+
+    widget._file_dialog = dialog
+    widget.choose_zip.clicked.emit()
+    assert asked == [("r", "*.zip")] and shown == []
+    assert widget.model_info.value.startswith("cells model: 2 classes")
+    assert widget.model_info.value.endswith("(bioimage.io package)")
+    assert session(viewer).model.source == package
+    (tmp_path / "text.zip").write_text("not a zip")
+    widget.model_dir.value = tmp_path / "text.zip"
+    assert len(shown) == 1 and "not a readable .zip" in shown[0] and "\n" not in shown[0]
+    assert widget.model_info.value == "no model loaded"
+
+
+@needs_display
+def test_the_loss_curve_grows_as_the_worker_yields_and_stop_ends_within_a_step(
+    make_napari_viewer, qtbot, model_run, cells
+):
+    from unetile.napari._widgets import FineTuneWidget, SegmentWidget
+
+    image, truth = cells
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(truth, name="truth")
+    segment = SegmentWidget(viewer)
+    segment.model_dir.value = model_run
+    tune = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(tune, name="Fine-tune")
+    tune.image.value, tune.labels.value = "cells", "truth"
+    tune.steps.value, tune.minutes.value = 10**5, 0.0
+    plot = tune.trainer.plot
+    assert plot.points == []
+    tune.trainer.start.clicked.emit()
+    drawn = []  # the curve's length each time the worker yields
+    tune.trainer.worker.yielded.connect(lambda progress: drawn.append(len(plot.points)))
+    qtbot.waitUntil(lambda: len(drawn) >= 2, timeout=60000)
+    tune.trainer.stop.clicked.emit()
+    qtbot.waitUntil(lambda: tune.result.value.startswith("saved"), timeout=60000)
+    qtbot.waitUntil(lambda: segment.run_button.enabled and not segment.queue, timeout=60000)
+    run = session(viewer).model.run_dir
+    summary = io.read_json(run / "summary.json")
+    assert summary["interrupted"] and summary["step"] < 10**5
+    assert drawn == sorted(drawn) and 0 < drawn[0] < drawn[-1]
+    # The curve is the run's log.csv, every row once.
+    assert plot.points == list(_logic.logged_losses(run))
+    assert plot.points[-1][0] == summary["step"]
+    assert not plot.grab().isNull()  # it paints

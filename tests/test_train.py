@@ -10,6 +10,7 @@ from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, labels_to_classes
 from unetile.network.normalization import Normalization
 from unetile.predict import card
+from unetile.predict.engine import card
 from unetile.train.loop import (
     PRESETS,
     TrainConfig,
@@ -251,6 +252,24 @@ def test_first_interrupt_asks_to_stop_and_the_second_aborts():
         assert stop.is_set()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+
+
+def test_a_stop_event_set_by_another_thread_ends_the_run_after_its_step(tmp_path):
+    import threading
+
+    data = stripes_data()
+    stop = threading.Event()
+    config = tiny_config(tmp_path / "run", steps=10**6, log_every=10**5)
+    timer = threading.Timer(0.5, stop.set)  # a GUI's Stop button, while the loop runs
+    timer.start()
+    summary = train(config, progress=False, data=data, stop=stop)
+    timer.join()
+    assert summary["interrupted"] and 0 < summary["step"] < 10**6
+    # Stopped as on Ctrl-C: a complete run folder, its log row and checkpoint at that step.
+    model, _ = card.load_model(tmp_path / "run")
+    with open(tmp_path / "run" / "log.csv") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [summary["step"]]
+    assert stop.is_set()  # the caller's event, left as it was
 
 
 def test_he_initialisation_is_seeded():

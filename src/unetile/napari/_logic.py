@@ -10,11 +10,16 @@ user can cause ends as :class:`unetile.io.InputError` with one line.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
+import tempfile
+import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +54,55 @@ NOT_CARRIED = (
 
 @dataclass
 class LoadedModel:
-    """A run folder's network with its ``config.json``."""
+    """A run folder's network with its ``config.json``.
+
+    ``source`` is what the user chose: the run folder, or a bioimage.io package
+    (``.zip``) of ``unetile export``, whose run files are then unpacked into
+    ``run_dir``, a temporary folder that lives as long as this object.
+    """
 
     run_dir: Path
     model: object
     config: dict
+    source: Path | None = None
+    unpacked: object = field(default=None, repr=False)  # the TemporaryDirectory of a package
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = self.run_dir
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> LoadedModel:
-        """:func:`unetile.predict.card.load_model`; InputError with its one line."""
-        if not str(run_dir).strip():
-            raise io.InputError("no model: choose a run folder (the --out of 'unetile train')")
-        model, config = card.load_model(run_dir)
-        return cls(Path(run_dir), model, config)
+    def load(cls, source: str | Path) -> LoadedModel:
+        """A run folder (:func:`~unetile.predict.card.load_model`) or a package
+        (:func:`unpack_package`);
+        InputError with one line."""
+        if not str(source).strip():
+            raise io.InputError(
+                "no model: choose a run folder (the --out of 'unetile train') or a bioimage.io "
+                ".zip of 'unetile export'"
+            )
+        source = Path(source)
+        if source.suffix.lower() == ".zip" or source.is_file():
+            return cls.load_package(source)
+        model, config = card.load_model(source)
+        return cls(source, model, config)
+
+    @classmethod
+    def load_package(cls, path: str | Path) -> LoadedModel:
+        """The model of a bioimage.io package of ``unetile export``, as its run folder."""
+        path = Path(path)
+        unpacked = tempfile.TemporaryDirectory(prefix="unetile_package_")
+        folder = Path(unpacked.name)
+        unpack_package(path, folder)
+        try:
+            model, config = card.load_model(folder)
+        except io.InputError as error:  # name the package, not the temporary folder
+            raise io.InputError(str(error).replace(str(folder), str(path))) from None
+        return cls(folder, model, config, source=path, unpacked=unpacked)
+
+    @property
+    def is_package(self) -> bool:
+        return self.source != self.run_dir
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +114,7 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.run_dir.name
+        return self.source.stem if self.is_package else self.source.name
 
     def post_options(self) -> PostOptions:
         """The post-processing the model carries (``config.json`` ``"instances"``)."""
@@ -119,16 +160,88 @@ class PostOptions:
         return dataclasses.replace(self, **changes)
 
 
-def model_input(data, model: LoadedModel, rgb: bool = False):
+# --------------------------------------------------------------------------
+# bioimage.io packages of ``unetile export``
+# --------------------------------------------------------------------------
+
+#: What a package must hold to be read as unetile's model.
+NOT_A_PACKAGE = (
+    "is no model package of 'unetile export --format bioimageio' (it holds neither "
+    "unetile's config.json and model.safetensors nor TorchScript weights with unetile's "
+    "metadata); choose such a .zip or a run folder"
+)
+
+
+def unpack_package(path: str | Path, folder: str | Path) -> str:
+    """Write the run files of a bioimage.io package of ``unetile export`` into ``folder``.
+
+    The package's attached ``config.json`` and ``model.safetensors`` are the
+    run's own files, read as they are. A package without them (exported before
+    unetile attached them) gives its TorchScript file's weights (loaded, never
+    run) and the config its ``unetile.json`` metadata holds: the network,
+    normalisation and classes, but not the calibrated threshold, the instance
+    options or the training tile. Returns ``"run files"`` or ``"torchscript"``;
+    InputError with one line for anything else.
+    """
+    path, folder = Path(path), Path(folder)
+    if not path.is_file():
+        raise io.InputError(f"{path}: no such file; choose a run folder or a .zip package")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())  # the packager writes every file at the top
+            if {io.MODEL_CONFIG, io.MODEL_WEIGHTS} <= names:
+                for name in (io.MODEL_CONFIG, io.MODEL_WEIGHTS):
+                    (folder / name).write_bytes(archive.read(name))
+                return "run files"
+            scripts = sorted(n for n in names if n.endswith(".pt") and "/" not in n)
+            if not scripts:
+                raise io.InputError(f"{path}: {NOT_A_PACKAGE}")
+            weights = archive.read(scripts[0])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise io.InputError(f"{path}: not a readable .zip ({reason})") from None
+    _unpack_torchscript(weights, folder, path)
+    return "torchscript"
+
+
+def _unpack_torchscript(weights: bytes, folder: Path, path: Path) -> None:
+    """The network inside an exported TorchScript file as ``model.safetensors`` and its
+    ``unetile.json`` metadata as ``config.json``."""
+    import io as byte_io
+
+    import torch
+
+    extra = {"unetile.json": ""}
+    try:
+        network = torch.jit.load(byte_io.BytesIO(weights), map_location="cpu", _extra_files=extra)
+        metadata = json.loads(extra["unetile.json"] or "null")
+    except Exception as error:  # torch reports a damaged or foreign file in many ways
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise io.InputError(f"{path}: its TorchScript weights cannot be read ({reason})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("model"), dict):
+        raise io.InputError(f"{path}: {NOT_A_PACKAGE}")
+    prefix = "unet."  # export.ExportedUNet holds the U-Net as ``unet``
+    state = {
+        key[len(prefix) :]: value.detach().contiguous()
+        for key, value in network.state_dict().items()
+        if key.startswith(prefix)
+    }
+    io.save_safetensors(state, folder / io.MODEL_WEIGHTS)
+    keys = ("unetile_version", "model", "normalization", "classes", "pixel_size_um")
+    io.write_json(folder / io.MODEL_CONFIG, {k: metadata[k] for k in keys if k in metadata})
+
+
+def model_input(data, model: LoadedModel, rgb: bool = False, multiscale: bool = False):
     """A layer's data laid out as the model reads it (channels first); InputError otherwise.
 
     An RGB layer (``(H, W, 3)``) becomes ``(3, H, W)``; a multiscale layer's
-    full resolution is used. Lazy arrays (zarr, dask) stay lazy.
+    full resolution (its level 0) is used. Lazy arrays (zarr, dask) stay lazy:
+    prediction reads only the windows of its tiles (:meth:`unetile.tiling.Window.read`).
     """
-    if isinstance(data, list | tuple):  # a multiscale layer: its full resolution
+    if multiscale or isinstance(data, list | tuple):  # napari's MultiScaleData is neither
         data = data[0]
-    if rgb:
-        data = np.moveaxis(np.asarray(data), -1, 0)
+    if rgb:  # dask moves the axis lazily; other array-likes are read here
+        data = np.moveaxis(data if hasattr(data, "__array_function__") else np.asarray(data), -1, 0)
     from ..predict.engine import spatial_shape
 
     try:
@@ -265,9 +378,10 @@ def post_process(probabilities: np.ndarray, model: LoadedModel, post: PostOption
 
 
 def next_run_folder(run_dir: str | Path, suffix: str = "tuned") -> Path:
-    """A new folder beside ``run_dir``: ``NAME_tuned1``, ``NAME_tuned2`` ... (never an old one)."""
+    """A new folder beside ``run_dir``: ``NAME_tuned1``, ``NAME_tuned2`` ... (never an old one);
+    beside a package ``NAME.zip``, the same."""
     run_dir = Path(run_dir)
-    stem = run_dir.name
+    stem = run_dir.stem if run_dir.suffix.lower() == ".zip" else run_dir.name
     # A tuned run tuned again counts on: mine_tuned1 -> mine_tuned2, not mine_tuned1_tuned1.
     base, _, number = stem.rpartition(f"_{suffix}")
     if not (base and number.isdigit()):
@@ -365,18 +479,40 @@ def training_data(config, images: Sequence, labels: Sequence):
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """Where a training run stands: steps done of ``steps``, the last loss, seconds."""
+    """Where a training run stands: steps done of ``steps``, the last loss, seconds, and the
+    ``(step, loss)`` rows ``log.csv`` gained since the last progress (the loss curve)."""
 
     step: int
     steps: int
     loss: float
     seconds: float
+    points: tuple[tuple[int, float], ...] = ()
+
+
+def logged_losses(run_dir: str | Path, after: int = 0) -> tuple[tuple[int, float], ...]:
+    """The ``(step, loss)`` rows of a run's ``log.csv`` past step ``after`` (finite ones)."""
+    from ..train import LOG
+
+    try:
+        with open(Path(run_dir) / LOG, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return ()
+    points = []
+    for row in rows:
+        try:
+            step, loss = int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if step > after and math.isfinite(loss):
+            points.append((step, loss))
+    return tuple(points)
 
 
 def run_training(
     config,
     data,
-    should_stop: Callable[[], bool] = lambda: False,
+    stop: threading.Event | None = None,
     part_seconds: float = 1.0,
     notes: Callable[[str], None] | None = None,
 ) -> Iterator[TrainProgress]:
@@ -384,13 +520,16 @@ def run_training(
     and returns the run summary.
 
     Each part is ``train(..., stop_after=...)`` and the next one resumes it,
-    which gives the very weights of one uninterrupted run (``--resume``), so a
-    Stop between parts (``should_stop()``, or closing the generator) leaves a
-    complete run folder: checkpoint, ``model.safetensors`` and summary. The
-    parts last about ``part_seconds`` each.
+    which gives the very weights of one uninterrupted run (``--resume``); the
+    parts last about ``part_seconds`` each. ``stop`` (set by another thread:
+    the Stop button) ends the part in progress after its current step, as
+    Ctrl-C does, and no part follows; closing the generator ends it between
+    parts. Either way the run folder is complete: checkpoint,
+    ``model.safetensors`` and summary.
     """
     from ..train.run import train
 
+    stop = threading.Event() if stop is None else stop
     step, resume, per_step, overhead = 0, False, None, 0.0
     began = time.perf_counter()
     summary: dict = {}
@@ -409,15 +548,18 @@ def run_training(
             data=data,
             stop_after=stop_after,
             notes=notes,
+            stop=stop,
         )
         taken = summary["step"] - step
         if taken > 0:
             per_step = max(summary["seconds"] - stepping, 1e-6) / taken
             overhead = max(time.perf_counter() - tick - per_step * taken, 0.0)
+        points = logged_losses(config.out, after=step)
         step, resume = summary["step"], True
         loss = summary["loss"] if summary["loss"] is not None else math.nan
-        yield TrainProgress(step, config.steps, float(loss), time.perf_counter() - began)
-        if not summary["interrupted"] or should_stop():
+        seconds = time.perf_counter() - began
+        yield TrainProgress(step, config.steps, float(loss), seconds, points)
+        if not summary["interrupted"] or stop.is_set():
             return summary
 
 
@@ -426,14 +568,14 @@ def fine_tune(
     images: Sequence,
     labels: Sequence,
     out: str | Path | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    stop: threading.Event | None = None,
     **options,
 ) -> Iterator[TrainProgress]:
     """Fine-tune the model of ``init`` on image/label arrays into a new run folder beside it;
     yields progress, returns the summary (``summary["run_dir"]`` is the new model)."""
     config = fine_tune_config(init, out, **options)
     data = training_data(config, images, labels)
-    return (yield from run_training(config, data, should_stop))
+    return (yield from run_training(config, data, stop))
 
 
 def train_new(
@@ -441,14 +583,14 @@ def train_new(
     images: Sequence,
     labels: Sequence,
     preset: str = "cpu-fast",
-    should_stop: Callable[[], bool] = lambda: False,
+    stop: threading.Event | None = None,
     **options,
 ) -> Iterator[TrainProgress]:
     """Train a new model from ``preset`` on image/label arrays; yields progress, returns the
     summary."""
     config = train_config(out, preset, **options)
     data = training_data(config, images, labels)
-    return (yield from run_training(config, data, should_stop))
+    return (yield from run_training(config, data, stop))
 
 
 # --------------------------------------------------------------------------

@@ -9,8 +9,9 @@ a test iterates; their results come back through ``show`` / ``adopt``.
 
 from __future__ import annotations
 
+import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Session:
     post: PostOptions | None = None
     probabilities: dict = field(default_factory=dict)  # image layer name -> (K, *S)
     pairs: list = field(default_factory=list)  # (image layer, labels layer) to fine-tune on
-    history: list = field(default_factory=list)  # run folders loaded, oldest first
+    history: list = field(default_factory=list)  # run folders (or packages) loaded, oldest first
     segment_widget: object = None  # the Qt Segment widget of this viewer, if one was made
 
     def __hash__(self):
@@ -60,16 +61,19 @@ class Session:
 
     # --- model -----------------------------------------------------------------
 
-    def load(self, run_dir: str | Path) -> LoadedModel:
-        """Load a run folder as the current model; its carried post-processing becomes current."""
-        self.model = LoadedModel.load(run_dir)
+    def load(self, source: str | Path) -> LoadedModel:
+        """Load a run folder or a bioimage.io package of ``unetile export`` as the current
+        model; its carried post-processing becomes current."""
+        self.model = LoadedModel.load(source)
         self.post = self.model.post_options()
-        self.history.append(self.model.run_dir)
+        self.history.append(self.model.source)
         return self.model
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
-            raise io.InputError("no model: choose a run folder in Segment and load it first")
+            raise io.InputError(
+                "no model: choose a run folder or a .zip package in Segment and load it first"
+            )
         return self.model
 
     # --- segment ---------------------------------------------------------------
@@ -87,7 +91,12 @@ class Session:
         ``(image name, probabilities)`` for :meth:`show`."""
         model = self.require_model()
         layer = self.image_layer(image_name)
-        data = _logic.model_input(layer.data, model, rgb=bool(getattr(layer, "rgb", False)))
+        data = _logic.model_input(
+            layer.data,
+            model,
+            rgb=bool(getattr(layer, "rgb", False)),
+            multiscale=bool(getattr(layer, "multiscale", False)),
+        )
         probabilities = yield from _logic.segment(model, data, **options)
         return image_name, probabilities
 
@@ -116,7 +125,7 @@ class Session:
 
     def _put(self, image_name: str, result: Segmentation, with_probabilities: bool) -> None:
         model = self.model
-        meta = {"image": image_name, "run": str(model.run_dir)}
+        meta = {"image": image_name, "run": str(model.source)}
         layers = self.viewer.layers
         scale = layers[image_name].scale[-result.labels.ndim :] if image_name in layers else None
         outputs = []
@@ -191,20 +200,21 @@ class Session:
         steps: int | None = 200,
         minutes: float | None = None,
         out: str | Path | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
+        stop: threading.Event | None = None,
         **options,
     ):
         """Worker body: fine-tune the current model on the set into a new run folder beside
-        it; yields :class:`~unetile.napari._logic.TrainProgress`, returns the summary."""
-        model = self.require_model()
+        it (beside its package); yields :class:`~unetile.napari._logic.TrainProgress`, returns
+        the summary. ``stop`` set (the Stop button) ends it after the current step."""
+        model = self.require_model()  # held here: a package's unpacked folder lives on
         images, labels, mode = self.training_arrays(model)
         return (
             yield from _logic.fine_tune(
                 model.run_dir,
                 images,
                 labels,
-                out=out,
-                should_stop=should_stop,
+                out=out if out is not None else _logic.next_run_folder(model.source),
+                stop=stop,
                 steps=steps,
                 minutes=minutes,
                 label_mode=mode,
@@ -218,7 +228,7 @@ class Session:
         preset: str = "cpu-fast",
         steps: int | None = None,
         minutes: float | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
+        stop: threading.Event | None = None,
         **options,
     ):
         """Worker body: train a new model from ``preset`` on the set; returns the summary."""
@@ -229,7 +239,7 @@ class Session:
                 images,
                 labels,
                 preset=preset,
-                should_stop=should_stop,
+                stop=stop,
                 steps=steps,
                 minutes=minutes,
                 label_mode=mode,

@@ -7,9 +7,13 @@ library's one-line messages.
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
+from magicgui.application import use_app
+from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -24,6 +28,9 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QPointF, QRectF, Qt
+from qtpy.QtGui import QColor, QPainter, QPalette, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .. import io
 from . import _logic
@@ -65,8 +72,87 @@ def _refresh_on_layer_changes(viewer, container: Container) -> None:
     viewer.layers.events.inserted.connect(watch)
 
 
+def curve_points(
+    points: Sequence[tuple[int, float]], steps: int, width: float, height: float
+) -> list[tuple[float, float]]:
+    """``(step, loss)`` points in a ``width`` x ``height`` box (y down): steps from 0 to
+    ``steps`` across, the losses' range (a little padded) from bottom to top."""
+    if not points:
+        return []
+    losses = [loss for _, loss in points]
+    low, high = min(losses), max(losses)
+    pad = (high - low) * 0.05 or max(abs(high) * 0.05, 1e-6)
+    low, high = low - pad, high + pad
+    last = max(steps, max(step for step, _ in points), 1)
+    return [
+        (width * step / last, height * (1.0 - (loss - low) / (high - low))) for step, loss in points
+    ]
+
+
+class LossPlot(QWidget):
+    """The training loss against steps: a polyline drawn with QPainter (no plotting library),
+    the largest and smallest loss at the left, the last at the right."""
+
+    MARGIN = 4
+    LINE = QColor(255, 160, 40)  # orange: seen on napari's dark and light themes
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.points: list[tuple[int, float]] = []
+        self.steps = 1
+        self.setMinimumHeight(90)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setToolTip("training loss (log.csv rows) against steps")
+
+    def clear(self, steps: int = 1) -> None:
+        self.points, self.steps = [], max(int(steps), 1)
+        self.update()
+
+    def add(self, points: Sequence[tuple[int, float]], steps: int | None = None) -> None:
+        """Append ``(step, loss)`` points (later steps only, finite losses) and redraw."""
+        if steps is not None:
+            self.steps = max(int(steps), 1)
+        for step, loss in points:
+            if math.isfinite(loss) and (not self.points or step > self.points[-1][0]):
+                self.points.append((int(step), float(loss)))
+        self.update()
+
+    def paintEvent(self, event):  # noqa: N802 (Qt's name)
+        painter = QPainter(self)
+        try:
+            self._paint(painter)
+        finally:
+            painter.end()
+
+    def _paint(self, painter: QPainter) -> None:
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        text = self.palette().color(QPalette.ColorRole.WindowText)
+        box = QRectF(self.rect()).adjusted(self.MARGIN, self.MARGIN, -self.MARGIN, -self.MARGIN)
+        faint = QPen(text)
+        faint.setWidthF(0.5)
+        painter.setPen(faint)
+        painter.drawRect(box)
+        if not self.points:
+            painter.drawText(box, Qt.AlignmentFlag.AlignCenter, "loss: none yet")
+            return
+        drawn = curve_points(self.points, self.steps, box.width(), box.height())
+        line = QPolygonF([QPointF(box.left() + x, box.top() + y) for x, y in drawn])
+        pen = QPen(self.LINE)
+        pen.setWidthF(2.0)
+        painter.setPen(pen)
+        painter.drawPolyline(line)
+        painter.setPen(text)
+        losses = [loss for _, loss in self.points]
+        step, loss = self.points[-1]
+        inner = box.adjusted(3, 1, -3, -1)
+        align = Qt.AlignmentFlag
+        painter.drawText(inner, align.AlignLeft | align.AlignTop, f"{max(losses):.3g}")
+        painter.drawText(inner, align.AlignLeft | align.AlignBottom, f"{min(losses):.3g}")
+        painter.drawText(inner, align.AlignRight | align.AlignTop, f"step {step}: {loss:.3g}")
+
+
 class _Trainer:
-    """The Stop button, progress bar and loss readout of a training worker."""
+    """The Stop button, progress bar, loss readout and loss curve of a training worker."""
 
     def __init__(self, container: Container, start_text: str):
         self.container = container
@@ -74,6 +160,7 @@ class _Trainer:
         self.stop = PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="steps")
         self.loss = Label(value="", label="loss")
+        self.plot = LossPlot()
         self.stopping = threading.Event()
         self.worker = None
         self.losses: list[float] = []
@@ -83,15 +170,21 @@ class _Trainer:
     def widgets(self):
         return [self.start, self.stop, self.progress, self.loss]
 
+    def attach(self) -> None:
+        """Put the loss curve at the end of the container (a plain Qt widget)."""
+        self.container.native.layout().addWidget(self.plot)
+
     def _stop(self, *_):
         self.stopping.set()
-        self.loss.value = f"{self.loss.value}  (stopping after this part)"
+        self.loss.value = f"{self.loss.value}  (stopping after this step)"
 
     def run(self, work, on_done) -> None:
-        """Run the generator function ``work(should_stop)`` in a worker thread."""
+        """Run the generator function ``work(stop)`` in a worker thread; ``stop`` is the
+        Event the Stop button sets (training ends after its current step)."""
         self.stopping.clear()
         self.losses = []
-        self.worker = create_worker(work, self.stopping.is_set, _start_thread=False)
+        self.plot.clear()
+        self.worker = create_worker(work, self.stopping, _start_thread=False)
         self.worker.yielded.connect(self._show)
         self.worker.returned.connect(on_done)
         self.worker.errored.connect(notify)
@@ -104,6 +197,7 @@ class _Trainer:
         self.progress.max = progress.steps
         self.progress.value = progress.step
         self.losses.append(progress.loss)
+        self.plot.add(progress.points or [(progress.step, progress.loss)], progress.steps)
         recent = " ".join(f"{x:.3f}" for x in self.losses[-4:])
         self.loss.value = f"step {progress.step}/{progress.steps}: {recent}"
 
@@ -122,8 +216,10 @@ class SegmentWidget(Container):
         self.worker = None
         self.queue: list[str] = []
         self._quiet = False
-        self.model_dir = FileEdit(mode="d", label="model (run folder)")
+        self.model_dir = FileEdit(mode="d", label="model (run folder or .zip)")
+        self.choose_zip = PushButton(text="Choose a bioimage.io package (.zip)", label="")
         self.model_info = Label(value="no model loaded", label="")
+        self._file_dialog = use_app().get_obj("show_file_dialog")
         self.image = ComboBox(label="image", choices=_layer_names(napari_viewer, "Image"))
         self.run_button = PushButton(text="Segment")
         self.cancel = PushButton(text="Cancel", enabled=False)
@@ -136,6 +232,7 @@ class SegmentWidget(Container):
         self.extend(
             [
                 self.model_dir,
+                self.choose_zip,
                 self.model_info,
                 self.image,
                 self.run_button,
@@ -150,6 +247,7 @@ class SegmentWidget(Container):
             ]
         )
         self.model_dir.changed.connect(self._load)
+        self.choose_zip.changed.connect(self._choose_zip)
         self.run_button.changed.connect(self._segment_clicked)
         self.cancel.changed.connect(self._cancel)
         for widget in (self.threshold, self.method, self.min_size, self.opening, self.fill_holes):
@@ -158,13 +256,26 @@ class SegmentWidget(Container):
 
     # --- model ---
 
+    def _choose_zip(self, *_):
+        """The file dialog for a package (the folder button of ``model_dir`` picks folders)."""
+        current = str(self.model_dir.value)
+        start = str(Path(current).parent) if current and current != "." else None
+        chosen = self._file_dialog(
+            FileDialogMode.EXISTING_FILE,
+            caption="Choose a bioimage.io package of 'unetile export'",
+            start_path=start,
+            filter="*.zip",
+        )
+        if chosen:
+            self.model_dir.value = chosen
+
     def _load(self, *_):
         path = str(self.model_dir.value)
-        if not path or path == ".":
+        if self._quiet or not path or path == ".":
             return
         try:
             model = self.session.load(path)
-        except (io.InputError, OSError) as error:
+        except Exception as error:  # any fault is a notification, never a traceback
             notify(error)
             self.model_info.value = "no model loaded"
             return
@@ -174,8 +285,8 @@ class SegmentWidget(Container):
         post = self.session.post
         self._quiet = True
         try:
-            if Path(str(self.model_dir.value)) != model.run_dir:
-                self.model_dir.value = model.run_dir
+            if Path(str(self.model_dir.value)) != model.source:
+                self.model_dir.value = model.source
             self.threshold.enabled = post.threshold is not None
             if post.threshold is not None:
                 self.threshold.value = post.threshold
@@ -188,7 +299,7 @@ class SegmentWidget(Container):
         channels = model.model.config.in_channels
         self.model_info.value = (
             f"{model.name}: {model.num_classes} classes, {channels} channel(s), "
-            f"{model.model.config.dims}D"
+            f"{model.model.config.dims}D" + (" (bioimage.io package)" if model.is_package else "")
         )
 
     # --- segment ---
@@ -333,6 +444,7 @@ class FineTuneWidget(_PairsMixin, Container):
         self.result = Label(value="", label="")
         self.extend([*self._pair_widgets(napari_viewer), self.steps, self.minutes])
         self.extend([*self.trainer.widgets, self.result])
+        self.trainer.attach()
         self.trainer.start.changed.connect(self._start)
         _refresh_on_layer_changes(napari_viewer, self)
         self._suggest_labels()
@@ -347,10 +459,10 @@ class FineTuneWidget(_PairsMixin, Container):
             return
         minutes = float(self.minutes.value) or None
 
-        def work(should_stop):
+        def work(stop):
             return (
                 yield from self.session.fine_tune_work(
-                    steps=int(self.steps.value), minutes=minutes, should_stop=should_stop
+                    steps=int(self.steps.value), minutes=minutes, stop=stop
                 )
             )
 
@@ -388,6 +500,7 @@ class TrainWidget(_PairsMixin, Container):
         self.result = Label(value="", label="")
         self.extend([*self._pair_widgets(napari_viewer), self.preset, self.out])
         self.extend([self.steps, self.minutes, *self.trainer.widgets, self.result])
+        self.trainer.attach()
         self.trainer.start.changed.connect(self._start)
         _refresh_on_layer_changes(napari_viewer, self)
 
@@ -400,14 +513,14 @@ class TrainWidget(_PairsMixin, Container):
             return
         minutes = float(self.minutes.value) or None
 
-        def work(should_stop):
+        def work(stop):
             return (
                 yield from self.session.train_work(
                     out,
                     preset=self.preset.value,
                     steps=int(self.steps.value),
                     minutes=minutes,
-                    should_stop=should_stop,
+                    stop=stop,
                 )
             )
 

@@ -39,15 +39,18 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from ..io import MODEL_CONFIG, MODEL_WEIGHTS
 from ..network.model import UNet
 from ..network.normalization import Normalization
 from ..network.tiling import Tiling, Window
+from .card import save_model
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 ONNX_OPSET = 17  # run on the CPU by every onnxruntime since 1.14
 TOLERANCE = 1e-4  # max |probability difference| accepted by the check (float32)
 TEST_SIZE = {2: 256, 3: 64}  # test image side (pixels) for the package and the check
 EXTRA_HINT = 'pip install "unetile[export]"'
+RUN_FILES = (MODEL_CONFIG, MODEL_WEIGHTS)  # attached to the bioimage.io package
 
 
 class MissingExtraError(ImportError):
@@ -349,9 +352,10 @@ and requires a max absolute difference of probabilities <= 1e-4 from unetile.
 
 ## Use
 
-In unetile: `unetile predict RUN_DIR images/ --out predictions/`. Elsewhere: a
-bioimage.io consumer that runs TorchScript or ONNX weights and crops the halo
-(tested with bioimageio.core).
+In unetile: `unetile predict RUN_DIR images/ --out predictions/`; unetile's napari
+plugin segments with this `.zip` itself, from the run files it carries
+(`config.json`, `model.safetensors`). Elsewhere: a bioimage.io consumer that runs
+TorchScript or ONNX weights and crops the halo (tested with bioimageio.core).
 """
 
 
@@ -432,6 +436,8 @@ def _write_package_files(model, config, image, folder: Path, name: str) -> None:
     (folder / "README.md").write_text(_documentation(model, config, name))
     write_torchscript(model, config, folder / "weights.torchscript.pt", border=True)
     write_onnx(model, config, folder / "weights.onnx", border=True)
+    # unetile's own run files, attached: its napari plugin reads the package as a run folder.
+    save_model(folder, model, config)
 
 
 def _model_description(model, config, folder: Path, name: str, authors: Sequence[str]):
@@ -457,6 +463,7 @@ def _model_description(model, config, folder: Path, name: str, authors: Sequence
         documentation=v0_5.FileDescr(source=folder / "README.md"),
         covers=[v0_5.FileDescr(source=folder / "cover.png")],
         tags=["unet", "segmentation", f"{architecture.dims}d", "unetile"],
+        attachments=[v0_5.FileDescr(source=folder / name) for name in RUN_FILES],
         inputs=[_input_description(v0_5, model, config, folder)],
         outputs=[_output_description(v0_5, model, config, folder)],
         weights=v0_5.WeightsDescr(

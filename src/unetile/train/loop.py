@@ -861,9 +861,10 @@ def plot_curves(rows: list[dict], metrics: tuple[str, ...], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt():
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
-    stop = threading.Event()
+def _stop_on_interrupt(stop: threading.Event | None = None):
+    """First Ctrl-C (or ``stop`` set by another thread) asks the loop to stop after the
+    current step; a second Ctrl-C aborts."""
+    stop = threading.Event() if stop is None else stop
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -904,7 +905,7 @@ def _autocast(device: torch.device, precision: str):
 # --------------------------------------------------------------------------
 
 
-def train_run(config, resume, progress, data, stop_after, overwrite, notes) -> dict:
+def train_run(config, resume, progress, data, stop_after, overwrite, notes, stop=None) -> dict:
     began = time.perf_counter()
     if config.out is None:
         raise io.InputError("no run folder: give --out")
@@ -933,9 +934,8 @@ def train_run(config, resume, progress, data, stop_after, overwrite, notes) -> d
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             ranks = ddp.start(ranks, device)
-            return _train(
-                config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes
-            )
+            where = (config, run_dir, device, resume, progress, data, stop_after, began, ranks)
+            return _train(*where, notes, stop)
         except OSError as error:
             if error.filename is not None and run_dir.resolve() not in (
                 Path(error.filename).resolve().parents
@@ -1061,7 +1061,9 @@ class RunState:
         self.norms_frozen = saved.get("norms_frozen", False)
 
 
-def _train(config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes):
+def _train(
+    config, run_dir, device, resume, progress, data, stop_after, began, ranks, notes, stop=None
+):
     from tqdm.auto import tqdm
 
     # Set up: data, network, optimiser, sampler; the state of a resumed run.
@@ -1094,7 +1096,7 @@ def _train(config, run_dir, device, resume, progress, data, stop_after, began, r
         resume and run.budget is not None and state.earlier_wall_seconds >= run.budget
     )
     try:
-        with _stop_on_interrupt() as stop:
+        with _stop_on_interrupt(stop) as stop:
             while state.step < config.steps and not state.out_of_time:
                 _step(run, state, compiling=state.step == first_step)
                 bar.update(1)

@@ -6,6 +6,8 @@ the weight map the rest of the budget trains with.
 
 from __future__ import annotations
 
+import threading
+
 from . import race
 from .config import TrainConfig
 from .loop import TrainingData, train_run
@@ -20,6 +22,7 @@ def train(
     stop_after: int | None = None,
     overwrite: bool = False,
     notes=None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Train a U-Net as configured; return the run summary.
 
@@ -48,6 +51,9 @@ def train(
     notes : callable or None
         Called with each one-line note for the user before training (the
         validation held out, :func:`holdout_note`); None keeps them silent.
+    stop : threading.Event or None
+        Set from another thread (a GUI's Stop button) to stop after the current
+        step as on Ctrl-C: with a checkpoint and the model saved.
 
     Returns
     -------
@@ -64,7 +70,7 @@ def train(
     """
     if data is None and race.should_race(config, resume):
         config = race.race(config, train, progress, notes)
-    summary = train_run(config, resume, progress, data, stop_after, overwrite, notes)
+    summary = train_run(config, resume, progress, data, stop_after, overwrite, notes, stop)
     poor = race.poor_result(summary) if config.auto is not None else None
     if poor and notes:
         notes(poor)
