@@ -15,6 +15,8 @@ from unetile.cli.predict import OWNER_RECORD
 from unetile.model import UNet
 from unetile.predict import instances_from_probabilities, labels_from_probabilities, predict
 
+pytestmark = pytest.mark.fast
+
 
 def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ from unetile import io
 from unetile.cli import build_parser, main
 from unetile.train import TrainConfig
 
+pytestmark = pytest.mark.fast
+
 
 def write_dataset(root, names=("a", "b"), size=40, seed=0):
     """Tiny TIFF pairs: bright 8-px squares (cells, 255) on dark 2-px membranes (0)."""

@@ -23,6 +23,8 @@ from unetile.config import (
 from unetile.model import is_valid_input_size, output_size
 from unetile.train import tile_geometry
 
+pytestmark = pytest.mark.fast
+
 README_OPTIONS = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
 

@@ -5,6 +5,8 @@ import torch
 from unetile import io
 from unetile.model import UNet
 
+pytestmark = pytest.mark.fast
+
 
 def test_list_images_skips_hidden_sidecars_and_temporaries(tmp_path):
     for name in ("01.tif", "02.png", "._01.tif", ".03.x1y2.part.tif", "notes.txt"):

@@ -12,6 +12,8 @@ from unetile.predict import predict
 from unetile.scale import relative_difference, resample, scaled_shape
 from unetile.train import make_config, prepare_arrays, run_config, training_pixel_size
 
+pytestmark = pytest.mark.fast
+
 
 def test_pixel_size_is_read_from_ome_imagej_and_centimetre_tiffs(tmp_path):
     stack = np.zeros((2, 8, 8), np.uint8)

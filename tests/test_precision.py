@@ -12,6 +12,8 @@ from unetile.cli import main
 from unetile.model import UNet
 from unetile.predict import PredictOptions, predict
 
+pytestmark = pytest.mark.fast
+
 
 def small_model(seed=0):
     torch.manual_seed(seed)

@@ -11,6 +11,8 @@ from unetile.metrics import score
 from unetile.train import make_config, prepare_arrays
 from unetile.weights import weight_map
 
+pytestmark = pytest.mark.fast
+
 U = 7  # the ignore value of these hand-made labels
 
 
