@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format
+.PHONY: install demo test test-fast lint format
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 test: install lint
 	$(BIN)/python -m pytest
+
+# The quick lane (tiling, metrics, CLI errors, ...: the modules marked fast) in
+# under a minute; like lint it installs nothing, so run make install once first.
+test-fast:
+	$(BIN)/python -m pytest -m "fast and not slow"
 
 lint:
 	$(BIN)/ruff check src tests benchmarks docs/screenshots.py

@@ -23,8 +23,10 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict import card
+from unetile.predict.engine import card
 from unetile.predict.outputs import OWNER_RECORD
+
+pytestmark = pytest.mark.fast
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -1255,6 +1257,7 @@ def test_train_out_on_its_init_run_or_inside_the_data_is_refused(data, tmp_path,
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a second Python process
 def test_second_training_on_a_folder_refuses_with_the_first_ones_pid(data, tmp_path, capsys):
     import subprocess
     import sys
@@ -1365,6 +1368,7 @@ def test_scratch_of_a_killed_prediction_is_removed_by_the_next_run(data, tmp_pat
     assert visible(out) == ["input_labels.tif"]
 
 
+@pytest.mark.slow  # a second Python process
 def test_kill_9_during_training_then_resume_gives_the_same_weights(data, tmp_path, capsys):
     import signal
     import subprocess
@@ -1674,7 +1678,10 @@ def test_a_corrupt_zarr_chunk_is_reported_and_the_rest_of_the_batch_written(data
     assert visible(out) == ["input_labels.tif"]
 
 
-@pytest.mark.parametrize("name", ["model.zip", "model.pt"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("model.zip", marks=pytest.mark.slow), "model.pt"],  # bioimageio imports slowly
+)
 def test_the_partial_files_of_a_killed_export_are_removed_by_the_next(data, tmp_path, capsys, name):
     stem, suffix = name.split(".")
     left = [tmp_path / f".{stem}.k1ll3d.part.{suffix}"]

@@ -11,6 +11,8 @@ import pytest
 from unetile import io
 from unetile.cli import main
 
+pytestmark = pytest.mark.fast
+
 
 def two_cells() -> np.ndarray:
     """12x12 uint8 map, 255 = cell: a membrane frame and a membrane at column 5."""

@@ -12,11 +12,12 @@ from helpers import relabel_equal
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict import card
-from unetile.predict.engine import predict
+from unetile.predict.engine import card, predict
 from unetile.predict.instances import instances_from_probabilities
 from unetile.predict.outputs import OWNER_RECORD
 from unetile.predict.postprocessing import labels_from_probabilities
+
+pytestmark = pytest.mark.fast
 
 
 def save_run(run_dir, padding="valid", norm=None, cell_bias=0.0):

@@ -7,8 +7,10 @@ import pytest
 
 from unetile import io
 from unetile.cli import build_parser, main
-from unetile.predict import card
+from unetile.predict.engine import card
 from unetile.train.loop import TrainConfig
+
+pytestmark = pytest.mark.fast
 
 
 def write_dataset(root, names=("a", "b"), size=40, seed=0):

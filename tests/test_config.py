@@ -23,6 +23,8 @@ from unetile.train.config import (
 )
 from unetile.train.loop import tile_geometry
 
+pytestmark = pytest.mark.fast
+
 README_OPTIONS = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
 

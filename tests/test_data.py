@@ -17,6 +17,8 @@ from unetile.data.dataset import (
 )
 from unetile.network.normalization import Normalization
 
+pytestmark = pytest.mark.fast
+
 
 def squares_membrane(size: int = 32, cell: int = 8, gap: int = 2) -> np.ndarray:
     """A grid of square cells (255) separated by membranes (0) of ``gap`` px."""

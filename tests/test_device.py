@@ -9,6 +9,8 @@ import unetile
 from unetile.cli import main
 from unetile.predict.engine import resolve_device
 
+pytestmark = pytest.mark.fast
+
 
 def machine(monkeypatch, cuda: bool, mps: bool):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

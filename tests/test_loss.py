@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from unetile.train.loss import combined_loss, dice_loss, weighted_cross_entropy
 
+pytestmark = pytest.mark.fast
+
 # One image, 2 classes, 1x2 pixels. Pixel 0: logits (0, log 3) -> p = (1/4, 3/4).
 # Pixel 1: logits (2, 0) -> p_1 = 1 / (1 + e^2). Both pixels have true label 1.
 LOGITS = torch.tensor([[[[0.0, 2.0]], [[math.log(3.0), 0.0]]]], dtype=torch.float64)

@@ -13,6 +13,8 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 
 from unetile.evaluate import metrics
 
+pytestmark = pytest.mark.fast
+
 FOUR = ndimage.generate_binary_structure(2, 1)
 EIGHT = ndimage.generate_binary_structure(2, 2)
 

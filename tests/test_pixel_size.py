@@ -8,10 +8,11 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict import card
-from unetile.predict.engine import predict
+from unetile.predict.engine import card, predict
 from unetile.predict.scale import relative_difference, resample, scaled_shape
 from unetile.train.loop import make_config, prepare_arrays, run_config, training_pixel_size
+
+pytestmark = pytest.mark.fast
 
 
 def test_pixel_size_is_read_from_ome_imagej_and_centimetre_tiffs(tmp_path):

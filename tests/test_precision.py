@@ -10,8 +10,9 @@ import torch
 from unetile import precision
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict import card
-from unetile.predict.engine import PredictOptions, predict
+from unetile.predict.engine import PredictOptions, card, predict
+
+pytestmark = pytest.mark.fast
 
 
 def small_model(seed=0):

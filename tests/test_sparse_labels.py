@@ -11,6 +11,8 @@ from unetile.data.weights import weight_map
 from unetile.evaluate.metrics import score
 from unetile.train.loop import make_config, prepare_arrays
 
+pytestmark = pytest.mark.fast
+
 U = 7  # the ignore value of these hand-made labels
 
 

@@ -7,6 +7,8 @@ from scipy import ndimage
 from unetile.data.synthetic import cells_like, em_like, touching_pairs
 from unetile.data.weights import instances_from_membrane_map
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("generator", [em_like, cells_like])
 def test_same_seed_same_image_and_generator_equals_int_seed(generator):

@@ -23,6 +23,8 @@ from unetile.network.tiling import (
     tile_step,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def test_paper_tile_on_a_1000_pixel_axis_by_hand():
     # 388 px output tiles of the depth-5 network, origins on multiples of 16:

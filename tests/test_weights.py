@@ -15,6 +15,8 @@ from unetile.data.weights import (
     weight_map,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def brute_force_border_term(instances, w0=10.0, sigma=5.0):
     """Independent reference: every cell's full-image distance transform, stacked and sorted."""

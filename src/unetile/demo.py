@@ -1,12 +1,12 @@
 """``unetile demo``: the whole method on synthetic cells, in a few minutes on a laptop CPU.
 
 It generates training images of touching cells with exact ground truth
-(:mod:`unetile.data.synthetic`), trains two small U-Nets for the same number of
+(:mod:`unetile.synthetic`), trains two small U-Nets for the same number of
 steps, one with the paper's weight map (w0 = 10, sigma = 5 px) and one
 without the border term (w0 = 0), predicts a large synthetic image with
 overlap-tile, scores both with two instance pipelines (the paper's connected
 components of the class map, and the instance options the model carries in
-its config.json, picked in training, :mod:`unetile.predict.instances`; the figure and
+its config.json, picked in training, :mod:`unetile.instances`; the figure and
 the table name them), and writes figures a person
 wants to look at. The comparison is the point of the demo: the border term
 is what teaches the network the thin gaps that separate touching cells, so
@@ -31,7 +31,8 @@ from .evaluate.metrics import score
 from .predict import card
 from .predict.engine import predict
 from .predict.instances import InstanceOptions, extract_instances
-from .train.loop import make_config, prepare_data
+from .train.config import make_config
+from .train.loop import prepare_data
 from .train.run import train
 
 #: Training steps of each demo network (measured: README, The demo).
@@ -251,7 +252,33 @@ def run_demo(
     started = time.perf_counter()
     for child in ("data", "runs"):
         shutil.rmtree(out / child, ignore_errors=True)
-    data_dir = out / "data"
+    test = _write_demo_data(out / "data", train_images, train_size, test_size, seed)
+
+    results: dict[str, dict] = {}
+    predicted: dict[str, np.ndarray] = {}
+    first_data = None
+    for name, w0 in (("weighted", 10.0), ("unweighted", 0.0)):
+        config = _demo_config(out, name, w0, seed=seed, steps=steps, minutes=minutes)
+        data = prepare_data(config)
+        first_data = first_data or data
+        results[name], predicted[name] = _train_predict_and_score(
+            config, data, out / "runs" / name, test, w0, progress
+        )
+
+    _write_figures(out, first_data.train[0], test, predicted, results)
+    report = {
+        "test_image_shape": [test_size, test_size],
+        "steps": steps,
+        "minutes_budget": minutes,
+        "seconds_total": round(time.perf_counter() - started, 1),
+        **results,
+    }
+    io.write_json(out / "metrics.json", report)
+    return report
+
+
+def _write_demo_data(data_dir: Path, train_images: int, train_size: int, test_size: int, seed):
+    """Training, validation and test images on disk; returns the test sample."""
     write_dataset(data_dir / "train", train_images, (train_size, train_size), seed)
     # Twice the side, up to the test image's: the model's instance options are
     # picked on it (about 30 cells).
@@ -260,47 +287,52 @@ def run_demo(
     test = cells_like((test_size, test_size), touching_fraction=0.7, rng=seed + 2000)
     io.write_image(data_dir / "test" / "image.tif", test.image)
     io.write_image(data_dir / "test" / "instances.tif", test.instances.astype(np.uint32))
+    return test
 
-    results: dict[str, dict] = {}
-    predicted: dict[str, np.ndarray] = {}
-    first_data = None
-    for name, w0 in (("weighted", 10.0), ("unweighted", 0.0)):
-        config = make_config(
-            **DEMO_TRAINING,
-            w0=w0,
-            seed=seed,
-            steps=steps,
-            max_minutes=None if minutes is None else minutes / 2,
-            images=str(data_dir / "train" / "images"),
-            labels=str(data_dir / "train" / "labels"),
-            val_images=str(data_dir / "val" / "images"),
-            val_labels=str(data_dir / "val" / "labels"),
-            out=str(out / "runs" / name),
-        )
-        data = prepare_data(config)
-        first_data = first_data or data
-        summary = train(config, progress=progress, data=data)
-        model, saved = card.load_model(out / "runs" / name)
-        probability = predict(model, test.image, progress=progress)
-        carried = InstanceOptions.from_dict(saved["instances"])
-        pipelines = {
-            "components": InstanceOptions(foreground_classes=carried.foreground_classes),
-            "watershed": carried,
-        }
-        predicted[name] = {}
-        results[name] = {
-            "w0": w0,
-            "cells_true": int(len(np.unique(test.instances)) - 1),
-            "training_steps": summary["step"],
-            "training_seconds": round(summary["seconds"], 1),
-        }
-        for pipeline, options in pipelines.items():
-            instances = extract_instances(probability, options)
-            predicted[name][pipeline] = instances
-            io.write_image(out / "runs" / name / f"test_instances_{pipeline}.tif", instances)
-            results[name][pipeline] = _scores(instances, test.instances, options)
 
-    sample = first_data.train[0]
+def _demo_config(out: Path, name: str, w0: float, *, seed: int, steps: int, minutes):
+    data_dir = out / "data"
+    return make_config(
+        **DEMO_TRAINING,
+        w0=w0,
+        seed=seed,
+        steps=steps,
+        max_minutes=None if minutes is None else minutes / 2,
+        images=str(data_dir / "train" / "images"),
+        labels=str(data_dir / "train" / "labels"),
+        val_images=str(data_dir / "val" / "images"),
+        val_labels=str(data_dir / "val" / "labels"),
+        out=str(out / "runs" / name),
+    )
+
+
+def _train_predict_and_score(config, data, run_dir: Path, test, w0: float, progress: bool):
+    """One run's results (training, then each pipeline's scores) and its instances by pipeline."""
+    summary = train(config, progress=progress, data=data)
+    model, saved = card.load_model(run_dir)
+    probability = predict(model, test.image, progress=progress)
+    carried = InstanceOptions.from_dict(saved["instances"])
+    pipelines = {
+        "components": InstanceOptions(foreground_classes=carried.foreground_classes),
+        "watershed": carried,
+    }
+    predicted = {}
+    result = {
+        "w0": w0,
+        "cells_true": int(len(np.unique(test.instances)) - 1),
+        "training_steps": summary["step"],
+        "training_seconds": round(summary["seconds"], 1),
+    }
+    for pipeline, options in pipelines.items():
+        instances = extract_instances(probability, options)
+        predicted[pipeline] = instances
+        io.write_image(run_dir / f"test_instances_{pipeline}.tif", instances)
+        result[pipeline] = _scores(instances, test.instances, options)
+    return result, predicted
+
+
+def _write_figures(out: Path, sample, test, predicted: dict, results: dict) -> None:
+    """Figure 3 of a training sample, the prediction overlay, the input and the curves."""
     figure_weight_map(
         sample.image[0],
         sample.instances,
@@ -312,15 +344,6 @@ def run_demo(
     figure_prediction(test.image, test.instances, predicted, results, overlay)
     figure_input(test.image, out / "input.png")
     shutil.copyfile(out / "runs" / "weighted" / "curves.png", out / "curves.png")
-    report = {
-        "test_image_shape": [test_size, test_size],
-        "steps": steps,
-        "minutes_budget": minutes,
-        "seconds_total": round(time.perf_counter() - started, 1),
-        **results,
-    }
-    io.write_json(out / "metrics.json", report)
-    return report
 
 
 def _scores(instances: np.ndarray, truth: np.ndarray, options: InstanceOptions) -> dict:

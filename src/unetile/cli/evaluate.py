@@ -47,8 +47,6 @@ and at each threshold as f1@0.5 ...).
 
 
 def add_parser(subparsers) -> None:
-    from ..evaluate.metrics import DEFAULT_METRICS, METRICS
-
     parser = subparsers.add_parser(
         "evaluate",
         help="score predictions against ground truth (ISBI 2012 and cell tracking metrics)",
@@ -60,6 +58,16 @@ def add_parser(subparsers) -> None:
         epilog=INTERPRETATION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # In this order: the order of --help.
+    _add_files_and_metrics(parser)
+    _add_truth_options(parser)
+    _add_scoring_options(parser)
+    parser.set_defaults(run=run)
+
+
+def _add_files_and_metrics(parser: argparse.ArgumentParser) -> None:
+    from ..evaluate.metrics import DEFAULT_METRICS, METRICS
+
     parser.add_argument("prediction", type=Path, metavar="PRED", help="prediction file or folder")
     parser.add_argument("ground_truth", type=Path, metavar="GT", help="ground-truth file or folder")
     parser.add_argument(
@@ -74,6 +82,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="write the table as CSV")
+
+
+def _add_truth_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cell-value",
         type=real_option(),
@@ -96,6 +107,9 @@ def add_parser(subparsers) -> None:
         "values binary, more values instances, refused when all but two values are a few "
         "stray pixels (default auto)",
     )
+
+
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probabilities",
         action="store_true",
@@ -129,7 +143,6 @@ def add_parser(subparsers) -> None:
         default=4,
         help="pixel connectivity of cells in 2D (default 4, as in ISBI 2012; 3D: 6 or 26)",
     )
-    parser.set_defaults(run=run)
 
 
 def _prediction_key(path: Path, truth_stems: set[str]) -> str:
@@ -340,15 +353,30 @@ def _object_data(truth: np.ndarray) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.metrics import (
-        DEFAULT_METRICS,
-        OBJECT_METRICS,
-        best_scores,
-        score,
-        score_per_threshold,
-    )
+    from ..evaluate.metrics import OBJECT_METRICS
 
     threshold = fixed_threshold(args)
+    pairs, objects = _pairs_to_score(args)
+    options = dict(
+        metrics=OBJECT_METRICS if objects else args.metrics,
+        cell_value=args.cell_value,
+        connectivity=1 if args.connectivity == 4 else 2,
+        ignore_value=args.ignore_value,
+    )
+    results, sweeps = _score_pairs(pairs, args, threshold, options)
+    mean = _mean_of_sweeps(sweeps) if args.probabilities else _mean_of_images(results)
+    keys = list(mean)
+    rows = [(io.image_stem(truth), values) for _, truth, values in results] + [("mean", mean)]
+    print(_table(rows, keys))
+    if args.json:
+        _write_json(args.json, options["metrics"], bool(args.probabilities), results, mean)
+    if args.csv:
+        _write_csv(args.csv, keys, results, mean)
+    return 0
+
+
+def _pairs_to_score(args: argparse.Namespace) -> tuple[list[tuple[Path, Path]], bool]:
+    """The (prediction, truth) files, and whether the truth holds objects on a background."""
     predictions = io.expand_inputs([args.prediction])
     truths = io.expand_inputs([args.ground_truth])
     model = [Path(args.model) / io.MODEL_CONFIG] if args.model is not None else []
@@ -357,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         {"a prediction": predictions, "a ground-truth file": truths, "--model": model},
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the loop below says how the truth is read
+        warnings.simplefilter("ignore")  # the scoring loop says how the truth is read
         first = read_truth(truths[0], args.truth_mode, args.cell_value, args.ignore_value)
     objects = args.metrics is None and _object_data(first)
     if objects:
@@ -366,13 +394,13 @@ def run(args: argparse.Namespace) -> int:
             "splits, merges, F1, SEG) with the pixels; --metrics chooses others"
         )
     pairs = pair_files(predictions, truths, args.probabilities, objects and not args.probabilities)
-    connectivity = 1 if args.connectivity == 4 else 2
-    options = dict(
-        metrics=OBJECT_METRICS if objects else args.metrics,
-        cell_value=args.cell_value,
-        connectivity=connectivity,
-        ignore_value=args.ignore_value,
-    )
+    return pairs, objects
+
+
+def _score_pairs(pairs, args: argparse.Namespace, threshold, options: dict):
+    """(prediction, truth, scores) per pair, and each pair's sweep over thresholds (if any)."""
+    from ..evaluate.metrics import best_scores, score, score_per_threshold
+
     results = []
     sweeps = []
     for prediction_path, truth_path in pairs:
@@ -391,41 +419,50 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise io.InputError(f"{prediction_path} vs {truth_path}: {error}") from None
         results.append((prediction_path, truth_path, values))
-    if args.probabilities:
-        # The challenge picks one threshold for the whole set: the best of the mean.
-        thresholds = list(sweeps[0])
-        mean_sweep = {
-            threshold: {
-                key: float(np.mean([sweep[threshold][key] for sweep in sweeps]))
-                for key in sweeps[0][threshold]
-            }
-            for threshold in thresholds
+    return results, sweeps
+
+
+def _mean_of_sweeps(sweeps: list[dict]) -> dict:
+    """The challenge picks one threshold for the whole set: the best of the mean."""
+    from ..evaluate.metrics import best_scores
+
+    thresholds = list(sweeps[0])
+    mean_sweep = {
+        threshold: {
+            key: float(np.mean([sweep[threshold][key] for sweep in sweeps]))
+            for key in sweeps[0][threshold]
         }
-        mean = best_scores(mean_sweep)
-    else:
-        keys = list(results[0][2])
-        mean = {key: float(np.mean([values[key] for *_, values in results])) for key in keys}
-    keys = list(mean)
-    rows = [(io.image_stem(truth), values) for _, truth, values in results] + [("mean", mean)]
-    print(_table(rows, keys))
-    if args.json:
-        io.write_json(
-            args.json,
-            {
-                "metrics": list(options["metrics"] or [m for m in DEFAULT_METRICS if m in mean]),
-                "probabilities": bool(args.probabilities),
-                "images": [
-                    {"prediction": str(prediction), "ground_truth": str(truth), **values}
-                    for prediction, truth, values in results
-                ],
-                "mean": mean,
-            },
-        )
-    if args.csv:
-        with io.atomic_path(args.csv) as temporary, open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["prediction", "ground_truth", *keys])
-            for prediction, truth, values in results:
-                writer.writerow([prediction, truth, *(values[key] for key in keys)])
-            writer.writerow(["mean", "", *(mean[key] for key in keys)])
-    return 0
+        for threshold in thresholds
+    }
+    return best_scores(mean_sweep)
+
+
+def _mean_of_images(results: list[tuple]) -> dict:
+    keys = list(results[0][2])
+    return {key: float(np.mean([values[key] for *_, values in results])) for key in keys}
+
+
+def _write_json(path: Path, metrics, probabilities: bool, results: list[tuple], mean: dict):
+    from ..evaluate.metrics import DEFAULT_METRICS
+
+    io.write_json(
+        path,
+        {
+            "metrics": list(metrics or [m for m in DEFAULT_METRICS if m in mean]),
+            "probabilities": probabilities,
+            "images": [
+                {"prediction": str(prediction), "ground_truth": str(truth), **values}
+                for prediction, truth, values in results
+            ],
+            "mean": mean,
+        },
+    )
+
+
+def _write_csv(path: Path, keys: list[str], results: list[tuple], mean: dict) -> None:
+    with io.atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prediction", "ground_truth", *keys])
+        for prediction, truth, values in results:
+            writer.writerow([prediction, truth, *(values[key] for key in keys)])
+        writer.writerow(["mean", "", *(mean[key] for key in keys)])

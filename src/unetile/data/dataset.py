@@ -522,16 +522,8 @@ def load_labeled_images(
     pairs = io.match_by_stem(io.list_images(image_folder), io.list_images(label_folder))
     if limit is not None and len(pairs) > limit:
         pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, limit).round().astype(int)]
-    entries = []
-    for image_path, label_path in pairs:
-        image = io.read_image(image_path)
-        try:
-            image = channels_first(image, dims, channels_last=image_path.suffix.lower() == ".png")
-        except ValueError as error:
-            raise io.InputError(f"{image_path}: {error}") from None
-        entries.append((io.image_stem(image_path), image_path, label_path, image, None))
     return _labeled_images(
-        entries,
+        _image_entries(pairs, dims),
         io.InputError,
         label_mode=label_mode,
         num_classes=num_classes,
@@ -615,12 +607,42 @@ def _labeled_images(
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     if not entries:
         raise ValueError("no images given")
+    checked = _checked_entries(_gray_widened_to_colour(entries), error_type)
+    if num_classes is None:
+        num_classes = _implied_num_classes(checked, label_mode, target, ignore_value, error_type)
+    labelled = []
+    # A loop, not a comprehension: the soft-edge warning's stacklevel counts the frames.
+    for name, _, label_source, image, label in checked:
+        classes, instances = _classes_and_instances(
+            label_source,
+            label,
+            label_mode,
+            num_classes,
+            cell_value,
+            ignore_value,
+            target,
+            error_type,
+        )
+        labelled.append((name, image, classes, instances))
+    if ignore_value is not None:
+        _check_classes_left(labelled, ignore_value, checked[0][2], error_type)
+    weights = dict(w0=w0, sigma=sigma, class_weights=class_weights, cache_dir=cache_dir)
+    return [_labeled_image(*entry, with_weights, **weights) for entry in labelled], num_classes
+
+
+def _gray_widened_to_colour(entries: list[tuple]) -> list[tuple]:
+    """Gray images among colour ones get three equal channels (R = G = B)."""
     if {entry[3].shape[0] for entry in entries} == {1, 3}:
-        # Gray pictures among colour ones (gray stored as RGB is read as gray): R = G = B.
+        # Gray stored as RGB is read as gray, so a colour set can hold both.
         entries = [
             (*entry[:3], fit_channels(entry[3], entry[3].ndim - 1, 3), *entry[4:])
             for entry in entries
         ]
+    return entries
+
+
+def _checked_entries(entries: list[tuple], error_type) -> list[tuple]:
+    """The entries with their labels read, each image checked before its label is opened."""
     checked = []
     for name, image_source, label_source, image, label in entries:
         image_name = getattr(image_source, "name", image_source)
@@ -643,57 +665,74 @@ def _labeled_images(
                 f"every image needs the same channels"
             )
         checked.append((name, image_source, label_source, image, label))
-    if num_classes is None:
-        if label_mode == "classes":
-            uniques = [np.unique(entry[4][entry[4] != ignore_value]) for entry in checked]
-            num_classes = count_classes(uniques)
-            used = np.unique(np.concatenate(uniques))
-            if num_classes > 2 and used.size <= num_classes // 2:
-                # {0, 255} would silently make a 256-class network.
-                raise error_type(
-                    f"{checked[0][2]}: the labels use {describe_values(used)} of the "
-                    f"{num_classes} class ids their largest value implies; for a binary map "
-                    f"use --label-mode membrane --cell-value {used[-1]}, or give --num-classes "
-                    f"{num_classes} if you mean it"
-                )
-        else:
-            num_classes = 3 if target == "three-class" else 2
-    result, labelled = [], []
-    for name, _, label_source, image, label in checked:
-        soft = soft_edge_mask(label, cell_value, ignore_value) if label_mode == "membrane" else None
-        if soft is not None:
-            label, share, midpoint = soft
-            warnings.warn(
-                f"{label_source}: a binary mask with soft edges ({share:.2%} of pixels between "
-                f"its two values); binarised at the midpoint {midpoint:g}; save it with two "
-                "values only to avoid this",
-                stacklevel=2,
-            )
+    return checked
+
+
+def _implied_num_classes(checked, label_mode, target, ignore_value, error_type) -> int:
+    """Classes of the network when none are given: the label mode's, or the label values'."""
+    if label_mode != "classes":
+        return 3 if target == "three-class" else 2
+    uniques = [np.unique(entry[4][entry[4] != ignore_value]) for entry in checked]
+    num_classes = count_classes(uniques)
+    used = np.unique(np.concatenate(uniques))
+    if num_classes > 2 and used.size <= num_classes // 2:
+        # {0, 255} would silently make a 256-class network.
+        raise error_type(
+            f"{checked[0][2]}: the labels use {describe_values(used)} of the "
+            f"{num_classes} class ids their largest value implies; for a binary map "
+            f"use --label-mode membrane --cell-value {used[-1]}, or give --num-classes "
+            f"{num_classes} if you mean it"
+        )
+    return num_classes
+
+
+def _classes_and_instances(
+    label_source, label, label_mode, num_classes, cell_value, ignore_value, target, error_type
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`labels_to_classes` of one label, binarising a soft-edged mask first (warned)."""
+    soft = soft_edge_mask(label, cell_value, ignore_value) if label_mode == "membrane" else None
+    if soft is not None:
+        label, share, midpoint = soft
+        warnings.warn(
+            f"{label_source}: a binary mask with soft edges ({share:.2%} of pixels between "
+            f"its two values); binarised at the midpoint {midpoint:g}; save it with two "
+            "values only to avoid this",
+            stacklevel=3,  # the line in load_labeled_images / labeled_images_from_arrays
+        )
+    try:
+        return labels_to_classes(label, label_mode, num_classes, cell_value, ignore_value, target)
+    except ValueError as error:
+        raise error_type(f"{label_source}: {error}") from None
+
+
+def _labeled_image(
+    name, image, classes, instances, with_weights, *, w0, sigma, class_weights, cache_dir
+) -> LabeledImage:
+    weights = (
+        compute_weight_map(instances, classes, w0, sigma, class_weights, cache_dir)
+        if with_weights
+        else np.ones(classes.shape, np.float32)
+    )
+    return LabeledImage(
+        name=name,
+        image=image.astype(np.float32),
+        classes=classes,
+        instances=instances,
+        weights=weights,
+    )
+
+
+def _image_entries(pairs, dims: int) -> list[tuple]:
+    """An entry of :func:`_labeled_images` per (image path, label path): labels are read later."""
+    entries = []
+    for image_path, label_path in pairs:
+        image = io.read_image(image_path)
         try:
-            classes, instances = labels_to_classes(
-                label, label_mode, num_classes, cell_value, ignore_value, target
-            )
+            image = channels_first(image, dims, channels_last=image_path.suffix.lower() == ".png")
         except ValueError as error:
-            raise error_type(f"{label_source}: {error}") from None
-        labelled.append((name, image, classes, instances))
-    if ignore_value is not None:
-        _check_classes_left(labelled, ignore_value, checked[0][2], error_type)
-    for name, image, classes, instances in labelled:
-        weights = (
-            compute_weight_map(instances, classes, w0, sigma, class_weights, cache_dir)
-            if with_weights
-            else np.ones(classes.shape, np.float32)
-        )
-        result.append(
-            LabeledImage(
-                name=name,
-                image=image.astype(np.float32),
-                classes=classes,
-                instances=instances,
-                weights=weights,
-            )
-        )
-    return result, num_classes
+            raise io.InputError(f"{image_path}: {error}") from None
+        entries.append((io.image_stem(image_path), image_path, label_path, image, None))
+    return entries
 
 
 def too_small(where, name: str, plane: Sequence[int]) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -115,6 +116,19 @@ def em_like(
     _check_num_cells(num_cells, area, smallest_area=12 * 12, name="em_like")
     spacing = math.sqrt(area / num_cells)
 
+    # The random draws happen in this order; changing it changes every image of a seed.
+    regions = _warped_voronoi(shape, num_cells, spacing, rng)
+    membrane = _membranes_between(regions, spacing, rng)
+    del regions
+    membrane, instances = _cells_inside(membrane)
+    image = _em_image(instances, membrane, rng)
+    membrane_map = np.where(membrane, np.uint8(0), np.uint8(255))
+    return SyntheticEM(image=image, membrane=membrane_map, instances=instances)
+
+
+def _warped_voronoi(shape, num_cells: int, spacing: float, rng: np.random.Generator) -> np.ndarray:
+    """Voronoi regions of ``num_cells`` random seeds, read at warped positions: curved borders."""
+    area = shape[0] * shape[1]
     seeds = np.zeros(shape, dtype=np.int32)
     flat = rng.choice(area, size=num_cells, replace=False)
     seeds.flat[flat] = np.arange(1, num_cells + 1, dtype=np.int32)
@@ -124,7 +138,6 @@ def em_like(
     voronoi = seeds[tuple(nearest)]
     del nearest
 
-    # Read the Voronoi labels at warped positions so boundaries curve.
     amplitude = 0.12 * spacing
     rows = np.arange(shape[0], dtype=np.float32)[:, None]
     columns = np.arange(shape[1], dtype=np.float32)[None, :]
@@ -132,9 +145,12 @@ def em_like(
     warp_columns = columns + amplitude * _smooth_noise(shape, spacing / 2, rng)
     np.clip(np.rint(warp_rows), 0, shape[0] - 1, out=warp_rows)
     np.clip(np.rint(warp_columns), 0, shape[1] - 1, out=warp_columns)
-    regions = voronoi[warp_rows.astype(np.intp), warp_columns.astype(np.intp)]
-    del warp_rows, warp_columns, voronoi
+    return voronoi[warp_rows.astype(np.intp), warp_columns.astype(np.intp)]
 
+
+def _membranes_between(regions: np.ndarray, spacing: float, rng: np.random.Generator):
+    """Membrane pixels along the region boundaries, 2 px wide and 3 px in places."""
+    shape = regions.shape
     # Both sides of every region boundary: 2 px membranes; a one-sided extra
     # pixel where a smooth field is positive makes them 3 px there.
     membrane = np.zeros(shape, dtype=bool)
@@ -144,13 +160,16 @@ def em_like(
     horizontal_change = regions[:, 1:] != regions[:, :-1]
     membrane[:, 1:] |= horizontal_change
     membrane[:, :-1] |= horizontal_change
-    del vertical_change, horizontal_change, regions
+    del vertical_change, horizontal_change
     thicker = np.zeros(shape, dtype=bool)
     thicker[:-1, :] |= membrane[1:, :]
     thicker[:, :-1] |= membrane[:, 1:]
     membrane |= thicker & (_smooth_noise(shape, spacing, rng) > 0)
-    del thicker
+    return membrane
 
+
+def _cells_inside(membrane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The membrane with fragments too small to be a cell added, and the cells it encloses."""
     instances, _ = ndimage.label(~membrane, output=np.int32)
     sizes = np.bincount(instances.ravel())
     small = sizes < EM_MIN_CELL_AREA
@@ -160,8 +179,13 @@ def em_like(
         new_ids = np.cumsum(~small, dtype=np.int32) - 1
         new_ids[small] = 0
         instances = new_ids[instances]
-    num_found = int(instances.max())
+    return membrane, instances
 
+
+def _em_image(instances: np.ndarray, membrane: np.ndarray, rng: np.random.Generator):
+    """Gray values: textured cells with dark vesicles, dark membranes, blur and noise."""
+    shape = instances.shape
+    num_found = int(instances.max())
     cell_gray = rng.uniform(0.55, 0.85, num_found + 1).astype(np.float32)
     image = cell_gray[instances]
     image += 0.07 * _smooth_noise(shape, 4.0, rng)
@@ -171,9 +195,7 @@ def em_like(
     image = ndimage.gaussian_filter(image, 1.0)
     image += 0.04 * rng.standard_normal(shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)
-
-    membrane_map = np.where(membrane, np.uint8(0), np.uint8(255))
-    return SyntheticEM(image=image, membrane=membrane_map, instances=instances)
+    return image
 
 
 def cells_like(
@@ -225,53 +247,81 @@ def cells_like(
     if not 0.0 <= touching_fraction <= 1.0:
         raise ValueError(f"touching_fraction must be in [0, 1], got {touching_fraction}")
 
+    # The random draws happen in this order; changing it changes every image of a seed.
     mean_radius = math.sqrt(CELLS_COVERAGE * area / (math.pi * num_cells))
+    blobs = _random_blobs(num_cells, mean_radius, rng)
+    clusters = _cluster_sizes(num_cells, touching_fraction, rng)
+    centres = _place_cells(shape, blobs.radii, blobs.outer, clusters, rng)
+    instances, rho = _rasterise_blobs(shape, blobs, centres)
+    instances = _keep_seed_components(instances, centres)
+    image = _cells_image(instances, rho, num_cells, mean_radius, rng)
+    return SyntheticCells(image=image.astype(np.float32), instances=instances)
+
+
+class _Blobs(NamedTuple):
+    """Star-shaped blobs: radius factor 1 + sum_m wobble_m cos(m theta + phase_m), m = 2, 3, 4.
+
+    ``outer`` is each blob's largest possible radius, for boxes and spacing.
+    """
+
+    radii: np.ndarray
+    wobble: np.ndarray
+    phases: np.ndarray
+    outer: np.ndarray
+
+
+def _random_blobs(num_cells: int, mean_radius: float, rng: np.random.Generator) -> _Blobs:
     radii = mean_radius * rng.uniform(0.8, 1.2, num_cells)
-    # Radius factor 1 + sum_m a_m cos(m theta + phase_m), m = 2, 3, 4.
     # Wobble amplitudes sum to at most 0.16, so a blob reaches at least
     # 0.84 of its radius in every direction.
     wobble = rng.uniform(0.0, 0.04, (num_cells, 3))
     wobble[:, 0] *= 2.0
     phases = rng.uniform(0.0, 2.0 * math.pi, (num_cells, 3))
     outer = radii * (1.0 + wobble.sum(axis=1))
+    return _Blobs(radii, wobble, phases, outer)
 
-    clusters = _cluster_sizes(num_cells, touching_fraction, rng)
-    centres = _place_cells(shape, radii, outer, clusters, rng)
 
-    # Each pixel goes to the cell with the smallest normalised distance
-    # rho = |x - centre| / radius(angle); it is inside that cell when rho < 1.
+def _rasterise_blobs(shape, blobs: _Blobs, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Instance ids, and each pixel's normalised distance ``rho`` to the cell it belongs to.
+
+    Each pixel goes to the cell with the smallest normalised distance
+    rho = |x - centre| / radius(angle); it is inside that cell when rho < 1.
+    """
     instances = np.zeros(shape, dtype=np.int32)
     best = np.full(shape, np.inf, dtype=np.float32)
-    for cell in range(num_cells):
+    for cell in range(len(blobs.radii)):
         centre = centres[cell]
-        low = np.maximum(np.floor(centre - outer[cell]).astype(int), 0)
-        high = np.minimum(np.ceil(centre + outer[cell]).astype(int) + 1, shape)
+        low = np.maximum(np.floor(centre - blobs.outer[cell]).astype(int), 0)
+        high = np.minimum(np.ceil(centre + blobs.outer[cell]).astype(int) + 1, shape)
         rows = np.arange(low[0], high[0], dtype=np.float32)[:, None] - centre[0]
         columns = np.arange(low[1], high[1], dtype=np.float32)[None, :] - centre[1]
         angle = np.arctan2(rows, columns)
         factor = 1.0 + sum(
-            wobble[cell, order] * np.cos((order + 2) * angle + phases[cell, order])
+            blobs.wobble[cell, order] * np.cos((order + 2) * angle + blobs.phases[cell, order])
             for order in range(3)
         )
-        rho = np.sqrt(rows**2 + columns**2) / (radii[cell] * factor)
+        rho = np.sqrt(rows**2 + columns**2) / (blobs.radii[cell] * factor)
         box = (slice(low[0], high[0]), slice(low[1], high[1]))
         claim = (rho < 1.0) & (rho < best[box])
         best[box][claim] = rho[claim]
         instances[box][claim] = cell + 1
-    instances = _keep_seed_components(instances, centres)
+    return instances, best
 
-    # Dim, unevenly lit background; cells are domes, brightest at the centre.
+
+def _cells_image(instances, rho, num_cells: int, mean_radius: float, rng: np.random.Generator):
+    """Dim, unevenly lit background; cells are domes, brightest at the centre."""
+    shape = instances.shape
     image = 0.15 + 0.05 * _smooth_noise(shape, mean_radius * 4, rng)
     cell_gray = rng.uniform(0.5, 0.85, num_cells + 1).astype(np.float32)
     inside = instances > 0
-    dome = 1.0 - 0.35 * np.minimum(best[inside], 1.0) ** 2
+    dome = 1.0 - 0.35 * np.minimum(rho[inside], 1.0) ** 2
     image[inside] = cell_gray[instances[inside]] * dome
     image += 0.04 * _smooth_noise(shape, 3.0, rng)
     image[touching_borders(instances)] *= 0.6
     image = ndimage.gaussian_filter(image, 1.5)
     image += 0.03 * rng.standard_normal(shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)
-    return SyntheticCells(image=image.astype(np.float32), instances=instances)
+    return image
 
 
 def touching_pairs(instances: np.ndarray) -> set[tuple[int, int]]:

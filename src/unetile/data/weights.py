@@ -169,6 +169,20 @@ def weight_map(
     np.float32(10.231163)
     """
     instances = np.asarray(instances)
+    _check_weight_map_arguments(instances, w0, sigma, tolerance)
+    known = _known_mask(instances, unknown)
+    weights = np.zeros(instances.shape, dtype=np.float64)
+    weights[known] = _class_weight_map(
+        instances[known], class_weights, _known_labels(labels, instances, known)
+    )
+    cutoff = border_cutoff(w0, sigma, tolerance)
+    if w0 == 0 or cutoff == 0 or instances.size == 0:
+        return weights.astype(np.float32)
+    _add_border_term(weights, instances, known, w0, sigma, cutoff)
+    return weights.astype(np.float32)
+
+
+def _check_weight_map_arguments(instances: np.ndarray, w0, sigma, tolerance) -> None:
     if instances.ndim < 1:
         raise ValueError("instances: expected an array of instance ids, got a scalar")
     _check_class_ids(instances, "instances")
@@ -179,25 +193,24 @@ def weight_map(
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
 
-    known = _known_mask(instances, unknown)
-    weights = np.zeros(instances.shape, dtype=np.float64)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != instances.shape:
-            raise ValueError(
-                f"labels: shape {labels.shape} differs from instances {instances.shape}"
-            )
-        labels = labels[known]
-    weights[known] = _class_weight_map(instances[known], class_weights, labels)
-    cutoff = border_cutoff(w0, sigma, tolerance)
-    if w0 == 0 or cutoff == 0 or instances.size == 0:
-        return weights.astype(np.float32)
+
+def _known_labels(labels, instances: np.ndarray, known: np.ndarray) -> np.ndarray | None:
+    """The class ids of the annotated pixels (None: classes come from ``instances``)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != instances.shape:
+        raise ValueError(f"labels: shape {labels.shape} differs from instances {instances.shape}")
+    return labels[known]
+
+
+def _add_border_term(weights, instances, known, w0: float, sigma: float, cutoff: float) -> None:
+    """Add ``w0 exp(-(d1 + d2)^2 / (2 sigma^2))`` to the annotated background pixels."""
     nearest, second = nearest_two_distances(instances, cutoff + 1.0)
     background = (instances == 0) & known
     # Half a pixel from each cell's outermost pixel centre to its border.
     gap = nearest[background] + second[background] - 1.0
     weights[background] += w0 * np.exp(-(gap**2) / (2.0 * sigma**2))
-    return weights.astype(np.float32)
 
 
 def nearest_two_distances(

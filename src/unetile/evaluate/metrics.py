@@ -1076,18 +1076,48 @@ def score(
     prediction = np.asarray(prediction)
     ground_truth = np.asarray(ground_truth)
     _check_pair(prediction, ground_truth)
+    # score's own arguments, in its order: each kind of prediction takes them all.
+    options = (metrics, cell_value, thresholds, connectivity, iou_thresholds, ignore_value)
     if np.issubdtype(prediction.dtype, np.floating):
-        per_threshold = score_per_threshold(
-            prediction,
-            ground_truth,
-            metrics,
-            cell_value=cell_value,
-            thresholds=thresholds,
-            connectivity=connectivity,
-            iou_thresholds=iou_thresholds,
-            ignore_value=ignore_value,
-        )
-        return best_scores(per_threshold)
+        return _score_probabilities(prediction, ground_truth, *options)
+    return _score_labels(prediction, ground_truth, *options)
+
+
+def _score_probabilities(
+    probabilities,
+    ground_truth,
+    metrics,
+    cell_value,
+    thresholds,
+    connectivity,
+    iou_thresholds,
+    ignore_value,
+) -> dict[str, float]:
+    """:func:`score` of a probability map: each metric at its best threshold."""
+    per_threshold = score_per_threshold(
+        probabilities,
+        ground_truth,
+        metrics,
+        cell_value=cell_value,
+        thresholds=thresholds,
+        connectivity=connectivity,
+        iou_thresholds=iou_thresholds,
+        ignore_value=ignore_value,
+    )
+    return best_scores(per_threshold)
+
+
+def _score_labels(
+    prediction,
+    ground_truth,
+    metrics,
+    cell_value,
+    thresholds,
+    connectivity,
+    iou_thresholds,
+    ignore_value,
+) -> dict[str, float]:
+    """:func:`score` of a binary cell map or instance labels, scored as they are."""
     if thresholds is not None:
         raise ValueError(
             f"thresholds apply to probability maps only; prediction is {prediction.dtype}"
