@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.fast
-
 import unetile
+
+pytestmark = pytest.mark.fast
 
 PACKAGE = Path(unetile.__file__).parent
 # Lowest first: a module may import its own floor and those below it.
