@@ -23,7 +23,7 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.predict.outputs import OWNER_RECORD
 
 pytestmark = pytest.mark.fast

@@ -9,7 +9,7 @@ from test_train import stripes_data, tiny_config
 
 from unetile.network.model import UNet, batch_norms, estimate_batch_norm
 from unetile.network.tiling import Tiling
-from unetile.predict.engine import card, predict
+from unetile.predict import card, predict
 from unetile.train.config import make_config
 from unetile.train.run import train
 

@@ -9,7 +9,7 @@ from unetile import io
 from unetile.cli import main
 from unetile.evaluate.calibration import THRESHOLDS, calibrate_threshold
 from unetile.network.model import UNet, UNetConfig
-from unetile.predict.engine import card, predict
+from unetile.predict import card, predict
 from unetile.predict.files import predict_to_files
 from unetile.predict.instances import InstanceOptions
 from unetile.predict.postprocessing import PostProcessing, labels_from_probabilities

@@ -12,7 +12,7 @@ from helpers import relabel_equal
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict.engine import card, predict
+from unetile.predict import card, predict
 from unetile.predict.instances import instances_from_probabilities
 from unetile.predict.outputs import OWNER_RECORD
 from unetile.predict.postprocessing import labels_from_probabilities

@@ -7,7 +7,7 @@ import pytest
 
 from unetile import io
 from unetile.cli import build_parser, main
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.train.loop import TrainConfig
 
 pytestmark = pytest.mark.fast

@@ -17,7 +17,7 @@ from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet, input_size_for_output, size_multiple
 from unetile.network.tiling import grid_axes, owned_region, tile_step
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.predict.files import predict_to_files
 from unetile.predict.instances import InstanceOptions
 from unetile.predict.regions import (

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from unetile.cli import main
 from unetile.network.model import UNet, is_valid_input_size, output_size
 from unetile.network.normalization import Normalization
-from unetile.predict.engine import card, export, predict
+from unetile.predict import card, export, predict
 
 NORMALIZATION = {"mean": [100.0], "std": [50.0]}
 

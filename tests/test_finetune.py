@@ -8,7 +8,7 @@ from test_train import stripes_data, tiny_config
 
 from unetile import io
 from unetile.cli import main
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.train.loop import _sha256
 from unetile.train.run import train
 

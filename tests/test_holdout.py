@@ -10,7 +10,7 @@ from unetile.cli import main
 from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, TileSampler, compute_weight_map, labels_to_classes
 from unetile.data.holdout import MIN_STRIP, choose_images, evenly_spaced, split
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.train.loop import make_config, prepare_arrays
 from unetile.train.run import train
 

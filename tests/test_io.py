@@ -4,7 +4,7 @@ import torch
 
 from unetile import io
 from unetile.network.model import UNet
-from unetile.predict.engine import card
+from unetile.predict import card
 
 pytestmark = pytest.mark.fast
 

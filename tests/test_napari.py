@@ -21,7 +21,7 @@ from unetile import io  # noqa: E402
 from unetile.napari import _logic  # noqa: E402
 from unetile.napari._sample import touching_cells  # noqa: E402
 from unetile.napari._session import KEY, Session, session  # noqa: E402
-from unetile.predict.engine import card  # noqa: E402
+from unetile.predict import card  # noqa: E402
 from unetile.train.config import make_config  # noqa: E402
 from unetile.train.loop import _sha256, prepare_arrays
 from unetile.train.run import train

@@ -8,7 +8,7 @@ import torch
 from unetile import io
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict.engine import card, predict
+from unetile.predict import card, predict
 from unetile.predict.scale import relative_difference, resample, scaled_shape
 from unetile.train.loop import make_config, prepare_arrays, run_config, training_pixel_size
 

@@ -9,7 +9,7 @@ from unetile import io
 from unetile.data.augment import AugmentParams
 from unetile.data.dataset import LabeledImage, labels_to_classes
 from unetile.network.normalization import Normalization
-from unetile.predict.engine import card
+from unetile.predict import card
 from unetile.train.loop import (
     PRESETS,
     TrainConfig,
