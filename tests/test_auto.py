@@ -8,9 +8,10 @@ from test_cli_train import write_dataset
 
 from unetile import io
 from unetile.cli import main
-from unetile.data.dataset import labeled_images_from_arrays, synthetic
+from unetile.data import synthetic
+from unetile.data.dataset import labeled_images_from_arrays
+from unetile.train import auto
 from unetile.train.config import auto_defaults, make_config
-from unetile.train.loop import auto
 
 
 def measured(images, labels, label_mode):
@@ -190,7 +191,7 @@ def touching_cells(root, count=4, size=96):
 
 
 def test_auto_races_its_weight_map_against_the_baseline_and_keeps_the_record(tmp_path, monkeypatch):
-    from unetile.train.loop import race
+    from unetile.train import race
     from unetile.train.run import train
 
     options = touching_cells(tmp_path)

@@ -8,8 +8,8 @@ from test_cli_train import write_dataset
 from unetile import io
 from unetile.cli import build_parser, main
 from unetile.cli.train import config_from_args
+from unetile.train import auto
 from unetile.train.config import tomllib
-from unetile.train.loop import auto
 
 
 def membranes(root):

@@ -129,7 +129,7 @@ def test_training_carries_the_label_fit_and_tunes_it_only_on_held_out_images(tmp
     import json
 
     from unetile import io
-    from unetile.data.dataset import synthetic
+    from unetile.data import synthetic
     from unetile.train.config import make_config
     from unetile.train.loop import refit_instances
     from unetile.train.run import train

@@ -10,7 +10,8 @@ import torch
 from unetile import precision
 from unetile.cli import main
 from unetile.network.model import UNet
-from unetile.predict.engine import PredictOptions, card, predict
+from unetile.predict import card
+from unetile.predict.engine import PredictOptions, predict
 
 pytestmark = pytest.mark.fast
 

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from unetile import io
 from unetile.network.model import UNet, input_size_for_output, size_multiple
 from unetile.network.tiling import axis_origins, tile_step
+from unetile.predict import card
 from unetile.predict.engine import (
     _tile_batches,
     activation_bytes_per_pixel,
     auto_tile_shape,
-    card,
     gaussian_importance,
     predict,
     predict_images,
