@@ -1729,3 +1729,26 @@ def test_rescale_beyond_64x_is_refused_naming_the_pixel_sizes(data, tmp_path, ca
     assert_one_line(error, "input.tif: pixel size", "the model's 0.5 x 0.5 µm", "at most 64x")
     assert "memory" not in error and visible(out) == []
     assert run_cli(argv + ["--pixel-size", "0.25"], capsys)[0] == 0  # 2x: resampled
+
+
+def test_a_run_folder_whose_name_is_not_utf8_trains_predicts_exports_resumes_and_inits(
+    data, tmp_path, capsys
+):
+    # A name from another system's encoding (Latin-1 "é"): Python holds it as a surrogate.
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run-\xe9"))
+    argv = train_argv(data, out) + TINY + ["--augment", "none", "--checkpoint-every", "1"]
+    assert run_cli(argv, capsys)[0] == 0
+    predicted = tmp_path / "predicted"
+    status, error = run_cli(["predict", out, data / "input.tif", "--out", predicted], capsys)
+    assert status == 0, error
+    assert (predicted / "input_labels.tif").is_file()
+    status, error = run_cli(
+        ["export", out, "--format", "torchscript", "--out", tmp_path / "m.pt"], capsys
+    )
+    assert status == 0, error
+    longer = [a if a != "2" or i != argv.index("--steps") + 1 else "3" for i, a in enumerate(argv)]
+    status, error = run_cli(longer + ["--resume"], capsys)
+    assert status == 0, error
+    tuned = tmp_path / "tuned"
+    status, error = run_cli(train_argv(data, tuned) + TINY + ["--init", out], capsys)
+    assert status == 0, error

@@ -6,6 +6,7 @@ import is still one.
 
 import ast
 import importlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
     assert floor("unetile.train.loop") > floor("unetile.network.model")
 
 
-def test_old_module_paths_still_import_with_a_warning():
+def test_old_module_paths_still_import_with_a_warning(monkeypatch):
+    monkeypatch.delitem(sys.modules, "unetile.metrics", raising=False)  # imported afresh
     with pytest.warns(DeprecationWarning, match="moved to unetile.evaluate.metrics"):
         old = importlib.import_module("unetile.evaluate.metrics")
     assert old is importlib.import_module("unetile.evaluate.metrics")

@@ -520,6 +520,35 @@ def read_json(path: str | os.PathLike) -> dict:
         ) from None
 
 
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, ``__metadata__``),
+    read with Python's own file calls so that any path opens (safetensors' own reader
+    refuses a path that is not UTF-8). ValueError for a file that is not safetensors."""
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(prefix, "little")
+        if length > 100 * 2**20 or length > os.fstat(file.fileno()).st_size - 8:
+            raise ValueError(f"header of {length} bytes does not fit the file")
+        try:
+            header = json.loads(file.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a table")
+    return header
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file, from any path (no code is executed)."""
+    from safetensors.torch import load
+
+    metadata = safetensors_header(path).get("__metadata__") or {}
+    with open(path, "rb") as file:
+        return load(file.read()), metadata
+
+
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write ``tensors`` to ``path`` as safetensors, atomically.
 

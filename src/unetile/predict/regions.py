@@ -15,8 +15,9 @@ one-pixel faces of its box, small tasks turn those faces into pairs of labels
 that touch across region borders, the client joins the pairs into one lookup
 table (:func:`unetile.predict.join_labels`) and a last pass writes the final
 ids, grown by ``grow`` px from a ``grow``-wide margin. The tiles, their order
-and the label numbering are those of :func:`unetile.predict.predict_to_files`,
-so both write the same bytes.
+and the label numbering are those of :func:`unetile.predict.files.predict_to_files`,
+so both write the same bytes when they compute alike (batch size, torch threads
+per task, CPU kind; docs/guide/cluster.md).
 
 A work folder beside the outputs (``.NAME.unetile-work``) holds the stores and
 one completion record per region, written atomically after the region's

@@ -68,15 +68,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
 
     Returns the JSON state (step, sampler state, best value, ...).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise io.InputError(f"{path}: no checkpoint to resume; train without --resume first")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            state = json.loads(handle.metadata()["state"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors, metadata = io.read_safetensors(path)
+        state = json.loads(metadata["state"])
     except Exception as error:  # damaged file: say which, never a traceback
         raise io.InputError(f"{path}: cannot be read as a checkpoint ({error})") from None
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -136,7 +136,6 @@ def load_init(
         ``runs/em/config.json: base_channels 16 differs from this run's 64``.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     run_dir = Path(config.init)
     stored = init_run_config(run_dir)
@@ -149,8 +148,8 @@ def load_init(
             )
     weights_path = run_dir / io.MODEL_WEIGHTS
     try:
-        weights = load_file(str(weights_path))  # safetensors: no code runs
-    except (SafetensorError, OSError) as error:
+        weights, _ = io.read_safetensors(weights_path)  # safetensors: no code runs
+    except (SafetensorError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise io.InputError(f"{weights_path}: cannot be read as weights ({reason})") from None
     for key, tensor in weights.items():
@@ -978,11 +977,9 @@ def _claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def _save_failure(run_dir: Path, error: OSError) -> str:
     """One line for a failed write during training: what failed and what is kept."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(run_dir / CHECKPOINT), framework="pt") as handle:
-            saved_step = json.loads(handle.metadata()["state"])["step"]
+        header = io.safetensors_header(run_dir / CHECKPOINT)
+        saved_step = json.loads(header["__metadata__"]["state"])["step"]
     except Exception:  # noqa: BLE001 - no readable checkpoint: say so
         return f"could not save the run ({io.describe_os_error(error)}); no checkpoint was kept"
     return (
