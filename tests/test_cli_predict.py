@@ -296,3 +296,21 @@ def test_a_folder_of_slices_is_predicted_together_and_a_bad_slice_is_named(tmp_p
         alone = predict(model, slices[number], normalization=([0.5], [0.25]), progress=False)
         written = tifffile.imread(out / f"{number:02d}_probabilities.tif")
         assert np.abs(written - alone).max() < 1e-5
+
+
+@pytest.mark.parametrize("output_format", ["tif", "zarr"])
+def test_outputs_say_how_they_were_made(tmp_path, output_format):
+    save_run(tmp_path / "run")
+    tifffile.imwrite(tmp_path / "a.tif", np.random.default_rng(0).random((40, 36), np.float32))
+    argv = ["predict", tmp_path / "run", tmp_path / "a.tif", "--out", tmp_path / "out"]
+    argv += ["--precision", "fp32", "--tta", "--format", output_format, "--no-progress"]
+    assert main([str(a) for a in argv]) == 0
+    path = tmp_path / "out" / f"a_labels.{output_format}"
+    if output_format == "zarr":
+        stored = zarr.open_array(str(path), mode="r").attrs.asdict()
+    else:
+        with tifffile.TiffFile(path) as tiff:
+            stored = tiff.shaped_metadata[0]
+    made = stored["unetile"]
+    assert made["precision"] == "fp32" and made["tta"] is True and made["batch_size"] == 1
+    assert made["threshold"] is None and len(made["tile_shape"]) == 2

@@ -727,13 +727,17 @@ def move_directory(source: str | os.PathLike, destination: str | os.PathLike) ->
         os.replace(source, destination)
 
 
-def write_tiled_tiff(path: str | os.PathLike, array, tile: tuple[int, int] = TIFF_TILE) -> None:
+def write_tiled_tiff(
+    path: str | os.PathLike, array, tile: tuple[int, int] = TIFF_TILE, metadata: dict | None = None
+) -> None:
     """Write an array-like (numpy, zarr) as a tiled BigTIFF, one band of tile rows at a time.
 
     The last two axes are the image plane; leading axes become pages. Only
     ``tile[0]`` rows of one page are in memory at once, so the array may be
     larger than memory. Integer data is zlib-compressed; float data is not
-    (it hardly compresses and would cost time). Written atomically.
+    (it hardly compresses and would cost time). Written atomically. ``metadata`` (JSON
+    values) goes into the first page's description, where ``tifffile`` reads it back as
+    ``TiffFile(path).shaped_metadata[0]``.
     """
     import tifffile
 
@@ -765,4 +769,5 @@ def write_tiled_tiff(path: str | os.PathLike, array, tile: tuple[int, int] = TIF
             bigtiff=True,
             compression=compression,
             photometric="minisblack",
+            metadata=dict(metadata or {}),
         )

@@ -164,7 +164,13 @@ def predict_images_to_files(
                     stack.close()
                     yield current
                 files = _ImageFiles.open(
-                    model, spatials[number], post, requested[number], chunks[number], stack
+                    model,
+                    spatials[number],
+                    post,
+                    requested[number],
+                    chunks[number],
+                    stack,
+                    provenance(resolved[number], post),
                 )
                 current = number
             files.write(region, block)
@@ -186,9 +192,10 @@ class _ImageFiles:
     chunks: tuple[int, ...]
     post: PostProcessing
     by_region: bool
+    metadata: dict
 
     @classmethod
-    def open(cls, model, spatial, post, requested, chunks, stack: contextlib.ExitStack):
+    def open(cls, model, spatial, post, requested, chunks, stack: contextlib.ExitStack, metadata):
         """The scratch stores of one image, in a scratch folder that ``stack`` removes."""
         first = next(iter(requested.values()))
         first.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +205,8 @@ class _ImageFiles:
         kinds = tuple(kind for kind in KINDS if kind in requested)
         arrays = create_stores(scratch, spatial, chunks, kinds, model.config.num_classes, by_region)
         cells = _TileCells(arrays.get("provisional"))
-        return cls(requested, arrays, scratch, tuple(spatial), cells, chunks, post, by_region)
+        spatial = tuple(spatial)
+        return cls(requested, arrays, scratch, spatial, cells, chunks, post, by_region, metadata)
 
     def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
         """Stream one predicted block into the stores; label the cells of each tile."""
@@ -222,7 +230,7 @@ class _ImageFiles:
             for region in chunk_regions(self.spatial, self.chunks):
                 ids = final_instances(provisional, lut, region, self.post.grow)
                 self.arrays["instances"][region] = ids
-        publish(self.folder, self.requested)
+        publish(self.folder, self.requested, self.metadata)
 
 
 def block_products(block: np.ndarray, post: PostProcessing, cells: bool):
@@ -258,17 +266,37 @@ def create_stores(folder: Path, spatial, chunks, kinds, num_classes: int, by_reg
     return arrays
 
 
-def publish(folder: Path, requested: dict[str, Path]) -> None:
-    """Each finished store of ``folder`` under its final name: a zarr store moved into
-    place, a TIFF written inside ``folder`` then renamed (a killed run leaves nothing
-    beside the outputs that the next run would not remove)."""
+def provenance(options: PredictOptions, post: PostProcessing) -> dict:
+    """How the outputs were made, stored with each of them (zarr attributes, the TIFF's
+    description): the arithmetic, the tile and the labels' threshold."""
+    from .. import __version__
+
+    tile = options.tile_shape
+    return {
+        "unetile": {
+            "version": __version__,
+            "precision": options.precision,
+            "tile_shape": list(tile) if isinstance(tile, tuple) else tile,
+            "batch_size": options.batch_size,
+            "tta": bool(options.tta),
+            "threshold": post.threshold,
+        }
+    }
+
+
+def publish(folder: Path, requested: dict[str, Path], metadata: dict | None = None) -> None:
+    """Each finished store of ``folder`` under its final name, with ``metadata``: a zarr
+    store moved into place, a TIFF written inside ``folder`` then renamed (a killed run
+    leaves nothing beside the outputs that the next run would not remove)."""
+    import zarr
+
     for kind, path in requested.items():
+        store = zarr.open_array(store=str(folder / f"{kind}.zarr"), mode="r+")
         if path.suffix.lower() == ".zarr":
+            store.attrs.update(metadata or {})
             io.move_directory(folder / f"{kind}.zarr", path)
         else:
-            io.write_tiled_tiff(
-                folder / f"{kind}{path.suffix}", io.open_zarr(folder / f"{kind}.zarr")
-            )
+            io.write_tiled_tiff(folder / f"{kind}{path.suffix}", store, metadata=metadata)
             os.replace(folder / f"{kind}{path.suffix}", path)
 
 

@@ -56,7 +56,15 @@ from .engine import (
     spatial_shape,
     uses_channels_last,
 )
-from .files import KINDS, block_products, create_stores, output_chunks, publish, requested_outputs
+from .files import (
+    KINDS,
+    block_products,
+    create_stores,
+    output_chunks,
+    provenance,
+    publish,
+    requested_outputs,
+)
 from .instances import grow_cells, join_labels, label_foreground, rank_keys, write_region_keys
 from .instances import region_grid as instance_regions
 from .postprocessing import PostProcessing, class_dtype, legacy_post
@@ -693,7 +701,8 @@ def predict_regions(
         per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, tiling.alignment)
         tile_count = math.prod(len(origins) for origins in per_axis)
         _join_instances(client, work, plan, regions, tile_count, options.progress)
-    publish(work, requested)
+    how = PredictOptions(plan.tile_shape, plan.batch_size, plan.tta, precision=plan.precision)
+    publish(work, requested, provenance(how, post))
     shutil.rmtree(work)
     return requested
 

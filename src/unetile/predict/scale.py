@@ -147,15 +147,16 @@ def predict_rescaled_to_files(
         scaled = {kind: Path(scratch) / f"{kind}.zarr" for kind in requested}
         predict_to_files(model, working, **scaled, **options)
         for kind, path in requested.items():
-            values = np.asarray(io.open_zarr(scaled[kind]))
-            _write_output(path, resample(values, spatial, labels=kind != "probabilities"))
+            store = io.open_zarr(scaled[kind])
+            values = resample(np.asarray(store), spatial, labels=kind != "probabilities")
+            _write_output(path, values, store.attrs.asdict())
     return requested
 
 
-def _write_output(path: Path, array: np.ndarray) -> None:
+def _write_output(path: Path, array: np.ndarray, metadata: dict) -> None:
     """A finished output as a tiled TIFF or a zarr store, under its final name at once."""
     if path.suffix.lower() != ".zarr":
-        io.write_tiled_tiff(path, array)
+        io.write_tiled_tiff(path, array, metadata=metadata)
         return
     import zarr
 
@@ -165,6 +166,7 @@ def _write_output(path: Path, array: np.ndarray) -> None:
             store=str(staging / path.name), mode="w", shape=array.shape, dtype=array.dtype
         )
         store[...] = array
+        store.attrs.update(metadata)
         io.move_directory(staging / path.name, path)
     finally:
         import shutil
