@@ -230,7 +230,7 @@ class _ImageFiles:
             for region in chunk_regions(self.spatial, self.chunks):
                 ids = final_instances(provisional, lut, region, self.post.grow)
                 self.arrays["instances"][region] = ids
-        publish(self.folder, self.requested, self.metadata)
+        publish(self.folder, self.requested, self.metadata, self.arrays)
 
 
 def block_products(block: np.ndarray, post: PostProcessing, cells: bool):
@@ -284,14 +284,17 @@ def provenance(options: PredictOptions, post: PostProcessing) -> dict:
     }
 
 
-def publish(folder: Path, requested: dict[str, Path], metadata: dict | None = None) -> None:
+def publish(folder: Path, requested: dict[str, Path], metadata: dict, arrays=None) -> None:
     """Each finished store of ``folder`` under its final name, with ``metadata``: a zarr
     store moved into place, a TIFF written inside ``folder`` then renamed (a killed run
-    leaves nothing beside the outputs that the next run would not remove)."""
+    leaves nothing beside the outputs that the next run would not remove). ``arrays``:
+    the stores already open, by kind (else they are opened)."""
     import zarr
 
     for kind, path in requested.items():
-        store = zarr.open_array(store=str(folder / f"{kind}.zarr"), mode="r+")
+        store = (arrays or {}).get(kind)
+        if store is None:
+            store = zarr.open_array(store=str(folder / f"{kind}.zarr"), mode="r+")
         if path.suffix.lower() == ".zarr":
             store.attrs.update(metadata or {})
             io.move_directory(folder / f"{kind}.zarr", path)

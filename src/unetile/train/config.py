@@ -20,6 +20,7 @@ and ``max_tile`` bounded it; both are still read (:func:`make_config`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import typing
@@ -543,9 +544,15 @@ def field_defaults() -> dict:
 
 def field_type(item) -> type | None:
     """``int``, ``float`` or ``bool`` for a field of that type (optional or not), else None."""
-    hint = typing.get_type_hints(TrainConfig)[item.name]
+    hint = _type_hints()[item.name]
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
     return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool) else None
+
+
+@functools.cache
+def _type_hints() -> dict:
+    # Resolving the annotations costs about 1 ms; each command line asks for every field.
+    return typing.get_type_hints(TrainConfig)
 
 
 #: Option names still read, with a warning, though no longer fields.
