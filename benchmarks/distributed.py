@@ -59,6 +59,7 @@ from unetile.network.model import UNet, size_multiple  # noqa: E402
 from unetile.network.tiling import Tiling, tile_step  # noqa: E402
 from unetile.predict.files import predict_to_files  # noqa: E402
 from unetile.predict.instances import InstanceOptions  # noqa: E402
+from unetile.predict.postprocessing import PostProcessing  # noqa: E402
 from unetile.predict.regions import Plan, model_payload, predict_regions, region_grid  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -268,9 +269,8 @@ def task_bytes(model: UNet, shape, tile) -> dict:
         steps=steps,
         tiling=Tiling.of(model),
         kinds=("labels", "instances"),
-        instance_options=InstanceOptions().to_dict(),
+        post=PostProcessing(instances=InstanceOptions()),
         by_region=False,
-        grow=0,
         batch_size=1,
         tta=False,
         device=None,

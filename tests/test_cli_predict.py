@@ -314,3 +314,66 @@ def test_outputs_say_how_they_were_made(tmp_path, output_format):
     made = stored["unetile"]
     assert made["precision"] == "fp32" and made["tta"] is True and made["batch_size"] == 1
     assert made["threshold"] is None and len(made["tile_shape"]) == 2
+
+
+def test_region_runs_leave_the_device_to_each_worker(tmp_path, monkeypatch):
+    import unetile.predict.regions as regions
+
+    save_run(tmp_path / "run")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((40, 36), np.float32))
+    seen = []
+
+    def spy(model, image, options, **keywords):
+        seen.append(options.device)
+        return {}
+
+    monkeypatch.setattr(regions, "predict_regions", spy)
+    argv = ["predict", tmp_path / "run", tmp_path / "a.tif", "--out", tmp_path / "out"]
+    assert main([str(a) for a in [*argv, "--resume", "--no-progress"]]) == 0
+    assert main([str(a) for a in [*argv, "--resume", "--device", "cpu", "--no-progress"]]) == 0
+    assert seen == [None, "cpu"]
+
+
+def test_bad_post_processing_is_one_line_naming_its_source(tmp_path, capsys):
+    save_run(tmp_path / "run")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((40, 36), np.float32))
+    argv = ["predict", tmp_path / "run", tmp_path / "a.tif", "--out", tmp_path / "out"]
+    assert main([str(a) for a in [*argv, "--threshold", "1"]]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--threshold must be below 1 (no pixel would be foreground), got 1.0")
+    )
+    config = io.read_json(tmp_path / "run" / "config.json")
+    config["instances"] = {"foreground_classes": [2]}
+    io.write_json(tmp_path / "run" / "config.json", config)
+    assert main([str(a) for a in [*argv, "--instances"]]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "config.json: bad 'instances' entry (foreground class 2 is not one of the 2" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_a_weights_file_with_a_broken_header_is_one_line(tmp_path, capsys):
+    save_run(tmp_path / "run")
+    header = b'{"w": {"dtype": "F32", "shape": null, "data_offsets": [0, 0]}}'
+    (tmp_path / "run" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((40, 36), np.float32))
+    argv = ["predict", tmp_path / "run", tmp_path / "a.tif", "--out", tmp_path / "out"]
+    assert main([str(a) for a in argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "model.safetensors: not a safetensors weights file (tensor 'w' has no shape)" in error
+
+
+def test_post_and_its_keywords_are_not_both_given(tmp_path):
+    from unetile.predict.files import predict_to_files
+    from unetile.predict.postprocessing import PostProcessing
+
+    model = save_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="give post or the keywords"):
+        predict_to_files(
+            model,
+            np.zeros((40, 36), np.float32),
+            labels=tmp_path / "l.tif",
+            post=PostProcessing(),
+            threshold=0.3,
+        )

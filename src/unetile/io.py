@@ -535,8 +535,16 @@ def safetensors_header(path: str | os.PathLike) -> dict:
             header = json.loads(file.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"header is not JSON ({error})") from None
+        except RecursionError:
+            raise ValueError("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a table")
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (
+            isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+        ):
+            raise ValueError(f"tensor {name!r} has no shape")
     return header
 
 

@@ -7,10 +7,12 @@ work is :meth:`unetile.predict.segmenter.Segmenter.segment_files`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from .. import io
+from ..evaluate.calibration import check_threshold
 from ..network.tiling import Tiling
 from ..predict.engine import GIB, PredictOptions, resolve_device
 from ..predict.instances import InstanceOptions
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                 "leave out --workers, --scheduler and --resume, or --rescale"
             )
         runner = Regions(**regions)
+        # Each worker takes its own device (its GPU if it has one) unless --device names one.
+        options = dataclasses.replace(options, device=args.device)
     else:
         runner = InProcess(_stated_pixel_size(args.pixel_size, segmenter), args.rescale)
     report = segmenter.segment_files(args.inputs, outputs, options, runner, _print)
@@ -114,11 +118,16 @@ def _post(args: argparse.Namespace, segmenter: Segmenter) -> Segmenter:
         raise io.InputError(f"{flag} sets how --instances are extracted: add --instances")
     if args.grow and not args.instances:
         raise io.InputError("--grow grows the cells of --instances: add --instances")
-    if args.threshold is not None and segmenter.model.config.num_classes != 2:
-        raise io.InputError(
-            f"--threshold decides between two classes; {args.model} has "
-            f"{segmenter.model.config.num_classes}: its labels are the argmax"
-        )
+    if args.threshold is not None:
+        if segmenter.model.config.num_classes != 2:
+            raise io.InputError(
+                f"--threshold decides between two classes; {args.model} has "
+                f"{segmenter.model.config.num_classes}: its labels are the argmax"
+            )
+        try:
+            check_threshold(args.threshold, "--threshold")
+        except ValueError as error:
+            raise io.InputError(str(error)) from None
     try:
         segmenter = segmenter.with_post(**given(args, PostProcessing), **changes)
     except ValueError as error:

@@ -156,7 +156,7 @@ def _check_entries(entries: dict, network: UNetConfig) -> None:
     _check_pixel_size(entries.get("pixel_size_um"), network.dims)
     _check_classes(entries.get("classes", {}), network.num_classes)
     _check_calibration(entries.get("calibration"), network.num_classes)
-    _check_instances(entries.get("instances"))
+    _check_instances(entries.get("instances"), network.num_classes)
 
 
 def _check_normalization(entries: dict, network: UNetConfig) -> None:
@@ -224,7 +224,7 @@ def _check_calibration(calibration, num_classes: int) -> None:
         raise ValueError(f"'calibration' thresholds two classes; the model has {num_classes}")
 
 
-def _check_instances(instances) -> None:
+def _check_instances(instances, num_classes: int) -> None:
     if instances is None:
         return
     if not isinstance(instances, dict):
@@ -233,7 +233,7 @@ def _check_instances(instances) -> None:
             '{"method": "watershed", "min_size": 10}; fix it or remove the entry'
         )
     try:
-        InstanceOptions.from_dict(instances)
+        InstanceOptions.from_dict(instances).check_classes(num_classes)
     except (TypeError, ValueError) as error:
         raise ValueError(f"bad 'instances' entry ({error}); fix it or remove the entry") from None
 

@@ -141,18 +141,22 @@ class PredictOptions:
         """``options`` (default all defaults) with the keyword ``changes`` applied."""
         return dataclasses.replace(options or cls(), **changes)
 
-    def resolve(self, model: UNet, spatial: Sequence[int]) -> PredictOptions:
+    def resolve(self, model: UNet, spatial: Sequence[int], here: bool = True) -> PredictOptions:
         """These options with the device, the tile shape and the normalisation settled for
-        ``model`` on an image of ``spatial`` shape; ValueError naming what does not fit."""
+        ``model`` on an image of ``spatial`` shape; ValueError naming what does not fit.
+        ``here=False`` (other machines compute): the device's precision and memory are
+        checked where it runs, not here."""
         device = resolve_device(self.device)
-        check_precision(self.precision, device)
+        if here:
+            check_precision(self.precision, device)
         tile_shape = self.tile_shape
         if tile_shape is None:
             tile_shape = stable_tile(model) or auto_tile_shape(
                 model, spatial, device, self.memory_budget, self.batch_size, self.overlap
             )
         tile_shape = Tiling.of(model).check(tile_shape)
-        check_memory(model, tile_shape, self.batch_size, device)
+        if here:
+            check_memory(model, tile_shape, self.batch_size, device)
         normalization = Normalization.of(self.normalization) or getattr(
             model, "normalization", None
         )

@@ -99,8 +99,7 @@ def predict_to_files(
         The written paths, keyed by "labels", "probabilities", "instances".
     """
     outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
-    if post is None:
-        post = legacy_post(model, threshold, foreground_class, instance_options, grow)
+    post = legacy_post(model, threshold, foreground_class, instance_options, grow, post)
     for _ in predict_images_to_files(model, [image], [outputs], options, post=post, **changes):
         pass
     return {kind: Path(path) for kind, path in outputs.items() if path is not None}
@@ -144,8 +143,7 @@ def predict_images_to_files(
     images = list(images)
     if len(outputs) != len(images):
         raise ValueError(f"give one outputs dict per image: {len(outputs)} for {len(images)}")
-    if post is None:
-        post = legacy_post(model, threshold, foreground_class, instance_options, grow)
+    post = legacy_post(model, threshold, foreground_class, instance_options, grow, post)
     requested = [requested_outputs(model.config.num_classes, paths, post) for paths in outputs]
     spatials, resolved = _resolve_each(model, images, PredictOptions.of(options, **changes))
     # Checked for every image before any is predicted (a grow wider than the tile).

@@ -127,11 +127,11 @@ class OutputOwner:
     still there, so that a folder never mixes the labels of two models.
     """
 
-    def __init__(self, out: Path, model_dir: Path):
+    def __init__(self, out: Path, model_dir: Path, weights_name: str = io.MODEL_WEIGHTS):
         self.path = out / OWNER_RECORD
         self.model_dir = model_dir
         digest = hashlib.sha256()
-        with open(model_dir / io.MODEL_WEIGHTS, "rb") as weights:
+        with open(model_dir / weights_name, "rb") as weights:
             for block in iter(lambda: weights.read(2**24), b""):
                 digest.update(block)
         self.sha256 = digest.hexdigest()

@@ -170,11 +170,25 @@ class PostProcessing:
 
 
 def legacy_post(
-    model, threshold=None, foreground_class: int = 1, instance_options=None, grow: int = 0
+    model,
+    threshold=None,
+    foreground_class: int = 1,
+    instance_options=None,
+    grow: int = 0,
+    post: PostProcessing | None = None,
 ) -> PostProcessing:
-    """The post-processing of the keyword API (``predict_to_files(..., threshold=...,
-    instance_options=..., grow=...)``): the given options, else what a model loaded by
-    :func:`unetile.predict.card.load_model` carries for its labels."""
+    """``post``, or the post-processing of the keyword API (``predict_to_files(...,
+    threshold=..., instance_options=..., grow=...)``): the given options, else what a model
+    loaded by :func:`unetile.predict.card.load_model` carries for its labels. ValueError
+    for both."""
+    if post is not None:
+        keywords = (threshold, instance_options, grow or None, foreground_class != 1 or None)
+        if any(value is not None for value in keywords):
+            raise ValueError(
+                "give post or the keywords threshold, instance_options, grow and "
+                "foreground_class, not both"
+            )
+        return post
     if threshold is None:
         threshold = getattr(model, "threshold", None)
     if instance_options is None:

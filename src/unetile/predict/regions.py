@@ -48,8 +48,10 @@ from .. import io
 from ..network.model import UNet
 from ..network.normalization import Normalization
 from ..network.tiling import Tiling, grid_axes, owned_region, widened_box
+from ..precision import check_precision
 from .engine import (
     PredictOptions,
+    check_memory,
     forward_batches,
     read_inputs,
     resolve_device,
@@ -297,7 +299,9 @@ def predict_region(payload: dict, image, plan: Plan, region: Region) -> int:
     region's faces: what joining the cells later needs, and nothing larger.
     """
     device = resolve_device(plan.device)
+    check_precision(plan.precision, device)
     model = _worker_model(payload, device)
+    check_memory(model, plan.tile_shape, plan.batch_size, device)
     image = _open_image(image)
     per_axis = grid_axes(plan.spatial, plan.tile_shape, plan.steps, plan.tiling.alignment)
     box_shape = tuple(b.stop - b.start for b in region.box)
@@ -678,15 +682,14 @@ def predict_regions(
     dict
         The written paths, keyed by "labels", "probabilities", "instances".
     """
-    if post is None:
-        post = legacy_post(model, threshold, foreground_class, instance_options, grow)
+    post = legacy_post(model, threshold, foreground_class, instance_options, grow, post)
     outputs = {"labels": labels, "probabilities": probabilities, "instances": instances}
     requested = requested_outputs(model.config.num_classes, outputs, post)
     _check_regions(model, region_tiles)
     options = PredictOptions.of(options, **changes)
     if isinstance(image, str | os.PathLike):
         image = ImagePath(str(image), model.config.dims, model.config.in_channels)
-    plan, chunks = _plan(model, _open_image(image), options, post, requested)
+    plan, chunks = _plan(model, _open_image(image), options, post, requested, client is None)
     payload = model_payload(model)
     work = Path(plan.work)
     _prepare_work(work, _manifest(plan, payload, region_tiles, model), plan, chunks, resume)
@@ -717,11 +720,11 @@ def _check_regions(model: UNet, region_tiles: int) -> None:
         )
 
 
-def _plan(model: UNet, image, options: PredictOptions, post, requested) -> tuple[Plan, tuple]:
-    """The plan of a region prediction, with the options checked as one process checks them
-    (the tile, precision and memory for this machine's device) and the stores' chunks."""
+def _plan(model: UNet, image, options, post, requested, here: bool) -> tuple[Plan, tuple]:
+    """The plan of a region prediction and the stores' chunks, the options checked as one
+    process checks them; on a cluster (not ``here``) each worker checks its own device."""
     spatial = tuple(spatial_shape(model, image))
-    resolved = options.resolve(model, spatial)
+    resolved = options.resolve(model, spatial, here)
     chunks = output_chunks(model, spatial, resolved.tile_shape, post.grow)
     normalization = resolved.normalization
     if normalization is not None:

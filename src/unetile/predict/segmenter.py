@@ -74,6 +74,7 @@ class Segmenter:
     card: ModelCard
     post: PostProcessing
     source: Path | None = None
+    weights: str = io.MODEL_WEIGHTS  # the file in ``source`` the network came from
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, name: str = io.MODEL_WEIGHTS) -> Segmenter:
@@ -81,7 +82,7 @@ class Segmenter:
         card = ModelCard.read(run_dir)
         model = load_network(run_dir, card, name)
         carry(model, card)
-        return cls(model, card, card.post, Path(run_dir))
+        return cls(model, card, card.post, Path(run_dir), name)
 
     def with_post(self, **changes) -> Segmenter:
         """This model with its post-processing changed (:meth:`PostProcessing.with_`)."""
@@ -120,7 +121,7 @@ class Segmenter:
             raise ValueError("segment_files needs a model loaded from a run folder (load)")
         options = options or PredictOptions()
         jobs = outputs.plan(io.expand_inputs(inputs))
-        owner = OutputOwner(Path(outputs.folder), self.source)
+        owner = OutputOwner(Path(outputs.folder), self.source, self.weights)
         owner.check(jobs)
         self.post.check(self.model.config.num_classes, objects=outputs.instances)
         self._warn_small_tile(options)
@@ -139,16 +140,16 @@ class Segmenter:
         return result
 
     def _warn_small_tile(self, options: PredictOptions) -> None:
-        tile = options.tile_shape
-        trained = max(self.card.training_tile or (0,))
-        if tile is None or self.model.config.norm != "instance":
+        tile, trained = options.tile_shape, self.card.training_tile
+        if tile is None or trained is None or self.model.config.norm != "instance":
             return
-        if max(tile) if isinstance(tile, tuple) else tile < trained:
+        tile = tuple(tile) if isinstance(tile, tuple | list) else (tile,) * len(trained)
+        if any(t < s for t, s in zip(tile, trained, strict=False)):
             # Instance norm normalises each tile by itself: small tiles change the result.
             warnings.warn(
                 f"{self.source} uses instance norm, whose output depends on the tile; --tile "
-                f"{tile} is smaller than its training tile ({trained} px): leave --tile out "
-                "to use the largest tile that fits",
+                f"{options.tile_shape} is smaller than its training tile ({max(trained)} px): "
+                "leave --tile out to use the largest tile that fits",
                 stacklevel=3,
             )
 
