@@ -83,6 +83,52 @@ def reference_step_seconds(config, data, steps: int) -> list[float]:
     return timings[1:]
 
 
+KINDS = {
+    "convolutions": ("convolution", "conv"),
+    "normalisation": ("norm",),
+    "relu": ("relu", "threshold_backward", "clamp_min"),
+    "max pooling": ("max_pool",),
+    "crop-and-concatenate": ("aten::cat", "aten::slice", "aten::narrow", "copy_"),
+    "loss": ("softmax", "nll", "cross_entropy"),
+    "optimizer": ("_foreach", "addcdiv", "lerp", "sqrt", "aten::add_", "aten::mul_"),
+}
+
+
+def kind_of(name: str) -> str:
+    for kind, parts in KINDS.items():
+        if any(part in name for part in parts):
+            return kind
+    return "other"
+
+
+def profile_step(config, data, peak: float) -> dict:
+    """Self time of the operations of two reference steps, by kind (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reference_step_seconds(config, data, 1)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        reference_step_seconds(config, data, 1)
+    seconds: dict[str, float] = {}
+    top = []
+    for event in profiler.key_averages():
+        kind = kind_of(event.key)
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+        top.append((event.self_cpu_time_total / 1e6, event.key, event.count))
+    total = sum(seconds.values())
+    step_flops = 3 * forward_flops(config.model_config(1, 2), data.input_shape) * config.batch_size
+    # Two steps ran (a warm-up inside reference_step_seconds, then the timed one).
+    convolutions = seconds.get("convolutions", 0.0) / 2
+    return {
+        "seconds_by_kind": seconds,
+        "share_by_kind": {k: v / total for k, v in sorted(seconds.items(), key=lambda i: -i[1])},
+        "convolutions_fraction_of_peak": step_flops / max(convolutions, 1e-9) / 1e9 / peak,
+        "top_operations": [
+            {"name": name, "calls": calls, "self_seconds": t}
+            for t, name, calls in sorted(top, reverse=True)[:10]
+        ],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="ISBI 2012 folder")
@@ -92,9 +138,15 @@ def main() -> int:
     parser.add_argument("--base-channels", type=int, help="override the preset's width")
     parser.add_argument("--max-tile", type=int, help="largest output tile (px)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
+    parser.add_argument("--profile", action="store_true", help="where a step's time goes")
+    parser.add_argument(
+        "--precision", default="none", help="the loop's autocast (none: fp32, as the reference)"
+    )
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
 
     overrides = {"steps": args.steps, "log_every": 1, "threads": args.threads}
+    overrides["precision"] = args.precision
     if args.base_channels:
         overrides["base_channels"] = args.base_channels
     if args.max_tile:
@@ -123,6 +175,7 @@ def main() -> int:
         reference_steps = reference_step_seconds(config, data, args.steps)
         summary = train(config, progress=False, data=data)
         reference_steps += reference_step_seconds(config, data, args.steps)
+        profiled = profile_step(config, data, peak) if args.profile else None
         with open(work / "run" / "log.csv") as handle:
             elapsed = [0.0] + [float(row["seconds"]) for row in csv.DictReader(handle)]
     loop_steps = np.diff(elapsed).tolist()
@@ -177,7 +230,13 @@ def main() -> int:
         "data_fraction": summary["data_fraction"],
         "preparation_seconds": preparation,
     }
-    io.write_json(Path(__file__).with_suffix(".json"), result)
+    if profiled is not None:
+        result["profile"] = profiled
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in profiled["share_by_kind"].items())
+        print(f"time of a step: {shares}")
+        rate = profiled["convolutions_fraction_of_peak"]
+        print(f"convolutions alone (forward and backward): {rate:.0%} of peak")
+    io.write_json(args.output, result)
     return 0
 
 

