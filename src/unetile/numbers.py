@@ -126,3 +126,11 @@ def flag(help: str, *, name: str | None = None, metavar: str | None = None, kind
     :func:`whole_option` / :func:`real_option`, ``bool`` for an on/off switch, or None
     for text); ``extra`` goes to ``argparse`` as it is (``choices``, ``action``)."""
     return {"flag": {"help": help, "name": name, "metavar": metavar, "kind": kind, **extra}}
+
+
+def check_threshold(threshold, source: str = "threshold") -> float:
+    """``threshold`` as a float in (0, 1); ValueError naming ``source`` otherwise."""
+    value = check_float(source, threshold, 0.0, 1.0, open_minimum=True)
+    if value >= 1.0:
+        raise ValueError(f"{source} must be below 1 (no pixel would be foreground), got {value}")
+    return value

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from .. import io
-from ..evaluate.calibration import check_threshold
 from ..network.tiling import Tiling
+from ..numbers import check_threshold
 from ..predict.engine import GIB, PredictOptions, resolve_device
 from ..predict.instances import InstanceOptions
 from ..predict.outputs import Outputs

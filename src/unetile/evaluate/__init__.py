@@ -2,6 +2,13 @@
 comparison (:mod:`.evidence`) and the labels' threshold calibration
 (:mod:`.calibration`). Works on arrays; imports nothing above the data floor."""
 
-from .metrics import score
-
 __all__ = ["score"]
+
+
+def __getattr__(name: str):
+    # Lazily: the metrics import scipy's optimisers, which predicting never needs.
+    if name == "score":
+        from .metrics import score
+
+        return score
+    raise AttributeError(f"module 'unetile.evaluate' has no attribute {name!r}")

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..numbers import check_threshold  # noqa: F401 - importable from here as before
+
 #: The thresholds swept: 0.05, 0.10, ..., 0.95.
 THRESHOLDS = tuple(round(0.05 * step, 2) for step in range(1, 20))
 #: The network's own decision (the argmax of two classes), reported for comparison.
@@ -100,13 +102,3 @@ def calibrate_threshold(
         "images": len(probabilities),
         "sweep": {f"{threshold:g}": value for threshold, value in means.items()},
     }
-
-
-def check_threshold(threshold, source: str = "threshold") -> float:
-    """``threshold`` as a float in (0, 1); ValueError naming ``source`` otherwise."""
-    from ..numbers import check_float
-
-    value = check_float(source, threshold, 0.0, 1.0, open_minimum=True)
-    if value >= 1.0:
-        raise ValueError(f"{source} must be below 1 (no pixel would be foreground), got {value}")
-    return value

@@ -217,7 +217,7 @@ def _check_calibration(calibration, num_classes: int) -> None:
         return
     if not isinstance(calibration, dict) or "threshold" not in calibration:
         raise ValueError("'calibration' must hold a 'threshold'")
-    from ..evaluate.calibration import check_threshold
+    from ..numbers import check_threshold
 
     check_threshold(calibration["threshold"], "calibration threshold")
     if num_classes != 2:

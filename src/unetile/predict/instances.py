@@ -156,7 +156,7 @@ class InstanceOptions:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.threshold is not None:
-            from ..evaluate.calibration import check_threshold
+            from ..numbers import check_threshold
 
             object.__setattr__(self, "threshold", check_threshold(self.threshold))
         if not 0 < self.seed_threshold <= 1:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..evaluate.calibration import check_threshold
-from ..numbers import flag, real_option, whole_option
+from ..numbers import check_threshold, flag, real_option, whole_option
 from .instances import InstanceOptions, check_grow, extract_instances, foreground_mask, grow_cells
 
 
