@@ -377,3 +377,44 @@ def test_post_and_its_keywords_are_not_both_given(tmp_path):
             post=PostProcessing(),
             threshold=0.3,
         )
+
+
+def test_a_segmenter_segments_arrays_and_files_with_the_post_processing_it_carries(tmp_path):
+    from unetile.predict import PredictOptions
+    from unetile.predict.outputs import Outputs
+    from unetile.predict.segmenter import Segmenter
+
+    save_run(tmp_path / "run", cell_bias=2.0)
+    config = io.read_json(tmp_path / "run" / "config.json")
+    config["calibration"] = {"threshold": 0.7}
+    config["instances"] = {"method": "components", "min_size": 3, "threshold": 0.7}
+    io.write_json(tmp_path / "run" / "config.json", config)
+    segmenter = Segmenter.load(tmp_path / "run")
+    assert segmenter.post.threshold == 0.7 and segmenter.post.instances.min_size == 3
+    image = np.random.default_rng(2).random((48, 44), np.float32)
+    result = segmenter.segment(image, tile_shape=20, progress=False)
+    cells = result.probabilities[1] > 0.7
+    np.testing.assert_array_equal(result.labels, cells)
+    assert result.instances.max() > 0 and not result.instances[~cells].any()
+    assert np.bincount(result.instances.ravel())[1:].min() >= 3  # the carried min_size
+    looser = segmenter.with_post(threshold=0.3, min_size=0)
+    assert looser.post.cells.threshold == 0.3 and segmenter.post.threshold == 0.7
+    np.testing.assert_array_equal(
+        looser.post.labels(result.probabilities), result.probabilities[1] > 0.3
+    )
+    tifffile.imwrite(tmp_path / "good.tif", image)
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff")
+    said = []
+    report = segmenter.segment_files(
+        [tmp_path / "good.tif", tmp_path / "bad.tif"],
+        Outputs(tmp_path / "out", instances=True),
+        PredictOptions(tile_shape=20, progress=False),
+        report=lambda path, written, reason: said.append((path.name, reason is None)),
+    )
+    assert [path.name for path, _ in report.written] == ["good.tif"]
+    assert [path.name for path, _ in report.failed] == ["bad.tif"]
+    assert sorted(said) == [("bad.tif", False), ("good.tif", True)]  # as they happen
+    written = io.read_image(tmp_path / "out" / "good_labels.tif")
+    np.testing.assert_array_equal(written, result.labels)
+    objects = io.read_image(tmp_path / "out" / "good_instances.tif")
+    np.testing.assert_array_equal(objects > 0, result.instances > 0)
