@@ -37,6 +37,8 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+#: Where unetile's own modules are: a warning from any other file is another package's.
+PACKAGE_FOLDER = str(Path(__file__).parents[1]) + os.sep
 #: Warnings of other packages that only their own users can act on.
 THIRD_PARTY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
@@ -64,7 +66,7 @@ class WarningPrinter:
             issubclass(category, ResourceWarning)
             or (
                 issubclass(category, THIRD_PARTY_NOISE)
-                and f"{os.sep}unetile{os.sep}" not in str(filename)
+                and not str(filename).startswith(PACKAGE_FOLDER)
             )
         ):
             return
