@@ -58,8 +58,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    segmenter = Segmenter.load(args.model)  # a wrong model folder is said first
     options = _options(args)
-    segmenter = _post(args, Segmenter.load(args.model))
+    segmenter = _post(args, segmenter)
     if args.tile_shape is not None:
         try:
             Tiling.of(segmenter.model).check(args.tile_shape)
