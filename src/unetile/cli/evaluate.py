@@ -330,16 +330,10 @@ def fixed_threshold(args: argparse.Namespace) -> float | None:
         if args.threshold >= 1:
             raise io.InputError(f"--threshold must be below 1, got {args.threshold}")
         return args.threshold
-    config = io.read_json(args.model / io.MODEL_CONFIG)
-    calibration = config.get("calibration") if isinstance(config, dict) else None
-    if calibration is None:
-        return 0.5  # the argmax of a two-class model, which its labels are
-    from ..evaluate.calibration import check_threshold
+    from ..predict.card import ModelCard
 
-    try:
-        return check_threshold(calibration.get("threshold"), "calibration threshold")
-    except (AttributeError, ValueError) as error:
-        raise io.InputError(f"{args.model / io.MODEL_CONFIG}: {error}") from None
+    threshold = ModelCard.read(args.model).post.threshold  # checked as prediction reads it
+    return 0.5 if threshold is None else threshold  # 0.5: the argmax of a two-class model
 
 
 def _object_data(truth: np.ndarray) -> bool:
