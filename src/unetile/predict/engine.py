@@ -27,10 +27,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import io
 from ..network.model import UNet
 from ..network.normalization import Normalization
 from ..network.tiling import Tiling, Window, axis_origins
@@ -385,6 +387,20 @@ def read_input(image, window: Window, normalization: Normalization | None = None
             "float32 after normalisation); replace them before predicting"
         )
     return tile
+
+
+def read_input_image(path: Path, dims: int, in_channels: int):
+    """An input file, memory-mapped where it can be, channels first as training reads it
+    (PNG and RGB TIFF channels last), fitted to the model's input channels: the one layout
+    rule of every runner."""
+    from ..data.dataset import channels_first, fit_channels
+
+    image = io.read_image(path, memmap=True)
+    if image.ndim == dims + 1:
+        image = channels_first(image, dims, channels_last=path.suffix.lower() == ".png")
+    if image.ndim == dims + 1 or in_channels > 1:
+        image = fit_channels(image, dims, in_channels)
+    return image
 
 
 def read_inputs(image, windows: Sequence[Window], normalization: Normalization | None):

@@ -199,7 +199,7 @@ class _ImageFiles:
         first.parent.mkdir(parents=True, exist_ok=True)
         io.remove_stale_scratch(first.parent)
         scratch = stack.enter_context(io.scratch_folder(first.parent))
-        by_region = "instances" in requested and post.cells.needs_whole_objects
+        by_region = extracts_by_region(requested, post)
         kinds = tuple(kind for kind in KINDS if kind in requested)
         arrays = create_stores(scratch, spatial, chunks, kinds, model.config.num_classes, by_region)
         cells = _TileCells(arrays.get("provisional"))
@@ -229,6 +229,12 @@ class _ImageFiles:
                 ids = final_instances(provisional, lut, region, self.post.grow)
                 self.arrays["instances"][region] = ids
         publish(self.folder, self.requested, self.metadata, self.arrays)
+
+
+def extracts_by_region(requested: dict, post: PostProcessing) -> bool:
+    """Whether the objects are extracted region by region with a margin (after all tiles),
+    rather than tile by tile as they come: when an object depends on more than its pixels."""
+    return "instances" in requested and post.cells.needs_whole_objects
 
 
 def block_products(block: np.ndarray, post: PostProcessing, cells: bool):

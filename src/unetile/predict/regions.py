@@ -53,6 +53,7 @@ from .engine import (
     PredictOptions,
     check_memory,
     forward_batches,
+    read_input_image,
     read_inputs,
     resolve_device,
     spatial_shape,
@@ -62,6 +63,7 @@ from .files import (
     KINDS,
     block_products,
     create_stores,
+    extracts_by_region,
     output_chunks,
     provenance,
     publish,
@@ -236,17 +238,7 @@ class ImagePath:
     in_channels: int = 1
 
     def open(self):
-        from ..data.dataset import channels_first, fit_channels
-
-        image = io.read_image(self.path, memmap=True)
-        if image.ndim == self.dims + 1:
-            # The same layout rule as training (PNG and RGB TIFF channels last).
-            image = channels_first(
-                image, self.dims, channels_last=Path(self.path).suffix.lower() == ".png"
-            )
-        if image.ndim == self.dims + 1 or self.in_channels > 1:
-            image = fit_channels(image, self.dims, self.in_channels)
-        return image
+        return read_input_image(Path(self.path), self.dims, self.in_channels)
 
 
 def _open_image(image):
@@ -738,7 +730,7 @@ def _plan(model: UNet, image, options, post, requested, here: bool) -> tuple[Pla
         tiling=tiling,
         kinds=tuple(kind for kind in KINDS if kind in requested),
         post=post,
-        by_region="instances" in requested and post.cells.needs_whole_objects,
+        by_region=extracts_by_region(requested, post),
         batch_size=options.batch_size,
         tta=bool(options.tta),
         # Each worker resolves its own device (its GPU if it has one).

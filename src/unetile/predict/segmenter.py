@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from ..data.dataset import channels_first, fit_channels
 from ..network.model import UNet
 from ..numbers import flag
 from . import engine
 from .card import ModelCard, carry, load_network
-from .engine import PredictOptions
+from .engine import PredictOptions, read_input_image
 from .files import predict_images_to_files, predict_to_files
 from .outputs import OutputOwner, Outputs, remove_stale_work
 from .postprocessing import PostProcessing
@@ -250,17 +249,6 @@ class InProcess:
                 stacklevel=2,
             )
         return False
-
-
-def read_input_image(path: Path, dims: int, in_channels: int):
-    """An input file, memory-mapped where it can be, channels first as training reads it
-    (PNG and RGB TIFF channels last), fitted to the model's input channels."""
-    image = io.read_image(path, memmap=True)
-    if image.ndim == dims + 1:
-        image = channels_first(image, dims, channels_last=path.suffix.lower() == ".png")
-    if image.ndim == dims + 1 or in_channels > 1:
-        image = fit_channels(image, dims, in_channels)
-    return image
 
 
 @dataclass(frozen=True)
