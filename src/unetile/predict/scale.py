@@ -129,14 +129,13 @@ def predict_rescaled_to_files(
         Output paths (``labels``, ``probabilities``, ``instances``) and the
         other options of ``predict_to_files``.
     """
-    from .files import predict_to_files
+    from .files import KINDS, predict_to_files
 
     dims = model.config.dims
     image = np.asarray(image)
     spatial = image.shape[-dims:]
     working = resample(image, scaled_shape(spatial, pixel_size, model_pixel_size))
-    kinds = ("labels", "probabilities", "instances")
-    requested = {kind: Path(options.pop(kind)) for kind in kinds if options.get(kind) is not None}
+    requested = {kind: Path(options.pop(kind)) for kind in KINDS if options.get(kind) is not None}
     if not requested:
         raise ValueError("give at least one of labels, probabilities, instances")
     first = next(iter(requested.values()))
